@@ -1,0 +1,309 @@
+"""CIFAR-10 from TFDS, an npz file, torchvision's pickles or a synthetic generator; batches made on device.
+
+The dataset is held on the accelerator as uint8 once. Every batch (order, crop offsets, flips) is a pure
+function of (seed, epoch, step), so any step's batch can be regenerated after a resume, and the augmentation
+runs inside the jitted train step.
+"""
+
+import dataclasses
+import os
+import pickle
+import socket
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Normalisation constants of the blog's transforms (on images scaled to [0, 1]).
+MEAN_RGB = (0.4914, 0.4822, 0.4465)
+STD_RGB = (0.2023, 0.1994, 0.2010)
+IMAGE_SIZE = 32
+PAD = 4  # RandomCrop(32, padding=4), zero padding.
+NUM_CLASSES = 10
+SOURCES = ('tfds', 'npz', 'cifar10_python', 'synthetic')
+
+# The archive TFDS's cifar10 builder downloads (its checksum is registered in tensorflow-datasets).
+CIFAR10_BINARY_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
+NETWORK_PROBE_TIMEOUT_S = 5.0
+
+
+class DataError(ValueError):
+  """A data source that is missing, unreachable or malformed; the message says what would be valid."""
+
+
+@dataclasses.dataclass
+class Dataset:
+  """Host arrays: uint8 NHWC images and int32 labels for training and evaluation."""
+
+  train_images: np.ndarray
+  train_labels: np.ndarray
+  eval_images: np.ndarray
+  eval_labels: np.ndarray
+  eval_split: str  # 'test' or 'validation'
+
+  @property
+  def num_train(self) -> int:
+    return int(self.train_labels.shape[0])
+
+  @property
+  def num_eval(self) -> int:
+    return int(self.eval_labels.shape[0])
+
+
+def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = False) -> int:
+  """Steps in an epoch: ceil(N / batch), like torch's drop_last=False, or floor with drop_remainder."""
+  if drop_remainder:
+    return num_examples // batch_size
+  return -(-num_examples // batch_size)
+
+
+def _check_arrays(images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
+  images = np.asarray(images)
+  labels = np.asarray(labels)
+  if images.dtype != np.uint8:
+    raise DataError(f'{what}: images must be uint8, got {images.dtype}')
+  if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+    raise DataError(f'{what}: images must have shape (N, 32, 32, 3), got {images.shape}')
+  if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+    raise DataError(f'{what}: labels must have shape ({images.shape[0]},), got {labels.shape}')
+  if not np.issubdtype(labels.dtype, np.integer):
+    raise DataError(f'{what}: labels must be integers, got {labels.dtype}')
+  if labels.size and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    raise DataError(f'{what}: labels must lie in 0..9, got {labels.min()}..{labels.max()}')
+  return images, labels.astype(np.int32)
+
+
+def load_npz(path: str) -> dict[str, np.ndarray]:
+  """An npz with x_train, y_train and optionally x_test, y_test (uint8 NHWC, integer labels)."""
+  if not path:
+    raise DataError('data.path: set it to an .npz file with x_train, y_train (and optionally x_test, y_test)')
+  if not os.path.isfile(path):
+    raise DataError(f'data.path: no such file {path!r} (an .npz with x_train, y_train)')
+  try:
+    with np.load(path) as f:
+      arrays = {k: f[k] for k in f.files}
+  except Exception as e:  # a corrupt zip, a pickle, a text file
+    raise DataError(f'data.path: cannot read {path!r} as an .npz file ({e})') from e
+  missing = {'x_train', 'y_train'} - set(arrays)
+  if missing:
+    raise DataError(f'data.path: {path!r} lacks {sorted(missing)}; it has {sorted(arrays)} '
+                    '(expected x_train, y_train and optionally x_test, y_test)')
+  out = {}
+  out['x_train'], out['y_train'] = _check_arrays(arrays['x_train'], arrays['y_train'], f'{path} train')
+  if 'x_test' in arrays or 'y_test' in arrays:
+    if not {'x_test', 'y_test'} <= set(arrays):
+      raise DataError(f'data.path: {path!r} has only one of x_test, y_test')
+    out['x_test'], out['y_test'] = _check_arrays(arrays['x_test'], arrays['y_test'], f'{path} test')
+  return out
+
+
+def _unpickle(path: str) -> dict:
+  with open(path, 'rb') as f:
+    return pickle.load(f, encoding='bytes')
+
+
+def _pickle_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
+  try:
+    d = _unpickle(path)
+  except Exception as e:
+    raise DataError(f'data.path: cannot unpickle {path!r} ({e})') from e
+  if not isinstance(d, dict) or b'data' not in d or b'labels' not in d:
+    keys = sorted(d) if isinstance(d, dict) else type(d).__name__
+    raise DataError(f"data.path: {path!r} must be a dict with b'data' and b'labels', got {keys}")
+  data = np.asarray(d[b'data'])
+  if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
+    raise DataError(f"data.path: {path!r} b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
+  images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
+  return _check_arrays(np.ascontiguousarray(images), np.asarray(d[b'labels']), path)
+
+
+def load_cifar10_python(path: str) -> dict[str, np.ndarray]:
+  """torchvision's `cifar-10-batches-py` folder: pickled data_batch_1..5 and test_batch."""
+  if not path or not os.path.isdir(path):
+    raise DataError(f'data.path: {path!r} is not a folder; cifar10_python needs the cifar-10-batches-py '
+                    'folder (data_batch_1..5, test_batch)')
+  names = [f'data_batch_{i}' for i in range(1, 6)]
+  missing = [n for n in names + ['test_batch'] if not os.path.isfile(os.path.join(path, n))]
+  if missing:
+    raise DataError(f'data.path: {path!r} lacks {missing} (expected data_batch_1..5 and test_batch)')
+  parts = [_pickle_batch(os.path.join(path, n)) for n in names]
+  x_test, y_test = _pickle_batch(os.path.join(path, 'test_batch'))
+  return {'x_train': np.concatenate([p[0] for p in parts]),
+          'y_train': np.concatenate([p[1] for p in parts]),
+          'x_test': x_test, 'y_test': y_test}
+
+
+def make_synthetic(num_train: int, num_eval: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """Images whose label is learnable: a smooth per-class colour pattern plus noise."""
+  rng = np.random.default_rng(seed)
+  coarse = rng.uniform(0.0, 1.0, (NUM_CLASSES, 4, 4, 3))
+  templates = np.repeat(np.repeat(coarse, 8, axis=1), 8, axis=2)  # (10, 32, 32, 3)
+
+  def draw(n):
+    labels = rng.integers(0, NUM_CLASSES, n)
+    noise = rng.uniform(0.0, 1.0, (n, IMAGE_SIZE, IMAGE_SIZE, 3))
+    images = 0.6 * templates[labels] + 0.4 * noise
+    return (images * 255).round().astype(np.uint8), labels.astype(np.int32)
+
+  x_train, y_train = draw(num_train)
+  x_test, y_test = draw(num_eval)
+  return {'x_train': x_train, 'y_train': y_train, 'x_test': x_test, 'y_test': y_test}
+
+
+def _read_cifar10_binary(folder: str) -> dict[str, np.ndarray]:
+  """Parses the official `cifar-10-batches-bin` files: records of 1 label byte + 3072 CHW bytes."""
+  def read(names):
+    records = []
+    for name in names:
+      raw = np.fromfile(os.path.join(folder, name), dtype=np.uint8)
+      if raw.size % 3073:
+        raise DataError(f'{folder}/{name}: size {raw.size} is not a multiple of 3073-byte records')
+      records.append(raw.reshape(-1, 3073))
+    records = np.concatenate(records)
+    images = records[:, 1:].reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
+    return _check_arrays(np.ascontiguousarray(images), records[:, 0].astype(np.int32), folder)
+
+  x_train, y_train = read([f'data_batch_{i}.bin' for i in range(1, 6)])
+  x_test, y_test = read(['test_batch.bin'])
+  return {'x_train': x_train, 'y_train': y_train, 'x_test': x_test, 'y_test': y_test}
+
+
+def _default_tfds_dir(data_dir: str) -> str:
+  if data_dir:
+    return os.path.expanduser(data_dir)
+  return os.path.expanduser(os.environ.get('TFDS_DATA_DIR', '~/tensorflow_datasets'))
+
+
+def _probe_network(url: str, root: str, timeout: float = NETWORK_PROBE_TIMEOUT_S) -> None:
+  """Fails within seconds when the archive's host cannot be reached (TFDS would retry for minutes)."""
+  host = url.split('/')[2]
+  try:
+    socket.create_connection((host, 443), timeout=timeout).close()
+  except OSError as e:
+    raise DataError(
+        f'data.source=tfds: CIFAR-10 is not prepared in {root} and {host} cannot be reached '
+        f'({e}). Offline, use data.source=npz (data.path=FILE.npz with x_train, y_train), '
+        'data.source=cifar10_python (data.path=cifar-10-batches-py folder) or data.source=synthetic.'
+    ) from e
+
+
+def _download_archive(data_dir: str) -> str:
+  """Downloads and extracts the official binary archive through TFDS's download manager."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  manager = tfds.download.DownloadManager(download_dir=os.path.join(data_dir, 'downloads'))
+  return os.fspath(manager.download_and_extract(CIFAR10_BINARY_URL))
+
+
+def _find_binary_folder(root: str) -> str | None:
+  for dirpath, _, files in os.walk(root):
+    if 'data_batch_1.bin' in files and 'test_batch.bin' in files:
+      return dirpath
+  return None
+
+
+def load_tfds(data_dir: str) -> dict[str, np.ndarray]:
+  """TFDS's cifar10: a prepared TFDS copy if present, else the official archive via TFDS's downloader.
+
+  `tfds.load` needs TensorFlow, which this project does not install. A dataset already prepared as
+  array_record is read through `tfds.data_source`; otherwise the archive the cifar10 builder uses is fetched
+  with TFDS's download manager (checksum-verified), parsed with numpy, and cached as an npz in `data_dir`.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  root = _default_tfds_dir(data_dir)
+  cache = os.path.join(root, 'cifar10_jax', 'cifar10.npz')
+  if os.path.isfile(cache):
+    return load_npz(cache)
+  try:
+    sources = {split: tfds.data_source('cifar10', split=split, data_dir=root, download=False)
+               for split in ('train', 'test')}
+  except Exception:  # not prepared (or not as array_record): fetch the archive below
+    sources = None
+  if sources is not None:
+    out = {}
+    for split, source in sources.items():
+      examples = [source[i] for i in range(len(source))]
+      images = np.stack([np.asarray(ex['image']) for ex in examples]).astype(np.uint8)
+      labels = np.asarray([int(ex['label']) for ex in examples], np.int32)
+      out[f'x_{split}'], out[f'y_{split}'] = _check_arrays(images, labels, f'tfds cifar10 {split}')
+    return out
+
+  _probe_network(CIFAR10_BINARY_URL, root)
+  extracted = _download_archive(root)
+  folder = _find_binary_folder(extracted)
+  if folder is None:
+    raise DataError(f'data.source=tfds: no cifar-10-batches-bin files under {extracted!r}')
+  arrays = _read_cifar10_binary(folder)
+  os.makedirs(os.path.dirname(cache), exist_ok=True)
+  tmp = cache + '.tmp.npz'
+  np.savez(tmp, **arrays)
+  os.replace(tmp, cache)
+  return arrays
+
+
+def load_dataset(data_config, seed: int = 0) -> Dataset:
+  """Loads `data_config.source` and splits off `validation_size` examples from the end of train."""
+  source = data_config.source
+  if source == 'npz':
+    arrays = load_npz(data_config.path)
+  elif source == 'cifar10_python':
+    arrays = load_cifar10_python(data_config.path)
+  elif source == 'tfds':
+    arrays = load_tfds(data_config.data_dir)
+  elif source == 'synthetic':
+    arrays = make_synthetic(data_config.synthetic_train_size, data_config.synthetic_eval_size, seed)
+  else:
+    raise DataError(f'data.source must be one of {list(SOURCES)}, got {source!r}')
+
+  x_train, y_train = arrays['x_train'], arrays['y_train']
+  n_val = int(data_config.validation_size)
+  if n_val > 0:
+    if n_val >= x_train.shape[0]:
+      raise DataError(f'data.validation_size={n_val} must be below the training set size {x_train.shape[0]}')
+    return Dataset(x_train[:-n_val], y_train[:-n_val], x_train[-n_val:], y_train[-n_val:], 'validation')
+  if 'x_test' not in arrays:
+    raise DataError(f'data.source={source}: the data has no test set (x_test, y_test); '
+                    'set data.validation_size > 0 to hold out a validation split from the training set')
+  return Dataset(x_train, y_train, arrays['x_test'], arrays['y_test'], 'test')
+
+
+# On-device batching and augmentation -------------------------------------------------------------------
+
+
+def epoch_permutation(key: jax.Array, epoch, num_examples: int) -> jax.Array:
+  """The shuffled order of an epoch, a function of the data key and the epoch."""
+  return jax.random.permutation(jax.random.fold_in(key, epoch), num_examples)
+
+
+def batch_key(key: jax.Array, epoch, step_in_epoch) -> jax.Array:
+  """The augmentation key of one batch, a function of the data key, epoch and step."""
+  return jax.random.fold_in(jax.random.fold_in(key, epoch), step_in_epoch)
+
+
+def random_crop_flip(images: jax.Array, key: jax.Array) -> jax.Array:
+  """RandomCrop(32, padding=4) with zero padding, then RandomHorizontalFlip(0.5), on uint8 NHWC."""
+  crop_key, flip_key = jax.random.split(key)
+  n = images.shape[0]
+  padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+  offsets = jax.random.randint(crop_key, (n, 2), 0, 2 * PAD + 1)
+  crop = lambda img, o: jax.lax.dynamic_slice(img, (o[0], o[1], 0), (IMAGE_SIZE, IMAGE_SIZE, 3))
+  images = jax.vmap(crop)(padded, offsets)
+  flip = jax.random.bernoulli(flip_key, 0.5, (n,))
+  return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+  """ToTensor + Normalize(MEAN_RGB, STD_RGB), in float32, NHWC."""
+  x = images.astype(jnp.float32) / 255.0
+  return (x - jnp.asarray(MEAN_RGB, jnp.float32)) / jnp.asarray(STD_RGB, jnp.float32)
+
+
+def get_train_batch(images, labels, perm, start, size: int, key, augment: bool = True):
+  """The batch at positions [start, start + size) of the epoch's order, augmented and normalised."""
+  idx = jax.lax.dynamic_slice_in_dim(perm, start, size)
+  x = jnp.take(images, idx, axis=0)
+  y = jnp.take(labels, idx, axis=0)
+  if augment:
+    x = random_crop_flip(x, key)
+  return normalize(x), y

@@ -1,0 +1,553 @@
+"""The blog's PyTorch training, driven by the same config: the reference the JAX trainer is checked against.
+
+`TorchResNet` is the blog's edited torchvision ResNet; `torch_to_flax` / `flax_to_torch` port weights
+between it and `models.ResNet`; `torch_batches` yields either exactly the JAX trainer's batches
+('identical') or batches drawn the torch way ('native'); `train_and_evaluate_torch` runs the blog's loop
+(SGD with coupled weight decay, a `torch.optim.lr_scheduler`, eval every epoch) and writes the same
+`metrics.jsonl` as the JAX trainer. torch is imported only when one of these is used, so importing
+`cifar_jax` never needs it.
+"""
+
+import functools
+import json
+import math
+import os
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifar_jax import input_pipeline
+from cifar_jax import models
+
+WS_EPSILON = models.WS_EPSILON  # added to the unbiased std of each output channel's weights
+NORM_EPSILON = models.NORM_EPSILON
+GROUP_SIZE = models.GROUP_SIZE  # nn.GroupNorm(C // 4, C)
+DATA_MODES = ('identical', 'native')
+SCHEDULES = ('multistep', 'step', 'cosine', 'warm_restarts', 'cyclic', 'one_cycle', 'constant',
+             'plateau')
+# Where the blog stepped each scheduler (blog.md, Part 2): per epoch, except the cyclic ones per batch.
+DEFAULT_STEP_EVERY = {'multistep': 'epoch', 'step': 'epoch', 'cosine': 'epoch', 'warm_restarts': 'epoch',
+                      'constant': 'epoch', 'plateau': 'epoch', 'cyclic': 'batch', 'one_cycle': 'batch'}
+METRICS_FILE = 'metrics.jsonl'
+
+# Flax leaf name -> torch leaf name, by collection; conv and dense kernels are transposed on the way.
+_PARAM_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
+_STAT_TO_TORCH = {'mean': 'running_mean', 'var': 'running_var'}
+_TORCH_TO_STAT = {v: k for k, v in _STAT_TO_TORCH.items()}
+_DOWNSAMPLE = {'0': 'downsample_conv', '1': 'downsample_bn'}
+_DOWNSAMPLE_INV = {v: k for k, v in _DOWNSAMPLE.items()}
+
+
+def _torch():
+  import torch  # pylint: disable=g-import-not-at-top
+  return torch
+
+
+def stage_widths(width_multiplier: float) -> tuple[int, ...]:
+  """The stage widths, rounded exactly as `models.ResNet.widths`."""
+  return tuple(max(1, int(round(w * width_multiplier))) for w in models.STAGE_WIDTHS)
+
+
+# The torch model -----------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _torch_modules() -> dict:
+  """Defines the torch modules on first use (torch is imported here, not at module import)."""
+  torch = _torch()
+  nn = torch.nn
+  F = torch.nn.functional  # pylint: disable=invalid-name
+
+  class WSConv2d(nn.Conv2d):
+    """Conv2d whose weight is standardised per output channel on every call (Qiao's PyTorch code)."""
+
+    def forward(self, x):
+      w = self.weight
+      w = w - w.mean(dim=(1, 2, 3), keepdim=True)
+      w = w / (w.std(dim=(1, 2, 3), keepdim=True) + WS_EPSILON)
+      return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+  class BasicBlock(nn.Module):
+    """torchvision's BasicBlock."""
+
+    def __init__(self, inplanes, planes, stride, conv, norm):
+      super().__init__()
+      self.conv1 = conv(inplanes, planes, 3, stride, 1, bias=False)
+      self.bn1 = norm(planes)
+      self.relu = nn.ReLU(inplace=True)
+      self.conv2 = conv(planes, planes, 3, 1, 1, bias=False)
+      self.bn2 = norm(planes)
+      self.downsample = None
+      if stride != 1 or inplanes != planes:
+        self.downsample = nn.Sequential(conv(inplanes, planes, 1, stride, 0, bias=False), norm(planes))
+
+    def forward(self, x):
+      identity = x if self.downsample is None else self.downsample(x)
+      out = self.relu(self.bn1(self.conv1(x)))
+      out = self.bn2(self.conv2(out))
+      return self.relu(out + identity)
+
+  class TorchResNet(nn.Module):
+    """The blog's CIFAR ResNet: torchvision's layout, 3x3 stride-1 stem, no max-pool."""
+
+    def __init__(self, stage_sizes=(2, 2, 2, 2), num_classes=10, width_multiplier=1.0, norm='batch',
+                 zero_init_residual=False):
+      super().__init__()
+      if norm == 'batch':
+        conv, norm_layer = nn.Conv2d, nn.BatchNorm2d
+      elif norm == 'group_ws':
+        conv = WSConv2d
+        norm_layer = lambda c: nn.GroupNorm(c // GROUP_SIZE, c, eps=NORM_EPSILON)
+      else:
+        raise ValueError(f"model.norm must be 'batch' or 'group_ws', got {norm!r}")
+      widths = stage_widths(width_multiplier)
+      self.conv1 = conv(3, widths[0], 3, 1, 1, bias=False)
+      self.bn1 = norm_layer(widths[0])
+      self.relu = nn.ReLU(inplace=True)
+      inplanes = widths[0]
+      for stage, (num_blocks, planes) in enumerate(zip(stage_sizes, widths)):
+        blocks = []
+        for block in range(num_blocks):
+          stride = 2 if stage > 0 and block == 0 else 1
+          blocks.append(BasicBlock(inplanes, planes, stride, conv, norm_layer))
+          inplanes = planes
+        setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
+      self.num_stages = len(stage_sizes)
+      self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+      self.fc = nn.Linear(widths[-1], num_classes)
+
+      for m in self.modules():
+        if isinstance(m, nn.Conv2d):
+          nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+          nn.init.constant_(m.weight, 1)
+          nn.init.constant_(m.bias, 0)
+      if zero_init_residual:
+        for m in self.modules():
+          if isinstance(m, BasicBlock):
+            nn.init.constant_(m.bn2.weight, 0)
+
+    def forward(self, x):
+      x = self.relu(self.bn1(self.conv1(x)))
+      for stage in range(self.num_stages):
+        x = getattr(self, f'layer{stage + 1}')(x)
+      return self.fc(torch.flatten(self.avgpool(x), 1))
+
+  return {'TorchResNet': TorchResNet, 'BasicBlock': BasicBlock, 'WSConv2d': WSConv2d}
+
+
+def __getattr__(name):
+  """`TorchResNet`, `BasicBlock` and `WSConv2d` are built (and torch imported) on first access."""
+  if name in ('TorchResNet', 'BasicBlock', 'WSConv2d'):
+    return _torch_modules()[name]
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
+def create_torch_model(model_config, num_classes: int = input_pipeline.NUM_CLASSES):
+  """The torch twin of `models.create_model` for `config.model` (float32 only)."""
+  if model_config.name not in models.STAGE_SIZES:
+    raise ValueError(f'model.name must be one of {sorted(models.STAGE_SIZES)}, got {model_config.name!r}')
+  return _torch_modules()['TorchResNet'](
+      stage_sizes=models.STAGE_SIZES[model_config.name], num_classes=num_classes,
+      width_multiplier=model_config.width_multiplier, norm=model_config.norm,
+      zero_init_residual=model_config.zero_init_residual)
+
+
+# Weight porting ------------------------------------------------------------------------------------------
+
+
+def _to_numpy(t) -> np.ndarray:
+  return t.detach().cpu().numpy()
+
+
+def _flax_module_path(torch_parts: list[str]) -> tuple[str, ...]:
+  """['layer2', '0', 'downsample', '1'] -> ('layer2_0', 'downsample_bn')."""
+  path, i = [], 0
+  while i < len(torch_parts):
+    part = torch_parts[i]
+    if part.startswith('layer') and i + 1 < len(torch_parts):
+      path.append(f'{part}_{torch_parts[i + 1]}')
+      i += 2
+    elif part == 'downsample':
+      path.append(_DOWNSAMPLE[torch_parts[i + 1]])
+      i += 2
+    else:
+      path.append(part)
+      i += 1
+  return tuple(path)
+
+
+def _torch_module_path(flax_path: tuple[str, ...]) -> list[str]:
+  """('layer2_0', 'downsample_bn') -> ['layer2', '0', 'downsample', '1']."""
+  parts = []
+  for name in flax_path:
+    if name.startswith('layer') and '_' in name:
+      parts.extend(name.split('_', 1))
+    elif name in _DOWNSAMPLE_INV:
+      parts.extend(['downsample', _DOWNSAMPLE_INV[name]])
+    else:
+      parts.append(name)
+  return parts
+
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+  for name in path[:-1]:
+    tree = tree.setdefault(name, {})
+  tree[path[-1]] = value
+
+
+def torch_to_flax(state_dict) -> dict:
+  """A `TorchResNet` state_dict as flax variables {'params', 'batch_stats' (BatchNorm only)}.
+
+  Conv weights OIHW -> HWIO, fc weight (out, in) -> (in, out), norm weight -> scale, running_mean/var ->
+  batch_stats mean/var; num_batches_tracked is dropped. Values are copied bit for bit.
+  """
+  params, batch_stats = {}, {}
+  for key, tensor in state_dict.items():
+    *module, leaf = key.split('.')
+    path = _flax_module_path(module)
+    value = _to_numpy(tensor)
+    if leaf == 'num_batches_tracked':
+      continue
+    if leaf in _TORCH_TO_STAT:
+      _set(batch_stats, path + (_TORCH_TO_STAT[leaf],), jnp.asarray(value))
+    elif leaf == 'weight' and value.ndim == 4:
+      _set(params, path + ('kernel',), jnp.asarray(value.transpose(2, 3, 1, 0)))
+    elif leaf == 'weight' and value.ndim == 2:
+      _set(params, path + ('kernel',), jnp.asarray(value.T))
+    elif leaf == 'weight' and value.ndim == 1:
+      _set(params, path + ('scale',), jnp.asarray(value))
+    elif leaf == 'bias':
+      _set(params, path + ('bias',), jnp.asarray(value))
+    else:
+      raise ValueError(f'torch_to_flax: unexpected state_dict entry {key!r} with shape {value.shape}')
+  variables = {'params': params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  return variables
+
+
+def _flatten(tree, prefix=()):
+  for name, value in tree.items():
+    if isinstance(value, dict) or hasattr(value, 'items'):
+      yield from _flatten(value, prefix + (name,))
+    else:
+      yield prefix + (name,), value
+
+
+def flax_to_torch(variables, num_batches_tracked: int = 0) -> dict:
+  """Flax variables as a `TorchResNet` state_dict (the inverse of `torch_to_flax`).
+
+  Every BatchNorm gets `num_batches_tracked` (only read by torch when its momentum is None).
+  """
+  torch = _torch()
+  state = {}
+  for path, value in _flatten(variables['params']):
+    value = np.asarray(value)
+    if path[-1] == 'kernel' and value.ndim == 4:
+      value = value.transpose(3, 2, 0, 1)
+    elif path[-1] == 'kernel' and value.ndim == 2:
+      value = value.T
+    key = '.'.join(_torch_module_path(path[:-1]) + [_PARAM_TO_TORCH[path[-1]]])
+    state[key] = torch.from_numpy(np.ascontiguousarray(value))
+  for path, value in _flatten(variables.get('batch_stats', {})):
+    module = '.'.join(_torch_module_path(path[:-1]))
+    state[f'{module}.{_STAT_TO_TORCH[path[-1]]}'] = torch.from_numpy(np.array(value))
+    state[f'{module}.num_batches_tracked'] = torch.tensor(num_batches_tracked, dtype=torch.long)
+  return state
+
+
+# Data ----------------------------------------------------------------------------------------------------
+
+
+def jax_data_key(seed: int) -> jax.Array:
+  """The data key the JAX trainer derives from `config.seed` (order and augmentation of every batch)."""
+  return jax.random.key(seed)
+
+
+def native_generator_seed(seed: int, epoch: int) -> int:
+  """A 64-bit torch.Generator seed that is a function of (seed, epoch)."""
+  return int(np.random.SeedSequence((seed, epoch)).generate_state(1, np.uint64)[0])
+
+
+def _nchw_tensors(images, labels):
+  torch = _torch()
+  x = np.ascontiguousarray(np.asarray(images, np.float32).transpose(0, 3, 1, 2))
+  return torch.from_numpy(x), torch.from_numpy(np.asarray(labels, np.int64))
+
+
+def _torch_normalize(images_nhwc_uint8):
+  """ToTensor + Normalize(MEAN_RGB, STD_RGB): uint8 NHWC tensor -> float32 NCHW."""
+  torch = _torch()
+  x = images_nhwc_uint8.permute(0, 3, 1, 2).float() / 255.0
+  mean = torch.tensor(input_pipeline.MEAN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
+  std = torch.tensor(input_pipeline.STD_RGB, dtype=torch.float32).view(1, 3, 1, 1)
+  return ((x - mean) / std).contiguous()
+
+
+def torch_crop_flip(images, generator):
+  """RandomCrop(32, padding=4) with zero padding and RandomHorizontalFlip(0.5) per image, uint8 NHWC."""
+  torch = _torch()
+  n, size, pad = images.shape[0], input_pipeline.IMAGE_SIZE, input_pipeline.PAD
+  padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
+  offsets = torch.randint(0, 2 * pad + 1, (n, 2), generator=generator)
+  flip = torch.rand(n, generator=generator) < 0.5
+  ar = torch.arange(size)
+  rows = offsets[:, :1] + ar
+  cols = torch.where(flip[:, None], offsets[:, 1:] + size - 1 - ar, offsets[:, 1:] + ar)
+  return padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+
+def _batch_bounds(num_examples: int, batch_size: int, drop_remainder: bool):
+  for step in range(input_pipeline.steps_per_epoch(num_examples, batch_size, drop_remainder)):
+    start = step * batch_size
+    yield step, start, min(batch_size, num_examples - start)
+
+
+def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=None):
+  """Yields one epoch of training batches as (float32 NCHW images, int64 labels) CPU tensors.
+
+  Args:
+    dataset: an `input_pipeline.Dataset`.
+    config: the full config (seed, batch_size, data.augment, data.drop_remainder).
+    epoch: the epoch, 0-based as in the JAX trainer.
+    mode: 'identical' reproduces the JAX trainer's batches exactly (its permutation, crop offsets and flips,
+      computed with the JAX functions on the CPU); 'native' shuffles and augments in torch with a
+      torch.Generator seeded from (seed, epoch), like the blog's DataLoader.
+    data_key: 'identical' only; the JAX trainer's data key (default `jax_data_key(config.seed)`).
+  """
+  images, labels = dataset.train_images, dataset.train_labels
+  n, batch_size = dataset.num_train, config.batch_size
+  augment, drop = bool(config.data.augment), bool(config.data.drop_remainder)
+  if mode == 'identical':
+    with jax.default_device(jax.devices('cpu')[0]):
+      key = jax_data_key(config.seed) if data_key is None else data_key
+      jax_images, jax_labels = jnp.asarray(images), jnp.asarray(labels)
+      perm = input_pipeline.epoch_permutation(key, epoch, n)
+      for step, start, size in _batch_bounds(n, batch_size, drop):
+        x, y = _get_train_batch(jax_images, jax_labels, perm, start, size,
+                                input_pipeline.batch_key(key, epoch, step), augment)
+        yield _nchw_tensors(x, y)
+  elif mode == 'native':
+    torch = _torch()
+    generator = torch.Generator().manual_seed(native_generator_seed(config.seed, epoch))
+    perm = torch.randperm(n, generator=generator)
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    for _, start, size in _batch_bounds(n, batch_size, drop):
+      idx = perm[start:start + size]
+      x = images_t[idx]
+      if augment:
+        x = torch_crop_flip(x, generator)
+      yield _torch_normalize(x), labels_t[idx]
+  else:
+    raise ValueError(f'data mode must be one of {list(DATA_MODES)}, got {mode!r}')
+
+
+@functools.partial(jax.jit, static_argnames=('size', 'augment'))
+def _get_train_batch(images, labels, perm, start, size, key, augment):
+  return input_pipeline.get_train_batch(images, labels, perm, start, size, key, augment)
+
+
+def torch_eval_batches(dataset, batch_size: int):
+  """Yields the eval split in order, unaugmented and normalised, as (NCHW float32, int64) tensors."""
+  torch = _torch()
+  images_t = torch.from_numpy(dataset.eval_images)
+  labels_t = torch.from_numpy(dataset.eval_labels.astype(np.int64))
+  for _, start, size in _batch_bounds(dataset.num_eval, batch_size, False):
+    yield _torch_normalize(images_t[start:start + size]), labels_t[start:start + size]
+
+
+# Optimiser and schedule ----------------------------------------------------------------------------------
+
+
+def schedule_step_every(schedule_config) -> str:
+  """'epoch' or 'batch': the config's `step_every`, or where the blog stepped this scheduler."""
+  name = schedule_config.name
+  if name not in SCHEDULES:
+    raise ValueError(f'schedule.name must be one of {list(SCHEDULES)}, got {name!r}')
+  every = schedule_config.step_every or DEFAULT_STEP_EVERY[name]
+  if every not in ('epoch', 'batch'):
+    raise ValueError(f"schedule.step_every must be 'epoch', 'batch' or '', got {every!r}")
+  if name == 'plateau' and every != 'epoch':
+    raise ValueError("schedule.step_every: plateau is stepped per epoch on eval_loss; use 'epoch' or ''")
+  return every
+
+
+def create_torch_optimizer(params, optimizer_config):
+  """torch.optim.SGD with coupled weight decay, as the blog."""
+  return _torch().optim.SGD(params, lr=optimizer_config.lr, momentum=optimizer_config.momentum,
+                            nesterov=optimizer_config.nesterov,
+                            weight_decay=optimizer_config.weight_decay)
+
+
+def create_torch_scheduler(optimizer, schedule_config, num_epochs: int, steps_per_epoch: int):
+  """The torch.optim.lr_scheduler for `config.schedule`; its step() is called per `step_every` unit.
+
+  -1 lengths (T_max, total_steps) are the run's length in scheduler steps after any warm-up.
+  """
+  sched = _torch().optim.lr_scheduler
+  c = schedule_config
+  name, every = c.name, schedule_step_every(c)
+  units_per_epoch = steps_per_epoch if every == 'batch' else 1
+  warmup = int(round(c.warmup_epochs * units_per_epoch))
+  run_length = num_epochs * units_per_epoch - warmup
+  if warmup and (name == 'plateau' or (name == 'warm_restarts' and c.fractional)):
+    raise ValueError(f'schedule.warmup_epochs: not supported with {name}'
+                     f'{" (fractional)" if c.fractional else ""}; set it to 0')
+  if name == 'multistep':
+    main = sched.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
+  elif name == 'step':
+    main = sched.StepLR(optimizer, step_size=c.step_size, gamma=c.gamma)
+  elif name == 'cosine':
+    t_max = run_length if c.T_max == -1 else c.T_max
+    main = sched.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=c.eta_min)
+  elif name == 'warm_restarts':
+    main = sched.CosineAnnealingWarmRestarts(optimizer, T_0=c.T_0, T_mult=c.T_mult, eta_min=c.eta_min)
+  elif name == 'cyclic':
+    main = sched.CyclicLR(
+        optimizer, base_lr=optimizer.defaults['lr'], max_lr=c.max_lr, step_size_up=c.step_size_up,
+        step_size_down=None if c.step_size_down == -1 else c.step_size_down, mode=c.mode,
+        gamma=c.gamma, cycle_momentum=c.cycle_momentum, base_momentum=c.base_momentum,
+        max_momentum=c.max_momentum)
+  elif name == 'one_cycle':
+    main = sched.OneCycleLR(
+        optimizer, max_lr=c.max_lr, total_steps=run_length if c.total_steps == -1 else c.total_steps,
+        pct_start=c.pct_start, anneal_strategy=c.anneal_strategy, cycle_momentum=c.cycle_momentum,
+        base_momentum=c.base_momentum, max_momentum=c.max_momentum, div_factor=c.div_factor,
+        final_div_factor=c.final_div_factor, three_phase=c.three_phase)
+  elif name == 'constant':
+    main = sched.LambdaLR(optimizer, lambda _: 1.0)
+  else:  # plateau
+    main = sched.ReduceLROnPlateau(
+        optimizer, mode=c.plateau_mode, factor=c.factor, patience=c.patience, threshold=c.threshold,
+        threshold_mode=c.threshold_mode, cooldown=c.cooldown, min_lr=c.min_lr)
+  if not warmup:
+    return main
+  linear = sched.LinearLR(optimizer, start_factor=c.warmup_start_factor, end_factor=1.0,
+                          total_iters=warmup)
+  return sched.SequentialLR(optimizer, [linear, main], milestones=[warmup])
+
+
+# Training ------------------------------------------------------------------------------------------------
+
+
+def default_device() -> str:
+  """'cuda' when torch sees a GPU, else 'cpu'."""
+  return 'cuda' if _torch().cuda.is_available() else 'cpu'
+
+
+def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan: bool = True) -> dict:
+  """One pass of SGD over `batches`; `after_step(i)` runs after each optimizer step (batch schedulers)."""
+  torch = _torch()
+  model.train()
+  loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+  correct = torch.zeros((), dtype=torch.int64, device=device)
+  count, steps, lr = 0, 0, optimizer.param_groups[0]['lr']
+  for i, (x, y) in enumerate(batches):
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    lr = optimizer.param_groups[0]['lr']
+    optimizer.step()
+    if after_step is not None:
+      after_step(i)
+    loss_sum += loss.detach().double() * y.shape[0]
+    correct += (logits.detach().argmax(1) == y).sum()
+    count += y.shape[0]
+    steps += 1
+  train_loss = loss_sum.item() / max(count, 1)
+  if halt_on_nan and not math.isfinite(train_loss):
+    raise FloatingPointError(f'non-finite train loss {train_loss}')
+  return {'train_loss': train_loss, 'train_accuracy': correct.item() / max(count, 1),
+          'learning_rate': lr, 'num_steps': steps, 'num_images': count}
+
+
+def evaluate_torch(model, dataset, batch_size: int, device) -> dict:
+  """Mean cross-entropy and accuracy of `model` (eval mode) on the eval split."""
+  torch = _torch()
+  model.eval()
+  loss_sum, correct = 0.0, 0
+  with torch.no_grad():
+    for x, y in torch_eval_batches(dataset, batch_size):
+      x, y = x.to(device), y.to(device)
+      logits = model(x)
+      loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction='sum').item()
+      correct += (logits.argmax(1) == y).sum().item()
+  n = max(dataset.num_eval, 1)
+  return {'eval_loss': loss_sum / n, 'eval_accuracy': correct / n}
+
+
+def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', device=None, dataset=None):
+  """Trains the blog's torch model with `config`, evaluating every epoch.
+
+  Args:
+    config: the same ml_collections config the JAX trainer takes (model.dtype must be float32).
+    workdir: where `metrics.jsonl` is written, one JSON line per epoch with the JAX trainer's keys.
+    data_mode: 'native' (torch shuffling and augmentation) or 'identical' (the JAX trainer's batches).
+    device: a torch device; default 'cuda' when available, else 'cpu'.
+    dataset: an `input_pipeline.Dataset`; default `load_dataset(config.data, config.seed)`.
+
+  Returns:
+    (model, the last epoch's metrics).
+  """
+  torch = _torch()
+  if data_mode not in DATA_MODES:
+    raise ValueError(f'data_mode must be one of {list(DATA_MODES)}, got {data_mode!r}')
+  if config.model.dtype != 'float32':
+    raise ValueError(f"model.dtype: the torch reference runs float32 only, got {config.model.dtype!r}")
+  device = torch.device(device or default_device())
+  torch.manual_seed(config.seed)
+  if dataset is None:
+    dataset = input_pipeline.load_dataset(config.data, config.seed)
+  steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size,
+                                                   config.data.drop_remainder)
+  if steps_per_epoch == 0:
+    raise ValueError(f'batch_size={config.batch_size} with drop_remainder leaves no batch of '
+                     f'{dataset.num_train} training images')
+
+  model = create_torch_model(config.model).to(device)
+  optimizer = create_torch_optimizer(model.parameters(), config.optimizer)
+  scheduler = create_torch_scheduler(optimizer, config.schedule, config.num_epochs, steps_per_epoch)
+  every = schedule_step_every(config.schedule)
+  fractional = config.schedule.name == 'warm_restarts' and config.schedule.fractional
+
+  os.makedirs(workdir, exist_ok=True)
+  metrics_path = os.path.join(workdir, METRICS_FILE)
+  step, metrics, start_time = 0, {}, time.perf_counter()
+  with open(metrics_path, 'w') as f:
+    for epoch in range(config.num_epochs):
+      if fractional:  # torch's documented loop: scheduler.step(epoch + i / iters) after each batch.
+        def after_step(i, epoch=epoch):
+          with warnings.catch_warnings():
+            warnings.simplefilter('ignore', UserWarning)
+            scheduler.step(epoch + i / steps_per_epoch)
+      elif every == 'batch':
+        after_step = lambda _: scheduler.step()
+      else:
+        after_step = None
+      epoch_start = time.perf_counter()
+      train = train_epoch(model, optimizer, torch_batches(dataset, config, epoch, data_mode), device,
+                          after_step, config.halt_on_nan)
+      if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+      train_seconds = time.perf_counter() - epoch_start
+      step += train.pop('num_steps')
+      evals = evaluate_torch(model, dataset, config.eval_batch_size, device)
+      if every == 'epoch' and not fractional:
+        if config.schedule.name == 'plateau':
+          scheduler.step(evals['eval_loss'])
+        else:
+          scheduler.step()
+      metrics = {'epoch': epoch + 1, 'step': step, 'train_loss': train['train_loss'],
+                 'train_accuracy': train['train_accuracy'], 'eval_loss': evals['eval_loss'],
+                 'eval_accuracy': evals['eval_accuracy'], 'learning_rate': train['learning_rate'],
+                 'images_per_second': train['num_images'] / max(train_seconds, 1e-9),
+                 'elapsed_seconds': time.perf_counter() - start_time}
+      f.write(json.dumps(metrics) + '\n')
+      f.flush()
+  return model, metrics

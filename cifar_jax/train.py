@@ -1,0 +1,428 @@
+"""Training and evaluation: a pure jitted train step over on-device data, orbax checkpoints, metrics.
+
+`train_and_evaluate(config, workdir)` is the whole run. The step functions are module-level and pure, with
+hyperparameters bound by `functools.partial`, so tests and notebooks can call them directly.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from cifar_jax import config_lib
+from cifar_jax import input_pipeline
+from cifar_jax import metrics_writer
+from cifar_jax import models
+from cifar_jax import schedules
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+METRIC_KEYS = ('loss_sum', 'correct', 'count')
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state and BatchNorm statistics: everything a checkpoint holds."""
+
+  batch_stats: Any
+
+
+class NonFiniteLossError(RuntimeError):
+  """The training loss became NaN or infinite."""
+
+
+def create_model(model_config: ml_collections.ConfigDict, **kwargs) -> models.ResNet:
+  """The ResNet that `config.model` describes."""
+  return models.create_model(
+      model_config.name, width_multiplier=model_config.width_multiplier, norm=model_config.norm,
+      zero_init_residual=model_config.zero_init_residual, dtype=DTYPES[model_config.dtype], **kwargs)
+
+
+def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
+  """Initial params and batch stats ({} for GroupNorm models)."""
+  variables = model.init(key, jnp.ones((1, 32, 32, 3), jnp.float32), train=False)
+  return variables['params'], variables.get('batch_stats', {})
+
+
+def sgd(learning_rate, momentum, weight_decay, nesterov=False) -> optax.GradientTransformation:
+  """torch.optim.SGD: weight decay added to the gradient, then momentum, then the learning rate."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn,
+                     momentum_fn=None) -> optax.GradientTransformation:
+  """SGD whose lr and momentum (floats or schedules of the step) are logged in the optimizer state."""
+  opt = config.optimizer
+  return optax.inject_hyperparams(sgd, static_args=('nesterov',))(
+      learning_rate=learning_rate_fn,
+      momentum=opt.momentum if momentum_fn is None else momentum_fn,
+      weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+
+
+def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model: models.ResNet,
+                       learning_rate_fn, momentum_fn=None) -> TrainState:
+  """A fresh TrainState for `model`."""
+  params, batch_stats = initialized(key, model)
+  tx = create_optimizer(config, learning_rate_fn, momentum_fn)
+  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+
+
+# Schedules --------------------------------------------------------------------------------------------
+
+# Per epoch for MultiStep, Step, cosine and warm restarts, per batch for cyclic and one-cycle (the blog).
+DEFAULT_STEP_EVERY = {
+    'multistep': 'epoch', 'step': 'epoch', 'cosine': 'epoch', 'warm_restarts': 'epoch',
+    'cyclic': 'batch', 'one_cycle': 'batch', 'constant': 'epoch', 'plateau': 'epoch',
+}
+
+
+def step_every(schedule_config) -> str:
+  """'epoch' or 'batch': how often torch's scheduler would be stepped."""
+  return schedule_config.step_every or DEFAULT_STEP_EVERY[schedule_config.name]
+
+
+def create_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The lr schedule and the momentum schedule (None: constant momentum) of `config`, torch-exact.
+
+  Both are functions of the optimizer update count with a device table over the run, so a jitted step
+  evaluates them without a host round trip.
+  """
+  s = config.schedule
+  lr = config.optimizer.lr
+  num_steps = config.num_epochs * steps_per_epoch
+  per_epoch = step_every(s) == 'epoch'
+  spe = steps_per_epoch if per_epoch else None
+  run_length = config.num_epochs if per_epoch else num_steps  # in scheduler steps
+  momentum_fn = None
+  if s.name == 'multistep':
+    lr_fn = schedules.multistep_lr(lr, list(s.milestones), s.gamma, steps_per_epoch=spe)
+  elif s.name == 'step':
+    lr_fn = schedules.step_lr(lr, s.step_size, s.gamma, steps_per_epoch=spe)
+  elif s.name == 'cosine':
+    t_max = s.T_max if s.T_max > 0 else run_length
+    lr_fn = schedules.cosine_annealing_lr(lr, t_max, s.eta_min, steps_per_epoch=spe)
+  elif s.name == 'warm_restarts':
+    lr_fn = schedules.cosine_annealing_warm_restarts(
+        lr, s.T_0, s.T_mult, s.eta_min, steps_per_epoch=spe, fractional=s.fractional)
+  elif s.name == 'cyclic':
+    kwargs = dict(step_size_up=s.step_size_up,
+                  step_size_down=s.step_size_down if s.step_size_down > 0 else None,
+                  mode=s.mode, gamma=s.gamma)
+    lr_fn = schedules.cyclic_lr(lr, s.max_lr, **kwargs)
+    if s.cycle_momentum:
+      momentum_fn = schedules.cyclic_momentum(lr, s.max_lr, **kwargs, base_momentum=s.base_momentum,
+                                              max_momentum=s.max_momentum)
+  elif s.name == 'one_cycle':
+    kwargs = dict(total_steps=s.total_steps if s.total_steps > 0 else run_length,
+                  pct_start=s.pct_start, anneal_strategy=s.anneal_strategy, div_factor=s.div_factor,
+                  final_div_factor=s.final_div_factor, three_phase=s.three_phase)
+    lr_fn = schedules.one_cycle_lr(s.max_lr, **kwargs)
+    if s.cycle_momentum:
+      momentum_fn = schedules.one_cycle_momentum(s.max_lr, **kwargs, base_momentum=s.base_momentum,
+                                                 max_momentum=s.max_momentum)
+    if per_epoch:
+      lr_fn = schedules.per_epoch(lr_fn, steps_per_epoch)
+      momentum_fn = momentum_fn and schedules.per_epoch(momentum_fn, steps_per_epoch)
+  elif s.name in ('constant', 'plateau'):
+    lr_fn = schedules.constant_lr(lr)
+  else:
+    raise config_lib.ConfigError(
+        f'schedule.name must be one of {sorted(DEFAULT_STEP_EVERY)}, got {s.name!r}')
+  if s.warmup_epochs > 0:
+    warmup = s.warmup_epochs if per_epoch else s.warmup_epochs * steps_per_epoch
+    lr_fn = schedules.sequential_lr(
+        [schedules.linear_lr(lr, s.warmup_start_factor, 1.0, warmup, steps_per_epoch=spe), lr_fn],
+        [s.warmup_epochs * steps_per_epoch])
+  lr_fn = schedules.with_horizon(lr_fn, num_steps)
+  momentum_fn = momentum_fn and schedules.with_horizon(momentum_fn, num_steps)
+  return lr_fn, momentum_fn
+
+
+# Steps ------------------------------------------------------------------------------------------------
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def batch_metrics(logits, labels, loss) -> dict[str, jax.Array]:
+  """Sums over the batch, so that epochs with a partial batch average per example."""
+  n = labels.shape[0]
+  return {'loss_sum': loss * n,
+          'correct': jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+          'count': jnp.asarray(n, jnp.float32)}
+
+
+def train_step(state: TrainState, batch, axis_name: str | None = None):
+  """One SGD step on a normalised batch (images NHWC float32, labels int); returns state and sums."""
+  images, labels = batch
+
+  def loss_fn(params):
+    logits, new_model_state = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'])
+    return cross_entropy_loss(logits, labels), (new_model_state, logits)
+
+  (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = batch_metrics(logits, labels, loss)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.psum(metrics, axis_name)
+  new_state = state.apply_gradients(
+      grads=grads, batch_stats=new_model_state.get('batch_stats', state.batch_stats))
+  return new_state, metrics
+
+
+def init_train_metrics() -> dict[str, jax.Array]:
+  """Running sums of an epoch, kept on device; `nonfinite_step` is the first step with a bad loss."""
+  return {'loss_sum': jnp.zeros((), jnp.float32), 'correct': jnp.zeros((), jnp.float32),
+          'count': jnp.zeros((), jnp.float32), 'nonfinite_step': jnp.full((), -1, jnp.int32)}
+
+
+def accumulate(acc, metrics, step):
+  out = {k: acc[k] + metrics[k] for k in METRIC_KEYS}
+  bad = ~jnp.isfinite(metrics['loss_sum'])
+  out['nonfinite_step'] = jnp.where((acc['nonfinite_step'] < 0) & bad, step, acc['nonfinite_step'])
+  return out
+
+
+def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, *,
+                              steps_per_epoch: int, batch_size: int, size: int, augment: bool):
+  """The next batch of the epoch, drawn on device from (data_key, epoch, step), then a train step."""
+  step = state.step
+  epoch, step_in_epoch = step // steps_per_epoch, step % steps_per_epoch
+  key = input_pipeline.batch_key(data_key, epoch, step_in_epoch)
+  batch = input_pipeline.get_train_batch(images, labels, perm, step_in_epoch * batch_size, size, key,
+                                         augment)
+  state, metrics = train_step(state, batch)
+  return state, accumulate(acc, metrics, step)
+
+
+def eval_step(state: TrainState, batch):
+  """Summed loss and correct predictions of a batch, in eval mode; masked examples count for nothing."""
+  images, labels, mask = batch
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                          train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels)
+  return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
+          'count': jnp.sum(mask)}
+
+
+def evaluate_on_device_data(state: TrainState, images, labels, mask):
+  """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch."""
+
+  def body(totals, batch):
+    x, y, m = batch
+    metrics = eval_step(state, (input_pipeline.normalize(x), y, m))
+    return jax.tree.map(jnp.add, totals, metrics), None
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+  totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
+  return totals
+
+
+def batched_eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int):
+  """Pads the eval set to whole batches and reshapes to (num_batches, batch, ...), with a mask."""
+  n = labels.shape[0]
+  batch_size = min(batch_size, n)
+  num_batches = -(-n // batch_size)
+  pad = num_batches * batch_size - n
+  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  shape = (num_batches, batch_size)
+  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))
+
+
+def summarize(sums) -> dict[str, float]:
+  sums = jax.device_get(sums)
+  count = float(sums['count'])
+  return {'loss': float(sums['loss_sum']) / max(count, 1.0),
+          'accuracy': float(sums['correct']) / max(count, 1.0)}
+
+
+# Checkpoints ------------------------------------------------------------------------------------------
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, acc, extra: dict) -> None:
+  """Saves the state, the epoch's running metric sums and host-side state (JSON) at `state.step`."""
+  step = int(jax.device_get(state.step))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({'state': state, 'train_metrics': acc}),
+      extra=ocp.args.JsonSave(extra)), force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, acc):
+  """The latest checkpoint restored into the structure of (state, acc), or None when there is none."""
+  step = manager.latest_step()
+  if step is None:
+    return None
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'state': state, 'train_metrics': acc})
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+  return restored['state']['state'], restored['state']['train_metrics'], dict(restored['extra'] or {})
+
+
+# The run ----------------------------------------------------------------------------------------------
+
+
+def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
+  """Writes a host-chosen lr (ReduceLROnPlateau) into the injected hyperparameters."""
+  hyperparams = dict(state.opt_state.hyperparams)
+  hyperparams['learning_rate'] = jnp.asarray(lr, jnp.float32)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyperparams))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains `config` into `workdir`, resuming from its latest checkpoint; returns the final state.
+
+  Args:
+    config: a config as in configs/default.py.
+    workdir: where checkpoints, metrics.jsonl, TensorBoard events and config.json go.
+
+  Returns:
+    The final TrainState.
+  """
+  config_lib.validate(config)
+  os.makedirs(workdir, exist_ok=True)
+  dataset = input_pipeline.load_dataset(config.data, config.seed)
+  logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)
+  spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
+  if spe == 0:
+    raise config_lib.ConfigError(
+        f'batch_size={config.batch_size} exceeds the {dataset.num_train} training examples with '
+        'data.drop_remainder=True')
+  num_steps = config.num_epochs * spe
+  config_lib.validate_against_run(config, spe)
+
+  lr_fn, momentum_fn = create_schedules(config, spe)
+  plateau = None
+  if config.schedule.name == 'plateau':
+    s = config.schedule
+    plateau = schedules.PlateauController(
+        config.optimizer.lr, mode=s.plateau_mode, factor=s.factor, patience=s.patience,
+        threshold=s.threshold, threshold_mode=s.threshold_mode, cooldown=s.cooldown, min_lr=s.min_lr)
+    lr_fn = config.optimizer.lr  # a plain hyperparameter the host rewrites each epoch
+
+  model = create_model(config.model)
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  state = create_train_state(init_key, config, model, lr_fn, momentum_fn)
+  acc = init_train_metrics()
+  manager = checkpoint_manager(workdir, config)
+  restored = restore_checkpoint(manager, state, acc)
+  extra = {}
+  if restored is not None:
+    state, acc, extra = restored
+    if plateau is not None and 'plateau' in extra:
+      plateau.load_state_dict(extra['plateau'])
+  start_step = int(jax.device_get(state.step))
+  writer = metrics_writer.MetricsWriter(workdir, truncate_after_step=start_step)
+  config_lib.save_config(config, workdir)
+  if start_step >= num_steps:
+    logging.info('Run in %s already finished (step %d of %d); nothing to do.', workdir, start_step,
+                 num_steps)
+    print(f'{workdir}: training already finished at step {start_step}/{num_steps}; nothing to do.')
+    writer.close()
+    return state
+  if start_step:
+    logging.info('Resuming from step %d (epoch %d).', start_step, start_step // spe)
+
+  train_images = jax.device_put(dataset.train_images)
+  train_labels = jax.device_put(dataset.train_labels)
+  eval_arrays = jax.device_put(batched_eval_arrays(dataset.eval_images, dataset.eval_labels,
+                                                   config.eval_batch_size))
+  n = dataset.num_train
+  step_fn = functools.partial(train_step_on_device_data, steps_per_epoch=spe,
+                              batch_size=config.batch_size, augment=config.data.augment)
+  compile_start = time.perf_counter()
+  sizes = sorted({min(config.batch_size, n - i * config.batch_size) for i in range(spe)})
+  perm_fn = jax.jit(input_pipeline.epoch_permutation, static_argnums=2).lower(
+      data_key, 0, n).compile()
+  p_train = {
+      size: jax.jit(functools.partial(step_fn, size=size), donate_argnums=(0, 1)).lower(
+          state, acc, train_images, train_labels, perm_fn(data_key, 0), data_key).compile()
+      for size in sizes}
+  p_eval = jax.jit(evaluate_on_device_data).lower(state, *eval_arrays).compile()
+  compile_seconds = time.perf_counter() - compile_start
+  logging.info('Compiled in %.1f s (batch sizes %s).', compile_seconds, sizes)
+
+  run_start = time.perf_counter() - float(extra.get('elapsed_seconds', 0.0))
+  for epoch in range(start_step // spe, config.num_epochs):
+    perm = perm_fn(data_key, epoch)
+    first = start_step - epoch * spe if epoch == start_step // spe else 0
+    count_before = float(jax.device_get(acc['count']))
+    epoch_start = time.perf_counter()
+    bar = metrics_writer.ProgressBar(spe, first, epoch, config.num_epochs, config.batch_size,
+                                     config.progress_bar)
+    for i in range(first, spe):
+      size = min(config.batch_size, n - i * config.batch_size)
+      state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key)
+      step = epoch * spe + i + 1
+      if config.log_every_steps and (i + 1) % config.log_every_steps == 0 and i + 1 < spe:
+        _check_finite(acc, config, spe)
+        bar.update(summarize(acc), i + 1, time.perf_counter() - epoch_start)
+      if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+          and step % spe != 0):
+        _check_finite(acc, config, spe)
+        save_checkpoint(manager, state, acc, _extra(plateau, run_start))
+    train = summarize(acc)
+    _check_finite(acc, config, spe)
+    train_seconds = time.perf_counter() - epoch_start
+    images_seen = float(jax.device_get(acc['count'])) - count_before
+    bar.update(train, spe, train_seconds)
+    bar.close()
+
+    ev = summarize(p_eval(state, *eval_arrays))
+    hyper = jax.device_get(state.opt_state.hyperparams)
+    record = {
+        'epoch': epoch + 1, 'step': epoch * spe + spe,
+        'train_loss': train['loss'], 'train_accuracy': train['accuracy'],
+        'eval_loss': ev['loss'], 'eval_accuracy': ev['accuracy'],
+        'learning_rate': float(hyper['learning_rate']), 'momentum': float(hyper['momentum']),
+        'images_per_second': images_seen / train_seconds,
+        'elapsed_seconds': time.perf_counter() - run_start,
+    }
+    if epoch == start_step // spe:
+      record['compile_seconds'] = compile_seconds
+    writer.write(record)
+    if plateau is not None:
+      state = _set_learning_rate(state, plateau.step(ev['loss']))
+    acc = init_train_metrics()
+    save_checkpoint(manager, state, acc, _extra(plateau, run_start))
+  writer.close()
+  manager.close()
+  return state
+
+
+def _extra(plateau, run_start: float) -> dict:
+  extra = {'elapsed_seconds': time.perf_counter() - run_start}
+  if plateau is not None:
+    extra['plateau'] = plateau.state_dict()
+  return extra
+
+
+def _check_finite(acc, config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
+  bad = int(jax.device_get(acc['nonfinite_step']))
+  if bad >= 0 and config.halt_on_nan:
+    raise NonFiniteLossError(
+        f'non-finite training loss at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); the last '
+        'good checkpoint is kept. Lower optimizer.lr or set halt_on_nan=False to continue anyway.')

@@ -1,0 +1,84 @@
+"""The blog's Part-1 baseline: ResNet18, BatchNorm, batch 128, SGD lr 0.05, MultiStepLR([25, 40], 0.1), 50 epochs.
+
+Every field the trainer reads is defined here; experiment files import this one and change what differs.
+Blog figure: 93.42 % test accuracy after 50 epochs (Part 1, fixed baseline, zero_init_residual=True).
+
+  cifar-jax --config=configs/default.py --workdir=runs/default
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.num_epochs = 50
+  config.batch_size = 128
+  config.eval_batch_size = 1000
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'resnet18'  # resnet18 | resnet9
+  config.model.norm = 'batch'  # batch | group_ws
+  config.model.width_multiplier = 1.0  # stage widths 64/128/256/512 times this
+  config.model.zero_init_residual = True
+  config.model.dtype = 'float32'  # float32 | bfloat16 (compute dtype; params and BN stats stay float32)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = 'tfds'  # tfds | npz | cifar10_python | synthetic
+  config.data.data_dir = ''  # tfds: where the dataset is prepared ('' = TFDS's default)
+  config.data.path = ''  # npz: the file; cifar10_python: the cifar-10-batches-py folder
+  config.data.validation_size = 0  # > 0: hold out this many from the end of train, evaluate on them
+  config.data.drop_remainder = False  # False: a final partial batch, like torch's drop_last=False
+  config.data.augment = True  # random crop (pad 4) and horizontal flip
+  config.data.synthetic_train_size = 2048
+  config.data.synthetic_eval_size = 512
+
+  # torch.optim.SGD with coupled weight decay (added to every parameter's gradient before momentum).
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.lr = 0.05
+  config.optimizer.momentum = 0.9
+  config.optimizer.nesterov = False
+  config.optimizer.weight_decay = 5e-4
+
+  # torch.optim.lr_scheduler semantics, torch's argument names; see cifar_jax/schedules.py.
+  config.schedule = ml_collections.ConfigDict()
+  config.schedule.name = 'multistep'
+  config.schedule.step_every = ''  # epoch | batch; '' = what the blog did for this schedule
+  config.schedule.milestones = (25, 40)  # multistep, in scheduler steps (epochs when stepped per epoch)
+  config.schedule.gamma = 0.1  # multistep, step (cyclic: exp_range's gamma)
+  config.schedule.step_size = 30  # step
+  config.schedule.T_max = -1  # cosine; -1 = the run's length in scheduler steps
+  config.schedule.eta_min = 0.0  # cosine, warm_restarts
+  config.schedule.T_0 = 20  # warm_restarts
+  config.schedule.T_mult = 1  # warm_restarts
+  config.schedule.fractional = False  # warm_restarts: torch's documented step(epoch + i / iters) loop
+  config.schedule.max_lr = 0.1  # one_cycle, cyclic (optimizer.lr is cyclic's base_lr)
+  config.schedule.total_steps = -1  # one_cycle; -1 = num_epochs * steps_per_epoch
+  config.schedule.pct_start = 0.3  # one_cycle
+  config.schedule.anneal_strategy = 'cos'  # one_cycle
+  config.schedule.div_factor = 25.0  # one_cycle
+  config.schedule.final_div_factor = 1e4  # one_cycle
+  config.schedule.three_phase = False  # one_cycle
+  config.schedule.step_size_up = 2000  # cyclic, in batches
+  config.schedule.step_size_down = -1  # cyclic; -1 = step_size_up
+  config.schedule.mode = 'triangular'  # cyclic: triangular | triangular2 | exp_range
+  config.schedule.cycle_momentum = True  # cyclic, one_cycle: cycle momentum inversely to the lr
+  config.schedule.base_momentum = 0.85  # one_cycle (cyclic's torch default is 0.8)
+  config.schedule.max_momentum = 0.95  # one_cycle (cyclic's torch default is 0.9)
+  config.schedule.warmup_epochs = 0  # linear warm-up (LinearLR then the schedule, via SequentialLR)
+  config.schedule.warmup_start_factor = 1.0 / 3.0
+  # plateau (ReduceLROnPlateau on eval_loss, stepped per epoch)
+  config.schedule.factor = 0.1
+  config.schedule.patience = 10
+  config.schedule.threshold = 1e-4
+  config.schedule.threshold_mode = 'rel'
+  config.schedule.cooldown = 0
+  config.schedule.min_lr = 0.0
+  config.schedule.plateau_mode = 'min'
+
+  config.checkpoint_every_steps = 0  # > 0: also checkpoint every this many steps (else every epoch)
+  config.keep_checkpoints = 3
+  config.log_every_steps = 50  # progress bar refresh (a host sync); metrics are per epoch
+  config.progress_bar = True
+  config.halt_on_nan = True
+  return config
