@@ -65,6 +65,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f'schedule.milestones must be in increasing order, got {tuple(milestones)}')
   if s.name in ('one_cycle', 'cyclic'):
     _positive(s.max_lr, 'schedule.max_lr')
+  if s.name in ('one_cycle', 'cyclic'):
+    _require(s.step_every in ('', 'batch'),
+             f"schedule.step_every must be 'batch' for {s.name} (torch steps it every batch), "
+             f'got {s.step_every!r}')
   if s.name == 'cyclic':
     _choice(s.mode, 'schedule.mode', ('triangular', 'triangular2', 'exp_range'))
   if s.name == 'one_cycle':

@@ -131,9 +131,6 @@ def create_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int):
     if s.cycle_momentum:
       momentum_fn = schedules.one_cycle_momentum(s.max_lr, **kwargs, base_momentum=s.base_momentum,
                                                  max_momentum=s.max_momentum)
-    if per_epoch:
-      lr_fn = schedules.per_epoch(lr_fn, steps_per_epoch)
-      momentum_fn = momentum_fn and schedules.per_epoch(momentum_fn, steps_per_epoch)
   elif s.name in ('constant', 'plateau'):
     lr_fn = schedules.constant_lr(lr)
   else:
@@ -144,8 +141,8 @@ def create_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int):
     lr_fn = schedules.sequential_lr(
         [schedules.linear_lr(lr, s.warmup_start_factor, 1.0, warmup, steps_per_epoch=spe), lr_fn],
         [s.warmup_epochs * steps_per_epoch])
-  lr_fn = schedules.with_horizon(lr_fn, num_steps)
-  momentum_fn = momentum_fn and schedules.with_horizon(momentum_fn, num_steps)
+  lr_fn = lr_fn.with_horizon(num_steps)
+  momentum_fn = momentum_fn and momentum_fn.with_horizon(num_steps)
   return lr_fn, momentum_fn
 
 
