@@ -73,6 +73,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(s.mode, 'schedule.mode', ('triangular', 'triangular2', 'exp_range'))
   if s.name == 'one_cycle':
     _choice(s.anneal_strategy, 'schedule.anneal_strategy', ('cos', 'linear'))
+  if config.swa.enabled:
+    _require(isinstance(config.swa.start_epoch, int) and 1 <= config.swa.start_epoch < config.num_epochs,
+             f'swa.start_epoch must be in 1..{config.num_epochs - 1} (SWA needs at least one epoch '
+             f'before and one after it), got {config.swa.start_epoch}')
+    _positive(config.swa.lr, 'swa.lr')
+    _choice(config.swa.schedule, 'swa.schedule', ('constant', 'swa_lr'))
+    _choice(config.swa.anneal_strategy, 'swa.anneal_strategy', ('cos', 'linear'))
+    _require(0.0 <= config.swa.decay < 1.0, f'swa.decay must be in [0, 1), got {config.swa.decay}')
+    _require(config.swa.update_every_steps >= 0,
+             f'swa.update_every_steps must be >= 0, got {config.swa.update_every_steps}')
+    _require(s.name != 'plateau', 'swa.enabled does not combine with schedule.name=plateau')
   _require(config.checkpoint_every_steps >= 0,
            f'checkpoint_every_steps must be >= 0, got {config.checkpoint_every_steps}')
 
@@ -84,7 +95,8 @@ def validate_against_run(config: ml_collections.ConfigDict, steps_per_epoch: int
   s = config.schedule
   per_epoch = train.step_every(s) == 'epoch'
   unit = 'epochs' if per_epoch else 'steps'
-  length = config.num_epochs if per_epoch else config.num_epochs * steps_per_epoch
+  epochs = train.main_schedule_epochs(config)
+  length = epochs if per_epoch else epochs * steps_per_epoch
   if s.name == 'multistep':
     beyond = [m for m in s.milestones if m > length]
     _require(not beyond, f'schedule.milestones {tuple(beyond)} lie beyond the run ({length} {unit})')

@@ -24,15 +24,21 @@ from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
 from cifar_jax import models
 from cifar_jax import schedules
+from cifar_jax import swa
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Folded into the data key for the SWA BatchNorm pass, so its order differs from every training epoch's.
+RECALIBRATION_SALT = 0x5BA
 METRIC_KEYS = ('loss_sum', 'correct', 'count')
 
 
 class TrainState(train_state.TrainState):
-  """Params, optimizer state and BatchNorm statistics: everything a checkpoint holds."""
+  """Params, optimizer state, BatchNorm statistics and the SWA average: everything a checkpoint holds."""
 
   batch_stats: Any
+  swa_params: Any = None  # the running average of params (None when SWA is off)
+  swa_batch_stats: Any = None  # the average's BatchNorm statistics (recalibrated at the end)
+  swa_count: Any = None  # how many snapshots the average holds
 
 
 class NonFiniteLossError(RuntimeError):
@@ -75,7 +81,10 @@ def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model:
   """A fresh TrainState for `model`."""
   params, batch_stats = initialized(key, model)
   tx = create_optimizer(config, learning_rate_fn, momentum_fn)
-  return TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  if config.swa.enabled:
+    state = swa.init_swa(state)
+  return state
 
 
 # Schedules --------------------------------------------------------------------------------------------
@@ -101,9 +110,10 @@ def create_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int):
   s = config.schedule
   lr = config.optimizer.lr
   num_steps = config.num_epochs * steps_per_epoch
+  main_epochs = main_schedule_epochs(config)
   per_epoch = step_every(s) == 'epoch'
   spe = steps_per_epoch if per_epoch else None
-  run_length = config.num_epochs if per_epoch else num_steps  # in scheduler steps
+  run_length = main_epochs if per_epoch else main_epochs * steps_per_epoch  # in scheduler steps
   momentum_fn = None
   if s.name == 'multistep':
     lr_fn = schedules.multistep_lr(lr, list(s.milestones), s.gamma, steps_per_epoch=spe)
@@ -141,8 +151,34 @@ def create_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int):
     lr_fn = schedules.sequential_lr(
         [schedules.linear_lr(lr, s.warmup_start_factor, 1.0, warmup, steps_per_epoch=spe), lr_fn],
         [s.warmup_epochs * steps_per_epoch])
+  if config.swa.enabled:
+    lr_fn, momentum_fn = _with_swa_phase(config, lr_fn, momentum_fn, steps_per_epoch)
   lr_fn = lr_fn.with_horizon(num_steps)
   momentum_fn = momentum_fn and momentum_fn.with_horizon(num_steps)
+  return lr_fn, momentum_fn
+
+
+def main_schedule_epochs(config: ml_collections.ConfigDict) -> int:
+  """Epochs the main schedule spans: the whole run, or the epochs before SWA starts."""
+  return config.swa.start_epoch if config.swa.enabled else config.num_epochs
+
+
+def _with_swa_phase(config, lr_fn, momentum_fn, steps_per_epoch: int):
+  """From swa.start_epoch on: swa.lr (constant, or SWALR annealed from the main schedule's last lr).
+
+  SWALR is stepped at the start of each SWA epoch, so the first SWA epoch already runs at its first
+  step's lr. Momentum returns to optimizer.momentum when the main schedule cycled it.
+  """
+  swa_config = config.swa
+  start = swa_config.start_epoch * steps_per_epoch
+  if swa_config.schedule == 'constant':
+    lr_fn = schedules.sequential_lr([lr_fn, schedules.constant_lr(swa_config.lr)], [start])
+  else:
+    lr_fn = schedules.swa_lr(swa_config.lr, swa_config.anneal_epochs, swa_config.anneal_strategy,
+                             start_lr=lr_fn, start_count=start, steps_per_epoch=steps_per_epoch)
+  if momentum_fn is not None:
+    momentum_fn = schedules.sequential_lr(
+        [momentum_fn, schedules.constant_lr(config.optimizer.momentum)], [start])
   return lr_fn, momentum_fn
 
 
@@ -217,8 +253,10 @@ def eval_step(state: TrainState, batch):
           'count': jnp.sum(mask)}
 
 
-def evaluate_on_device_data(state: TrainState, images, labels, mask):
+def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False):
   """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch."""
+  if use_swa:
+    state = state.replace(params=state.swa_params, batch_stats=state.swa_batch_stats)
 
   def body(totals, batch):
     x, y, m = batch
@@ -359,6 +397,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           state, acc, train_images, train_labels, perm_fn(data_key, 0), data_key).compile()
       for size in sizes}
   p_eval = jax.jit(evaluate_on_device_data).lower(state, *eval_arrays).compile()
+  swa_config = config.swa
+  if swa_config.enabled:
+    swa_start_step = swa_config.start_epoch * spe
+    p_swa_update = jax.jit(functools.partial(swa.update_swa, decay=swa_config.decay),
+                           donate_argnums=0)
+    p_swa_eval = jax.jit(functools.partial(evaluate_on_device_data, use_swa=True))
   compile_seconds = time.perf_counter() - compile_start
   logging.info('Compiled in %.1f s (batch sizes %s).', compile_seconds, sizes)
 
@@ -374,6 +418,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       size = min(config.batch_size, n - i * config.batch_size)
       state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key)
       step = epoch * spe + i + 1
+      if (swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
+          and (step - swa_start_step) % swa_config.update_every_steps == 0):
+        state = p_swa_update(state)
       if config.log_every_steps and (i + 1) % config.log_every_steps == 0 and i + 1 < spe:
         _check_finite(acc, config, spe)
         bar.update(summarize(acc), i + 1, time.perf_counter() - epoch_start)
@@ -388,6 +435,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     bar.update(train, spe, train_seconds)
     bar.close()
 
+    swa_record = {}
+    if swa_config.enabled and epoch >= swa_config.start_epoch:
+      if not swa_config.update_every_steps:
+        state = p_swa_update(state)
+      if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
+        state = state.replace(swa_batch_stats=swa.recalibrate_batch_stats(
+            model, state.swa_params, state.batch_stats, train_images, train_labels,
+            jax.random.fold_in(data_key, RECALIBRATION_SALT), epoch=epoch,
+            batch_size=config.batch_size, drop_remainder=config.data.drop_remainder,
+            augment=swa_config.recalibration_augment))
+        swa_ev = summarize(p_swa_eval(state, *eval_arrays))
+        swa_record = {'swa_eval_loss': swa_ev['loss'], 'swa_eval_accuracy': swa_ev['accuracy']}
+      swa_record['swa_count'] = int(jax.device_get(state.swa_count))
+
     ev = summarize(p_eval(state, *eval_arrays))
     hyper = jax.device_get(state.opt_state.hyperparams)
     record = {
@@ -398,6 +459,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         'images_per_second': images_seen / train_seconds,
         'elapsed_seconds': time.perf_counter() - run_start,
     }
+    record.update(swa_record)
     if epoch == start_step // spe:
       record['compile_seconds'] = compile_seconds
     writer.write(record)

@@ -76,6 +76,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.min_lr = 0.0
   config.schedule.plateau_mode = 'min'
 
+  # Stochastic Weight Averaging (torch.optim.swa_utils); see cifar_jax/swa.py.
+  config.swa = ml_collections.ConfigDict()
+  config.swa.enabled = False
+  config.swa.start_epoch = 20  # epochs of the main schedule; epochs after it average the weights
+  config.swa.lr = 0.01  # the lr of the SWA phase
+  config.swa.schedule = 'constant'  # constant (the blog) | swa_lr (torch SWALR: anneal to swa.lr)
+  config.swa.anneal_epochs = 10  # swa_lr
+  config.swa.anneal_strategy = 'cos'  # swa_lr: cos | linear
+  config.swa.update_every_steps = 0  # > 0: average every this many steps instead of every epoch
+  config.swa.decay = 0.0  # > 0: exponential moving average with this decay instead of the equal mean
+  config.swa.recalibration_augment = True  # update_bn over augmented training batches, as the blog
+  config.swa.eval_every_epoch = False  # also recalibrate and evaluate the SWA model every SWA epoch
+
   config.checkpoint_every_steps = 0  # > 0: also checkpoint every this many steps (else every epoch)
   config.keep_checkpoints = 3
   config.log_every_steps = 50  # progress bar refresh (a host sync); metrics are per epoch
