@@ -126,7 +126,8 @@ def create_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int):
     lr_fn = schedules.cosine_annealing_warm_restarts(
         lr, s.T_0, s.T_mult, s.eta_min, steps_per_epoch=spe, fractional=s.fractional)
   elif s.name == 'cyclic':
-    kwargs = dict(step_size_up=s.step_size_up,
+    up = s.step_size_up_epochs * steps_per_epoch if s.step_size_up_epochs > 0 else s.step_size_up
+    kwargs = dict(step_size_up=up,
                   step_size_down=s.step_size_down if s.step_size_down > 0 else None,
                   mode=s.mode, gamma=s.gamma)
     lr_fn = schedules.cyclic_lr(lr, s.max_lr, **kwargs)
@@ -485,3 +486,50 @@ def _check_finite(acc, config: ml_collections.ConfigDict, steps_per_epoch: int) 
     raise NonFiniteLossError(
         f'non-finite training loss at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); the last '
         'good checkpoint is kept. Lower optimizer.lr or set halt_on_nan=False to continue anyway.')
+
+
+# Using a finished (or partial) run -------------------------------------------------------------------
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str,
+                  steps_per_epoch: int) -> TrainState:
+  """The latest checkpoint of `workdir` as a TrainState for `config`."""
+  lr_fn, momentum_fn = create_schedules(config, steps_per_epoch)
+  if config.schedule.name == 'plateau':
+    lr_fn = config.optimizer.lr
+  state = create_train_state(jax.random.PRNGKey(config.seed), config, create_model(config.model),
+                             lr_fn, momentum_fn)
+  restored = restore_checkpoint(checkpoint_manager(workdir, config), state, init_train_metrics())
+  if restored is None:
+    raise config_lib.ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
+  return restored[0]
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Eval loss and accuracy of the running model and, when present, the (recalibrated) SWA model."""
+  config_lib.validate(config)
+  dataset = input_pipeline.load_dataset(config.data, config.seed)
+  spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
+  state = restore_state(config, workdir, spe)
+  arrays = jax.device_put(batched_eval_arrays(dataset.eval_images, dataset.eval_labels,
+                                              config.eval_batch_size))
+  ev = summarize(jax.jit(evaluate_on_device_data)(state, *arrays))
+  out = {'step': int(state.step), 'split': dataset.eval_split, 'eval_loss': ev['loss'],
+         'eval_accuracy': ev['accuracy']}
+  if state.swa_count is not None and int(state.swa_count) > 0:
+    swa_ev = summarize(jax.jit(functools.partial(evaluate_on_device_data, use_swa=True))(state, *arrays))
+    out.update(swa_eval_loss=swa_ev['loss'], swa_eval_accuracy=swa_ev['accuracy'],
+               swa_count=int(state.swa_count))
+  return out
+
+
+def export_variables(config: ml_collections.ConfigDict, workdir: str, use_swa: bool) -> dict:
+  """{'params': ..., 'batch_stats': ...} of the latest checkpoint's running or SWA model, as numpy."""
+  state = restore_state(config, workdir, steps_per_epoch=1)
+  if use_swa:
+    if state.swa_count is None or int(state.swa_count) == 0:
+      raise config_lib.ConfigError(f'--workdir={workdir}: the checkpoint holds no SWA model')
+    variables = {'params': state.swa_params, 'batch_stats': state.swa_batch_stats}
+  else:
+    variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  return jax.device_get(variables)

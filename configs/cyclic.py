@@ -12,8 +12,6 @@ the last cycle ends near base_lr and the final epochs fine-tune, as a decaying s
 
 from configs import multistep
 
-STEPS_PER_EPOCH = 391  # 50000 / 128, rounded up
-
 
 def get_config():
   config = multistep.get_config()
@@ -21,7 +19,7 @@ def get_config():
   config.optimizer.lr = 0.001  # CyclicLR's base_lr
   config.schedule.name = 'cyclic'
   config.schedule.max_lr = 0.1
-  config.schedule.step_size_up = 4 * STEPS_PER_EPOCH
+  config.schedule.step_size_up_epochs = 4  # = 4 * steps_per_epoch batches
   config.schedule.step_size_down = -1  # = step_size_up
   config.schedule.mode = 'triangular2'
   config.schedule.base_momentum = 0.8

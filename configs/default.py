@@ -60,6 +60,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.final_div_factor = 1e4  # one_cycle
   config.schedule.three_phase = False  # one_cycle
   config.schedule.step_size_up = 2000  # cyclic, in batches
+  config.schedule.step_size_up_epochs = 0  # cyclic: > 0 sets step_size_up (and down) in epochs
   config.schedule.step_size_down = -1  # cyclic; -1 = step_size_up
   config.schedule.mode = 'triangular'  # cyclic: triangular | triangular2 | exp_range
   config.schedule.cycle_momentum = True  # cyclic, one_cycle: cycle momentum inversely to the lr
