@@ -142,7 +142,7 @@ def make_synthetic(num_train: int, num_eval: int, seed: int = 0) -> dict[str, np
   def draw(n):
     labels = rng.integers(0, NUM_CLASSES, n)
     noise = rng.uniform(0.0, 1.0, (n, IMAGE_SIZE, IMAGE_SIZE, 3))
-    images = 0.6 * templates[labels] + 0.4 * noise
+    images = 0.7 * templates[labels] + 0.3 * noise
     return (images * 255).round().astype(np.uint8), labels.astype(np.int32)
 
   x_train, y_train = draw(num_train)

@@ -1,21 +1,23 @@
-"""torch.optim.lr_scheduler (and swa_utils.SWALR) as optax schedules, equal to torch's lr cast to float32.
+"""torch.optim.lr_scheduler (and swa_utils.SWALR) as optax schedules, equal to torch's float32 lr.
 
-Every schedule is a callable `count -> lr` (float32), where `count` is the number of optimizer updates
-already applied (0 for the first update), as optax.inject_hyperparams calls it. `steps_per_epoch=None`
-means torch's scheduler is stepped after every batch; `steps_per_epoch=k` means it is stepped once per
-epoch of k batches, so the lr at `count` is torch's value after `count // k` scheduler steps.
+Every schedule is a callable `count -> lr` (float32), where `count` is the number of optimizer
+updates already applied (0 for the first update), as optax.inject_hyperparams calls it.
+`steps_per_epoch=None` means torch's scheduler is stepped after every batch; `steps_per_epoch=k`
+means it is stepped once per epoch of k batches, so the lr at `count` is torch's value after
+`count // k` scheduler steps.
 
 Exactness: values are computed on the host in float64 Python by replaying what torch's `step()`
-computes (its recursive `get_lr` formulas, branch order and operation order, math.cos/math.log), then
-cast to float32, so they equal `np.float32(optimizer.param_groups[0]['lr'])` at every count, including
-past T_max, at restarts and at one-cycle's phase ends. Recursions are memoised as a growing prefix.
+computes (its recursive `get_lr` formulas, branch order and operation order, math.cos/math.log),
+then cast to float32, so they equal `np.float32(optimizer.param_groups[0]['lr'])` at every count,
+including past T_max, at restarts and at one-cycle's phase ends (the float64 values are torch's,
+bit for bit). Recursions are memoised as a growing prefix.
 
 Calling a schedule:
   * concrete count (python/numpy int or array, concrete jax array): exact values for any count;
-  * traced count (inside jax.jit): a `jax.pure_callback` to the same host computation (exact, slower);
-  * `schedule.with_horizon(num_steps)`: a schedule whose traced call indexes a float32 device table
-    for counts 0..num_steps-1 (later counts hold the last value, concrete calls do the same). This is
-    what a jitted train step should use. `schedule.table(num_steps)` gives that table as numpy.
+  * traced count (inside jax.jit): a `jax.pure_callback` to the same host computation (exact);
+  * `schedule.with_horizon(num_steps)`: a schedule whose traced call indexes a float32 device
+    table for counts 0..num_steps-1 (later counts hold the last value, concrete calls do the
+    same). A jitted train step should use this. `schedule.table(num_steps)` is that table.
 
 ReduceLROnPlateau depends on metrics, so it is a host-side controller (`PlateauController`).
 """
@@ -80,7 +82,7 @@ def _anneal_linear(start: float, end: float, pct: float) -> float:
 
 
 class TorchSchedule:
-  """Base class: a torch scheduler replayed on the host in float64, callable as an optax schedule."""
+  """Base class: a torch scheduler replayed on the host in float64; an optax schedule."""
 
   recursive = False  # True: values[t] = _next(values[t - 1], t), memoised as a prefix
   _max_step = None  # last scheduler step torch can compute (None: unbounded)
@@ -92,8 +94,17 @@ class TorchSchedule:
     self._points = {}  # pointwise cache: scheduler step -> float
     self._lock = threading.RLock()
 
+  def __getstate__(self):
+    state = self.__dict__.copy()
+    state.pop('_lock', None)
+    return state
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.RLock()
+
   def _first(self, seq_start: bool) -> float:
-    """Recursive schedules: the lr after construction (seq_start: after SequentialLR's _update_lr(0))."""
+    """Recursive: the lr after construction (seq_start: after SequentialLR's _update_lr(0))."""
     raise NotImplementedError
 
   def _next(self, lr: float, t: int) -> float:
@@ -225,7 +236,7 @@ class StepLR(TorchSchedule):
   def __init__(self, base_lr, step_size, gamma=0.1, steps_per_epoch=None):
     super().__init__(steps_per_epoch)
     if not isinstance(step_size, numbers.Real) or step_size == 0:
-      raise ValueError(f'step_size must be a nonzero number, got {step_size!r} (torch: modulo by zero)')
+      raise ValueError(f'step_size must be a nonzero number, got {step_size!r} (torch: x % 0)')
     self.base_lr, self.step_size, self.gamma = _check_lr('base_lr', base_lr), step_size, gamma
     self._check_start()
 
@@ -263,7 +274,7 @@ class MultiStepLR(TorchSchedule):
 
 
 class CosineAnnealingLR(TorchSchedule):
-  """torch CosineAnnealingLR as step() computes it: the recursion, which bounces back up past T_max."""
+  """torch CosineAnnealingLR as step() computes it: the recursion, which rises again after T_max."""
 
   recursive = True
 
@@ -275,7 +286,7 @@ class CosineAnnealingLR(TorchSchedule):
     self._check_start()
 
   def _first(self, seq_start):
-    if seq_start:  # _get_closed_form_lr at last_epoch 0: not always bitwise base_lr when eta_min != 0
+    if seq_start:  # _get_closed_form_lr at 0: not always bitwise base_lr when eta_min != 0
       return (self.eta_min + (self.base_lr - self.eta_min)
               * (1 + math.cos(math.pi * 0 / self.T_max)) / 2)
     return self.base_lr
@@ -284,11 +295,12 @@ class CosineAnnealingLR(TorchSchedule):
     T, eta = self.T_max, self.eta_min
     if (t - 1 - T) % (2 * T) == 0:
       return lr + (self.base_lr - eta) * (1 - math.cos(math.pi / T)) / 2
-    return (1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T)) * (lr - eta) + eta
+    return ((1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T)) * (lr - eta)
+            + eta)
 
 
 class CosineAnnealingWarmRestarts(TorchSchedule):
-  """torch CosineAnnealingWarmRestarts: step() per batch/epoch, or fractional step(epoch + i / iters)."""
+  """torch CosineAnnealingWarmRestarts: step() per batch/epoch, or step(epoch + i / iters)."""
 
   def __init__(self, base_lr, T_0, T_mult=1, eta_min=0.0, steps_per_epoch=None, fractional=False):
     super().__init__(steps_per_epoch)
@@ -323,7 +335,7 @@ class CosineAnnealingWarmRestarts(TorchSchedule):
     return self._lr(T_cur, T_i)
 
   def _at_fractional(self, g):
-    """Batch g of `optimizer.step(); scheduler.step(epoch + i / iters)`: uses step(e) of batch g-1."""
+    """Batch g of `optimizer.step(); scheduler.step(epoch + i / iters)`: step(e) of batch g-1."""
     if g == 0:
       epoch = 0
     else:
@@ -343,7 +355,7 @@ class CosineAnnealingWarmRestarts(TorchSchedule):
 
 
 class CyclicLR(TorchSchedule):
-  """torch CyclicLR (stepped every batch): the lr, or with quantity='momentum' the cycled momentum."""
+  """torch CyclicLR (stepped every batch): the lr, or with quantity='momentum' the momentum."""
 
   def __init__(self, base_lr, max_lr, step_size_up=2000, step_size_down=None, mode='triangular',
                gamma=1.0, scale_fn=None, scale_mode='cycle', base_momentum=0.8, max_momentum=0.9,
@@ -359,7 +371,7 @@ class CyclicLR(TorchSchedule):
     step_size_down = float(step_size_down) if step_size_down is not None else step_size_up
     self.total_size = step_size_up + step_size_down
     if self.total_size == 0 or step_size_up == 0:
-      raise ValueError(f'step_size_up must be nonzero, got {step_size_up} (torch: division by zero)')
+      raise ValueError(f'step_size_up must be nonzero, got {step_size_up} (torch: x / 0)')
     self.step_ratio = step_size_up / self.total_size
     self.base_lr, self.max_lr = float(base_lr), float(max_lr)
     self.base_momentum, self.max_momentum = float(base_momentum), float(max_momentum)
@@ -419,7 +431,8 @@ class OneCycleLR(TorchSchedule):
     self._anneal = _anneal_cos if anneal_strategy == 'cos' else _anneal_linear
     lo, peak, floor = self.initial_lr, self.max_lr, self.min_lr
     m_hi, m_lo = self.max_momentum, self.base_momentum
-    if three_phase:  # (end_step, start_lr, end_lr, start_momentum, end_momentum), as torch builds them
+    # (end_step, start_lr, end_lr, start_momentum, end_momentum), as torch builds them
+    if three_phase:
       self._phases = [(float(pct_start * n) - 1, lo, peak, m_hi, m_lo),
                       (float(2 * pct_start * n) - 2, peak, lo, m_lo, m_hi),
                       (n - 1, lo, floor, m_hi, m_hi)]
@@ -480,7 +493,7 @@ class LinearLR(TorchSchedule):
 
 
 class LambdaLR(TorchSchedule):
-  """torch LambdaLR: base_lr * lr_lambda(t), with t the scheduler step (lr_lambda runs on the host)."""
+  """torch LambdaLR: base_lr * lr_lambda(t), t the scheduler step (lr_lambda runs on the host)."""
 
   def __init__(self, base_lr, lr_lambda, steps_per_epoch=None):
     super().__init__(steps_per_epoch)
@@ -527,6 +540,11 @@ class SequentialLR(TorchSchedule):
     self.schedules, self.milestones = schedules, [int(m) for m in milestones]
     self._initial_idx = bisect.bisect_right(self.milestones, 0)  # gets _initial_step(); the others
     self._check_start()  # start from _update_lr(0) at their milestone
+    for i, s in enumerate(schedules[:-1]):
+      span = self.milestones[i] - (self.milestones[i - 1] if i > 0 else 0)
+      if s.max_count is not None and span > 0 and span - 1 > s.max_count:
+        raise ValueError(f'schedule {i} ({type(s).__name__}) runs for {span} counts, past the last '
+                         f'count torch allows ({s.max_count})')
     for i, s in enumerate(schedules):
       if i != self._initial_idx:
         try:
@@ -550,12 +568,12 @@ class SequentialLR(TorchSchedule):
 
 
 class SWALR(TorchSchedule):
-  """torch swa_utils.SWALR, replayed literally (it re-derives its start lr from the group lr each step)."""
+  """torch swa_utils.SWALR, replayed literally (it re-derives its start lr from the group lr)."""
 
   recursive = True
 
   def __init__(self, swa_lr, anneal_epochs=10, anneal_strategy='cos', *, start_lr,
-               start_count=None, steps_per_epoch=None):
+               start_count=None, steps_per_epoch=None, handover_count=None):
     super().__init__(steps_per_epoch)
     if anneal_strategy not in ANNEAL_STRATEGIES:
       raise ValueError(
@@ -573,8 +591,15 @@ class SWALR(TorchSchedule):
         raise ValueError(f'start_count {start_count} is not a multiple of steps_per_epoch '
                          f'{self.steps_per_epoch} (SWALR is stepped at epoch ends)')
       start_count = int(start_count)
-    self.swa_lr, self.anneal_epochs, self.anneal_strategy = float(swa_lr), anneal_epochs, anneal_strategy
+    self.swa_lr, self.anneal_epochs = float(swa_lr), anneal_epochs
+    self.anneal_strategy = anneal_strategy
+    if handover_count is not None and (start_count is None or not _is_int(handover_count)
+                                       or handover_count < 0):
+      raise ValueError(f'handover_count needs start_count and must be an int >= 0, got {handover_count!r}')
     self.start_lr, self.start_count = start_lr, start_count
+    # The count of start_lr whose lr SWALR anneals from (default: the last count before start_count).
+    self.handover_count = None if start_count is None else (
+        start_count - 1 if handover_count is None else int(handover_count))
     self._check_start()
 
   def _anneal(self, t):
@@ -609,7 +634,7 @@ class SWALR(TorchSchedule):
   def _first(self, seq_start):
     if self.start_count is None:  # constructed on a group whose lr is start_lr
       return self._step(self.start_lr, 0)
-    return float(self._before(np.asarray([self.start_count - 1], np.int64))[0])
+    return float(self._before(np.asarray([self.handover_count], np.int64))[0])
 
   def _next(self, lr, t):
     return self._step(lr, t)
@@ -627,7 +652,7 @@ class SWALR(TorchSchedule):
 
 
 class PlateauController:
-  """torch ReduceLROnPlateau on the host: step(metric) -> the lr for the next epoch (python float)."""
+  """torch ReduceLROnPlateau on the host: step(metric) -> the next epoch's lr (python float)."""
 
   def __init__(self, lr, mode='min', factor=0.1, patience=10, threshold=1e-4, threshold_mode='rel',
                cooldown=0, min_lr=0.0, eps=1e-8):
@@ -639,7 +664,8 @@ class PlateauController:
       raise ValueError(f'threshold mode {threshold_mode} is unknown!')
     self.lr = _check_lr('lr', lr)
     self.mode, self.factor, self.patience, self.threshold = mode, factor, patience, threshold
-    self.threshold_mode, self.cooldown, self.min_lr, self.eps = threshold_mode, cooldown, min_lr, eps
+    self.threshold_mode, self.cooldown = threshold_mode, cooldown
+    self.min_lr, self.eps = min_lr, eps
     self.best = math.inf if mode == 'min' else -math.inf
     self.num_bad_epochs = 0
     self.cooldown_counter = 0
@@ -678,13 +704,15 @@ class PlateauController:
 
   def state_dict(self) -> dict[str, Any]:
     """Plain python numbers for a checkpoint."""
-    return {'lr': float(self.lr), 'best': float(self.best), 'num_bad_epochs': int(self.num_bad_epochs),
+    return {'lr': float(self.lr), 'best': float(self.best),
+            'num_bad_epochs': int(self.num_bad_epochs),
             'cooldown_counter': int(self.cooldown_counter), 'last_epoch': int(self.last_epoch)}
 
   def load_state_dict(self, state: dict[str, Any]) -> None:
     """Restores what state_dict returned."""
     self.lr, self.best = float(state['lr']), float(state['best'])
-    self.num_bad_epochs, self.cooldown_counter = int(state['num_bad_epochs']), int(state['cooldown_counter'])
+    self.num_bad_epochs = int(state['num_bad_epochs'])
+    self.cooldown_counter = int(state['cooldown_counter'])
     self.last_epoch = int(state['last_epoch'])
 
 
@@ -705,7 +733,7 @@ def cosine_annealing_lr(base_lr, T_max, eta_min=0.0, steps_per_epoch=None) -> Co
 
 def cosine_annealing_warm_restarts(base_lr, T_0, T_mult=1, eta_min=0.0, steps_per_epoch=None,
                                    fractional=False) -> CosineAnnealingWarmRestarts:
-  """torch CosineAnnealingWarmRestarts; fractional=True: the per-batch step(epoch + i / iters) loop."""
+  """torch CosineAnnealingWarmRestarts; fractional=True: the step(epoch + i / iters) loop."""
   return CosineAnnealingWarmRestarts(base_lr, T_0, T_mult, eta_min, steps_per_epoch, fractional)
 
 
@@ -745,7 +773,7 @@ def linear_lr(base_lr, start_factor=1.0 / 3, end_factor=1.0, total_iters=5,
 
 
 def sequential_lr(schedules: Sequence[TorchSchedule], milestones: Sequence[int]) -> SequentialLR:
-  """torch SequentialLR; milestones in optimizer-update counts (epoch milestone * steps_per_epoch)."""
+  """torch SequentialLR; milestones in optimizer-update counts (epoch * steps_per_epoch)."""
   return SequentialLR(schedules, milestones)
 
 
@@ -760,7 +788,11 @@ def constant_lr(base_lr) -> ConstantSchedule:
 
 
 def swa_lr(swa_lr, anneal_epochs=10, anneal_strategy='cos', *, start_lr, start_count=None,
-           steps_per_epoch=None) -> SWALR:
-  """torch SWALR, alone (start_lr a float) or taking over from a schedule at start_count."""
+           steps_per_epoch=None, handover_count=None) -> SWALR:
+  """torch SWALR, alone (start_lr a float) or taking over from a schedule at start_count.
+
+  It anneals from start_lr's value at `handover_count` (default start_count - 1, the last lr used
+  before it; start_count when the preceding scheduler was stepped once more before the handover).
+  """
   return SWALR(swa_lr, anneal_epochs, anneal_strategy, start_lr=start_lr, start_count=start_count,
-               steps_per_epoch=steps_per_epoch)
+               steps_per_epoch=steps_per_epoch, handover_count=handover_count)

@@ -9,7 +9,6 @@ between it and `models.ResNet`; `torch_batches` yields either exactly the JAX tr
 """
 
 import functools
-import json
 import math
 import os
 import time
@@ -19,19 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifar_jax import config_lib
 from cifar_jax import input_pipeline
+from cifar_jax import metrics_writer
 from cifar_jax import models
 
 WS_EPSILON = models.WS_EPSILON  # added to the unbiased std of each output channel's weights
 NORM_EPSILON = models.NORM_EPSILON
 GROUP_SIZE = models.GROUP_SIZE  # nn.GroupNorm(C // 4, C)
 DATA_MODES = ('identical', 'native')
-SCHEDULES = ('multistep', 'step', 'cosine', 'warm_restarts', 'cyclic', 'one_cycle', 'constant',
-             'plateau')
-# Where the blog stepped each scheduler (blog.md, Part 2): per epoch, except the cyclic ones per batch.
-DEFAULT_STEP_EVERY = {'multistep': 'epoch', 'step': 'epoch', 'cosine': 'epoch', 'warm_restarts': 'epoch',
-                      'constant': 'epoch', 'plateau': 'epoch', 'cyclic': 'batch', 'one_cycle': 'batch'}
-METRICS_FILE = 'metrics.jsonl'
+SCHEDULES = config_lib.SCHEDULE_NAMES
 
 # Flax leaf name -> torch leaf name, by collection; conv and dense kernels are transposed on the way.
 _PARAM_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
@@ -252,10 +248,10 @@ def flax_to_torch(variables, num_batches_tracked: int = 0) -> dict:
     elif path[-1] == 'kernel' and value.ndim == 2:
       value = value.T
     key = '.'.join(_torch_module_path(path[:-1]) + [_PARAM_TO_TORCH[path[-1]]])
-    state[key] = torch.from_numpy(np.ascontiguousarray(value))
+    state[key] = torch.from_numpy(np.array(value, order='C'))
   for path, value in _flatten(variables.get('batch_stats', {})):
     module = '.'.join(_torch_module_path(path[:-1]))
-    state[f'{module}.{_STAT_TO_TORCH[path[-1]]}'] = torch.from_numpy(np.array(value))
+    state[f'{module}.{_STAT_TO_TORCH[path[-1]]}'] = torch.from_numpy(np.array(value, order='C'))
     state[f'{module}.num_batches_tracked'] = torch.tensor(num_batches_tracked, dtype=torch.long)
   return state
 
@@ -264,8 +260,9 @@ def flax_to_torch(variables, num_batches_tracked: int = 0) -> dict:
 
 
 def jax_data_key(seed: int) -> jax.Array:
-  """The data key the JAX trainer derives from `config.seed` (order and augmentation of every batch)."""
-  return jax.random.key(seed)
+  """The data key `train.train_and_evaluate` derives from `config.seed` (batch order and augmentation)."""
+  _, data_key = jax.random.split(jax.random.PRNGKey(seed))
+  return data_key
 
 
 def native_generator_seed(seed: int, epoch: int) -> int:
@@ -314,9 +311,10 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
     dataset: an `input_pipeline.Dataset`.
     config: the full config (seed, batch_size, data.augment, data.drop_remainder).
     epoch: the epoch, 0-based as in the JAX trainer.
-    mode: 'identical' reproduces the JAX trainer's batches exactly (its permutation, crop offsets and flips,
-      computed with the JAX functions on the CPU); 'native' shuffles and augments in torch with a
-      torch.Generator seeded from (seed, epoch), like the blog's DataLoader.
+    mode: 'identical' gives the JAX trainer's batches: its permutation, crop offsets and flips exactly,
+      from `input_pipeline.get_train_batch` run eagerly on the CPU (the trainer's jitted step may round
+      the normalisation differently, by at most one float32 ULP); 'native' shuffles and augments in
+      torch with a torch.Generator seeded from (seed, epoch), like the blog's DataLoader.
     data_key: 'identical' only; the JAX trainer's data key (default `jax_data_key(config.seed)`).
   """
   images, labels = dataset.train_images, dataset.train_labels
@@ -328,8 +326,10 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
       jax_images, jax_labels = jnp.asarray(images), jnp.asarray(labels)
       perm = input_pipeline.epoch_permutation(key, epoch, n)
       for step, start, size in _batch_bounds(n, batch_size, drop):
-        x, y = _get_train_batch(jax_images, jax_labels, perm, start, size,
-                                input_pipeline.batch_key(key, epoch, step), augment)
+        # Eager, not jitted: XLA's fusion of the normalisation moves ~30 % of values by one float32
+        # ULP, so only the eager call is reproducible here; order, crops and flips are exact either way.
+        x, y = input_pipeline.get_train_batch(jax_images, jax_labels, perm, start, size,
+                                              input_pipeline.batch_key(key, epoch, step), augment)
         yield _nchw_tensors(x, y)
   elif mode == 'native':
     torch = _torch()
@@ -346,11 +346,6 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
     raise ValueError(f'data mode must be one of {list(DATA_MODES)}, got {mode!r}')
 
 
-@functools.partial(jax.jit, static_argnames=('size', 'augment'))
-def _get_train_batch(images, labels, perm, start, size, key, augment):
-  return input_pipeline.get_train_batch(images, labels, perm, start, size, key, augment)
-
-
 def torch_eval_batches(dataset, batch_size: int):
   """Yields the eval split in order, unaugmented and normalised, as (NCHW float32, int64) tensors."""
   torch = _torch()
@@ -365,14 +360,17 @@ def torch_eval_batches(dataset, batch_size: int):
 
 def schedule_step_every(schedule_config) -> str:
   """'epoch' or 'batch': the config's `step_every`, or where the blog stepped this scheduler."""
+  from cifar_jax import train  # pylint: disable=g-import-not-at-top
+
   name = schedule_config.name
   if name not in SCHEDULES:
-    raise ValueError(f'schedule.name must be one of {list(SCHEDULES)}, got {name!r}')
-  every = schedule_config.step_every or DEFAULT_STEP_EVERY[name]
+    raise config_lib.ConfigError(f'schedule.name must be one of {list(SCHEDULES)}, got {name!r}')
+  every = train.step_every(schedule_config)
   if every not in ('epoch', 'batch'):
-    raise ValueError(f"schedule.step_every must be 'epoch', 'batch' or '', got {every!r}")
+    raise config_lib.ConfigError(f"schedule.step_every must be 'epoch', 'batch' or '', got {every!r}")
   if name == 'plateau' and every != 'epoch':
-    raise ValueError("schedule.step_every: plateau is stepped per epoch on eval_loss; use 'epoch' or ''")
+    raise config_lib.ConfigError(
+        "schedule.step_every: plateau is stepped per epoch on eval_loss; use 'epoch' or ''")
   return every
 
 
@@ -386,35 +384,36 @@ def create_torch_optimizer(params, optimizer_config):
 def create_torch_scheduler(optimizer, schedule_config, num_epochs: int, steps_per_epoch: int):
   """The torch.optim.lr_scheduler for `config.schedule`; its step() is called per `step_every` unit.
 
-  -1 lengths (T_max, total_steps) are the run's length in scheduler steps after any warm-up.
+  Lengths <= 0 (T_max, total_steps) mean the run's length in scheduler steps, warm-up included, and
+  step_size_down <= 0 means step_size_up, as in `train.create_schedules`.
   """
   sched = _torch().optim.lr_scheduler
   c = schedule_config
   name, every = c.name, schedule_step_every(c)
   units_per_epoch = steps_per_epoch if every == 'batch' else 1
   warmup = int(round(c.warmup_epochs * units_per_epoch))
-  run_length = num_epochs * units_per_epoch - warmup
+  run_length = num_epochs * units_per_epoch
   if warmup and (name == 'plateau' or (name == 'warm_restarts' and c.fractional)):
-    raise ValueError(f'schedule.warmup_epochs: not supported with {name}'
-                     f'{" (fractional)" if c.fractional else ""}; set it to 0')
+    raise config_lib.ConfigError(f'schedule.warmup_epochs: not supported with {name}'
+                                 f'{" (fractional)" if c.fractional else ""}; set it to 0')
   if name == 'multistep':
     main = sched.MultiStepLR(optimizer, milestones=list(c.milestones), gamma=c.gamma)
   elif name == 'step':
     main = sched.StepLR(optimizer, step_size=c.step_size, gamma=c.gamma)
   elif name == 'cosine':
-    t_max = run_length if c.T_max == -1 else c.T_max
+    t_max = c.T_max if c.T_max > 0 else run_length
     main = sched.CosineAnnealingLR(optimizer, T_max=t_max, eta_min=c.eta_min)
   elif name == 'warm_restarts':
     main = sched.CosineAnnealingWarmRestarts(optimizer, T_0=c.T_0, T_mult=c.T_mult, eta_min=c.eta_min)
   elif name == 'cyclic':
     main = sched.CyclicLR(
         optimizer, base_lr=optimizer.defaults['lr'], max_lr=c.max_lr, step_size_up=c.step_size_up,
-        step_size_down=None if c.step_size_down == -1 else c.step_size_down, mode=c.mode,
+        step_size_down=c.step_size_down if c.step_size_down > 0 else None, mode=c.mode,
         gamma=c.gamma, cycle_momentum=c.cycle_momentum, base_momentum=c.base_momentum,
         max_momentum=c.max_momentum)
   elif name == 'one_cycle':
     main = sched.OneCycleLR(
-        optimizer, max_lr=c.max_lr, total_steps=run_length if c.total_steps == -1 else c.total_steps,
+        optimizer, max_lr=c.max_lr, total_steps=c.total_steps if c.total_steps > 0 else run_length,
         pct_start=c.pct_start, anneal_strategy=c.anneal_strategy, cycle_momentum=c.cycle_momentum,
         base_momentum=c.base_momentum, max_momentum=c.max_momentum, div_factor=c.div_factor,
         final_div_factor=c.final_div_factor, three_phase=c.three_phase)
@@ -431,6 +430,47 @@ def create_torch_scheduler(optimizer, schedule_config, num_epochs: int, steps_pe
   return sched.SequentialLR(optimizer, [linear, main], milestones=[warmup])
 
 
+def scheduler_hooks(scheduler, schedule_config, steps_per_epoch: int):
+  """(after_batch(epoch, i), after_epoch(eval_loss)): where the blog's loop calls `scheduler.step`."""
+  c = schedule_config
+  every = schedule_step_every(c)
+
+  def after_batch(epoch, i):
+    if c.name == 'warm_restarts' and c.fractional:  # torch's documented step(epoch + i / iters) loop
+      with warnings.catch_warnings():  # passing the epoch to step() is deprecated in torch
+        warnings.simplefilter('ignore', UserWarning)
+        scheduler.step(epoch + i / steps_per_epoch)
+    elif every == 'batch':
+      scheduler.step()
+
+  def after_epoch(eval_loss):
+    if c.name == 'plateau':
+      scheduler.step(eval_loss)
+    elif every == 'epoch' and not (c.name == 'warm_restarts' and c.fractional):
+      scheduler.step()
+
+  return after_batch, after_epoch
+
+
+def torch_schedule_table(config, steps_per_epoch: int) -> tuple[np.ndarray, np.ndarray]:
+  """The lr and momentum torch's SGD uses at each of the run's optimizer steps (float64; no plateau)."""
+  torch = _torch()
+  if config.schedule.name == 'plateau':
+    raise ValueError('schedule.name=plateau depends on eval losses; it has no fixed table')
+  optimizer = create_torch_optimizer([torch.nn.Parameter(torch.zeros(()))], config.optimizer)
+  scheduler = create_torch_scheduler(optimizer, config.schedule, config.num_epochs, steps_per_epoch)
+  after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
+  lrs, momenta = [], []
+  for epoch in range(config.num_epochs):
+    for i in range(steps_per_epoch):
+      lrs.append(optimizer.param_groups[0]['lr'])
+      momenta.append(optimizer.param_groups[0]['momentum'])
+      optimizer.step()
+      after_batch(epoch, i)
+    after_epoch(None)
+  return np.asarray(lrs, np.float64), np.asarray(momenta, np.float64)
+
+
 # Training ------------------------------------------------------------------------------------------------
 
 
@@ -440,19 +480,20 @@ def default_device() -> str:
 
 
 def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan: bool = True) -> dict:
-  """One pass of SGD over `batches`; `after_step(i)` runs after each optimizer step (batch schedulers)."""
+  """One pass of SGD over `batches`; `after_step(i)` runs after the i-th optimizer step."""
   torch = _torch()
   model.train()
   loss_sum = torch.zeros((), dtype=torch.float64, device=device)
   correct = torch.zeros((), dtype=torch.int64, device=device)
-  count, steps, lr = 0, 0, optimizer.param_groups[0]['lr']
+  count, steps = 0, 0
+  lr, momentum = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['momentum']
   for i, (x, y) in enumerate(batches):
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     logits = model(x)
     loss = torch.nn.functional.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    lr = optimizer.param_groups[0]['lr']
+    lr, momentum = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['momentum']
     optimizer.step()
     if after_step is not None:
       after_step(i)
@@ -462,9 +503,10 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
     steps += 1
   train_loss = loss_sum.item() / max(count, 1)
   if halt_on_nan and not math.isfinite(train_loss):
-    raise FloatingPointError(f'non-finite train loss {train_loss}')
+    raise FloatingPointError(f'non-finite training loss ({train_loss}); lower optimizer.lr or set '
+                             'halt_on_nan=False')
   return {'train_loss': train_loss, 'train_accuracy': correct.item() / max(count, 1),
-          'learning_rate': lr, 'num_steps': steps, 'num_images': count}
+          'learning_rate': lr, 'momentum': momentum, 'num_steps': steps, 'num_images': count}
 
 
 def evaluate_torch(model, dataset, batch_size: int, device) -> dict:
@@ -486,68 +528,58 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   """Trains the blog's torch model with `config`, evaluating every epoch.
 
   Args:
-    config: the same ml_collections config the JAX trainer takes (model.dtype must be float32).
-    workdir: where `metrics.jsonl` is written, one JSON line per epoch with the JAX trainer's keys.
+    config: the config the JAX trainer takes (validated the same way; float32 and no SWA here).
+    workdir: where `metrics.jsonl` is written, one record per epoch with the JAX trainer's keys.
     data_mode: 'native' (torch shuffling and augmentation) or 'identical' (the JAX trainer's batches).
     device: a torch device; default 'cuda' when available, else 'cpu'.
     dataset: an `input_pipeline.Dataset`; default `load_dataset(config.data, config.seed)`.
 
   Returns:
-    (model, the last epoch's metrics).
+    (the trained model, the last epoch's record).
   """
   torch = _torch()
+  config_lib.validate(config)
   if data_mode not in DATA_MODES:
     raise ValueError(f'data_mode must be one of {list(DATA_MODES)}, got {data_mode!r}')
   if config.model.dtype != 'float32':
-    raise ValueError(f"model.dtype: the torch reference runs float32 only, got {config.model.dtype!r}")
+    raise config_lib.ConfigError(
+        f'model.dtype: the torch reference runs float32 only, got {config.model.dtype!r}')
+  if config.swa.enabled:
+    raise config_lib.ConfigError('swa.enabled: the torch reference has no SWA phase yet; set it False')
   device = torch.device(device or default_device())
-  torch.manual_seed(config.seed)
   if dataset is None:
     dataset = input_pipeline.load_dataset(config.data, config.seed)
   steps_per_epoch = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size,
                                                    config.data.drop_remainder)
   if steps_per_epoch == 0:
-    raise ValueError(f'batch_size={config.batch_size} with drop_remainder leaves no batch of '
-                     f'{dataset.num_train} training images')
+    raise config_lib.ConfigError(
+        f'batch_size={config.batch_size} exceeds the {dataset.num_train} training examples with '
+        'data.drop_remainder=True')
+  config_lib.validate_against_run(config, steps_per_epoch)
 
+  torch.manual_seed(config.seed)
   model = create_torch_model(config.model).to(device)
   optimizer = create_torch_optimizer(model.parameters(), config.optimizer)
   scheduler = create_torch_scheduler(optimizer, config.schedule, config.num_epochs, steps_per_epoch)
-  every = schedule_step_every(config.schedule)
-  fractional = config.schedule.name == 'warm_restarts' and config.schedule.fractional
-
+  after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
   os.makedirs(workdir, exist_ok=True)
-  metrics_path = os.path.join(workdir, METRICS_FILE)
-  step, metrics, start_time = 0, {}, time.perf_counter()
-  with open(metrics_path, 'w') as f:
-    for epoch in range(config.num_epochs):
-      if fractional:  # torch's documented loop: scheduler.step(epoch + i / iters) after each batch.
-        def after_step(i, epoch=epoch):
-          with warnings.catch_warnings():
-            warnings.simplefilter('ignore', UserWarning)
-            scheduler.step(epoch + i / steps_per_epoch)
-      elif every == 'batch':
-        after_step = lambda _: scheduler.step()
-      else:
-        after_step = None
-      epoch_start = time.perf_counter()
-      train = train_epoch(model, optimizer, torch_batches(dataset, config, epoch, data_mode), device,
-                          after_step, config.halt_on_nan)
-      if device.type == 'cuda':
-        torch.cuda.synchronize(device)
-      train_seconds = time.perf_counter() - epoch_start
-      step += train.pop('num_steps')
-      evals = evaluate_torch(model, dataset, config.eval_batch_size, device)
-      if every == 'epoch' and not fractional:
-        if config.schedule.name == 'plateau':
-          scheduler.step(evals['eval_loss'])
-        else:
-          scheduler.step()
-      metrics = {'epoch': epoch + 1, 'step': step, 'train_loss': train['train_loss'],
-                 'train_accuracy': train['train_accuracy'], 'eval_loss': evals['eval_loss'],
-                 'eval_accuracy': evals['eval_accuracy'], 'learning_rate': train['learning_rate'],
-                 'images_per_second': train['num_images'] / max(train_seconds, 1e-9),
-                 'elapsed_seconds': time.perf_counter() - start_time}
-      f.write(json.dumps(metrics) + '\n')
-      f.flush()
-  return model, metrics
+  writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
+  record, start_time = {}, time.perf_counter()
+  for epoch in range(config.num_epochs):
+    epoch_start = time.perf_counter()
+    train = train_epoch(model, optimizer, torch_batches(dataset, config, epoch, data_mode), device,
+                        functools.partial(after_batch, epoch), config.halt_on_nan)
+    if device.type == 'cuda':
+      torch.cuda.synchronize(device)
+    train_seconds = time.perf_counter() - epoch_start
+    evals = evaluate_torch(model, dataset, config.eval_batch_size, device)
+    record = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch,
+              'train_loss': train['train_loss'], 'train_accuracy': train['train_accuracy'],
+              'eval_loss': evals['eval_loss'], 'eval_accuracy': evals['eval_accuracy'],
+              'learning_rate': train['learning_rate'], 'momentum': train['momentum'],
+              'images_per_second': train['num_images'] / max(train_seconds, 1e-9),
+              'elapsed_seconds': time.perf_counter() - start_time}
+    writer.write(record)
+    after_epoch(evals['eval_loss'])
+  writer.close()
+  return model, record

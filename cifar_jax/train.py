@@ -167,8 +167,10 @@ def main_schedule_epochs(config: ml_collections.ConfigDict) -> int:
 def _with_swa_phase(config, lr_fn, momentum_fn, steps_per_epoch: int):
   """From swa.start_epoch on: swa.lr (constant, or SWALR annealed from the main schedule's last lr).
 
-  SWALR is stepped at the start of each SWA epoch, so the first SWA epoch already runs at its first
-  step's lr. Momentum returns to optimizer.momentum when the main schedule cycled it.
+  This is torch's loop `for epoch: (if epoch >= start: swalr.step()); train; (if epoch < start:
+  scheduler.step())`: the main scheduler's last step happens before SWALR takes over, so SWALR anneals
+  from the main schedule's value at count start, and the first SWA epoch already runs at SWALR's first
+  step. Momentum returns to optimizer.momentum when the main schedule cycled it.
   """
   swa_config = config.swa
   start = swa_config.start_epoch * steps_per_epoch
@@ -176,7 +178,8 @@ def _with_swa_phase(config, lr_fn, momentum_fn, steps_per_epoch: int):
     lr_fn = schedules.sequential_lr([lr_fn, schedules.constant_lr(swa_config.lr)], [start])
   else:
     lr_fn = schedules.swa_lr(swa_config.lr, swa_config.anneal_epochs, swa_config.anneal_strategy,
-                             start_lr=lr_fn, start_count=start, steps_per_epoch=steps_per_epoch)
+                             start_lr=lr_fn, start_count=start, steps_per_epoch=steps_per_epoch,
+                             handover_count=start)
   if momentum_fn is not None:
     momentum_fn = schedules.sequential_lr(
         [momentum_fn, schedules.constant_lr(config.optimizer.momentum)], [start])

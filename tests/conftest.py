@@ -16,6 +16,7 @@ def tiny_config():
   from configs import smoke  # pylint: disable=g-import-not-at-top
 
   config = smoke.get_config()
+  config.model.width_multiplier = 0.125
   config.data.synthetic_train_size = 200
   config.data.synthetic_eval_size = 64
   config.batch_size = 64

@@ -41,7 +41,7 @@ def test_train_step_updates_params_and_batch_stats(tiny_config):
   changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), state.params, new_state.params)
   assert all(jax.tree.leaves(changed))
   assert not np.allclose(state.batch_stats['bn1']['mean'], new_state.batch_stats['bn1']['mean'])
-  np.testing.assert_allclose(new_state.opt_state.hyperparams['learning_rate'], 0.05)
+  np.testing.assert_allclose(new_state.opt_state.hyperparams['learning_rate'], 0.1)
 
 
 def test_sgd_is_torch_sgd_with_coupled_weight_decay():
@@ -77,8 +77,8 @@ def test_end_to_end_writes_metrics_checkpoints_and_resumes(tiny_config, tmp_path
               'momentum', 'images_per_second', 'elapsed_seconds'):
     assert key in records[-1] and np.isfinite(records[-1][key])
   assert 0.0 <= records[-1]['eval_accuracy'] <= 1.0
-  assert records[0]['learning_rate'] == pytest.approx(0.05) and records[1]['learning_rate'] == (
-      pytest.approx(0.005))  # smoke's MultiStep([1]) stepped per epoch
+  assert records[0]['learning_rate'] == pytest.approx(0.1) and records[1]['learning_rate'] == (
+      pytest.approx(0.01))  # smoke's MultiStep([1]) stepped per epoch
   assert sorted(os.listdir(os.path.join(workdir, 'checkpoints'))) == [str(spe), str(2 * spe)]
   assert os.listdir(os.path.join(workdir, 'tensorboard'))
   assert json.load(open(os.path.join(workdir, 'config.json')))['model']['name'] == 'resnet9'
