@@ -261,8 +261,8 @@ def flax_to_torch(variables, num_batches_tracked: int = 0) -> dict:
 
 def jax_data_key(seed: int) -> jax.Array:
   """The data key `train.train_and_evaluate` derives from `config.seed` (batch order and augmentation)."""
-  _, data_key = jax.random.split(jax.random.PRNGKey(seed))
-  return data_key
+  from cifar_jax import train  # pylint: disable=g-import-not-at-top
+  return train.run_keys(seed)[1]
 
 
 def native_generator_seed(seed: int, epoch: int) -> int:

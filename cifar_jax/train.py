@@ -45,6 +45,12 @@ class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or infinite."""
 
 
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init_key, data_key) of a run: the params' initialisation, and every batch's order and augmentation."""
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+  return init_key, data_key
+
+
 def create_model(model_config: ml_collections.ConfigDict, **kwargs) -> models.ResNet:
   """The ResNet that `config.model` describes."""
   return models.create_model(
@@ -363,7 +369,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     lr_fn = config.optimizer.lr  # a plain hyperparameter the host rewrites each epoch
 
   model = create_model(config.model)
-  init_key, data_key = jax.random.split(jax.random.PRNGKey(config.seed))
+  init_key, data_key = run_keys(config.seed)
   state = create_train_state(init_key, config, model, lr_fn, momentum_fn)
   acc = init_train_metrics()
   manager = checkpoint_manager(workdir, config)
@@ -500,7 +506,7 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
   lr_fn, momentum_fn = create_schedules(config, steps_per_epoch)
   if config.schedule.name == 'plateau':
     lr_fn = config.optimizer.lr
-  state = create_train_state(jax.random.PRNGKey(config.seed), config, create_model(config.model),
+  state = create_train_state(run_keys(config.seed)[0], config, create_model(config.model),
                              lr_fn, momentum_fn)
   restored = restore_checkpoint(checkpoint_manager(workdir, config), state, init_train_metrics())
   if restored is None:
