@@ -407,7 +407,9 @@ def create_torch_scheduler(optimizer, schedule_config, num_epochs: int, steps_pe
     main = sched.CosineAnnealingWarmRestarts(optimizer, T_0=c.T_0, T_mult=c.T_mult, eta_min=c.eta_min)
   elif name == 'cyclic':
     main = sched.CyclicLR(
-        optimizer, base_lr=optimizer.defaults['lr'], max_lr=c.max_lr, step_size_up=c.step_size_up,
+        optimizer, base_lr=optimizer.defaults['lr'], max_lr=c.max_lr,
+        step_size_up=(c.step_size_up_epochs * steps_per_epoch if c.get('step_size_up_epochs', 0) > 0
+                      else c.step_size_up),
         step_size_down=c.step_size_down if c.step_size_down > 0 else None, mode=c.mode,
         gamma=c.gamma, cycle_momentum=c.cycle_momentum, base_momentum=c.base_momentum,
         max_momentum=c.max_momentum)
@@ -457,17 +459,27 @@ def torch_schedule_table(config, steps_per_epoch: int) -> tuple[np.ndarray, np.n
   torch = _torch()
   if config.schedule.name == 'plateau':
     raise ValueError('schedule.name=plateau depends on eval losses; it has no fixed table')
+  from cifar_jax import train as jax_train  # pylint: disable=g-import-not-at-top
   optimizer = create_torch_optimizer([torch.nn.Parameter(torch.zeros(()))], config.optimizer)
-  scheduler = create_torch_scheduler(optimizer, config.schedule, config.num_epochs, steps_per_epoch)
+  scheduler = create_torch_scheduler(optimizer, config.schedule, jax_train.main_schedule_epochs(config),
+                                     steps_per_epoch)
   after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
   lrs, momenta = [], []
+  swa_started, swa_scheduler = False, None
   for epoch in range(config.num_epochs):
+    in_swa = config.swa.enabled and epoch >= config.swa.start_epoch
+    if in_swa and not swa_started:
+      swa_scheduler, swa_started = _start_swa_lr(optimizer, config), True
+    if swa_scheduler is not None:
+      swa_scheduler.step()
     for i in range(steps_per_epoch):
       lrs.append(optimizer.param_groups[0]['lr'])
       momenta.append(optimizer.param_groups[0]['momentum'])
       optimizer.step()
-      after_batch(epoch, i)
-    after_epoch(None)
+      if not in_swa:
+        after_batch(epoch, i)
+    if not in_swa:
+      after_epoch(None)
   return np.asarray(lrs, np.float64), np.asarray(momenta, np.float64)
 
 
@@ -524,11 +536,45 @@ def evaluate_torch(model, dataset, batch_size: int, device) -> dict:
   return {'eval_loss': loss_sum / n, 'eval_accuracy': correct / n}
 
 
+def _start_swa_lr(optimizer, config):
+  """Enters the SWA phase's lr: swa.lr now (returns None), or a SWALR to step at each SWA epoch's start."""
+  from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
+
+  swa_config = config.swa
+  for group in optimizer.param_groups:
+    if 'betas' not in group:
+      group['momentum'] = config.optimizer.momentum  # one-cycle and cyclic had been cycling it
+  swa_scheduler = None
+  if swa_config.schedule == 'constant':
+    for group in optimizer.param_groups:
+      group['lr'] = swa_config.lr
+  else:
+    swa_scheduler = swa_utils.SWALR(optimizer, swa_lr=swa_config.lr,
+                                    anneal_epochs=swa_config.anneal_epochs,
+                                    anneal_strategy=swa_config.anneal_strategy)
+  return swa_scheduler
+
+
+def _swa_step_hook(swa_model, model, steps_before: int, every: int, i: int) -> None:
+  """With swa.update_every_steps: average after every `every`-th step of the SWA phase."""
+  if every and (steps_before + i + 1) % every == 0:
+    swa_model.update_parameters(model)
+
+
+def _update_bn(loader, swa_model, device) -> None:
+  from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
+
+  swa_utils.update_bn(((x.to(device), y) for x, y in loader), swa_model, device=None)
+
+
 def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', device=None, dataset=None):
   """Trains the blog's torch model with `config`, evaluating every epoch.
 
   Args:
-    config: the config the JAX trainer takes (validated the same way; float32 and no SWA here).
+    config: the config the JAX trainer takes (validated the same way; float32 only). With swa.enabled,
+      the SWA phase is torch.optim.swa_utils as the JAX trainer runs it: from swa.start_epoch on, lr
+      swa.lr (or SWALR stepped at each SWA epoch's start), AveragedModel updated after every epoch
+      (or every swa.update_every_steps steps), update_bn before each SWA evaluation.
     workdir: where `metrics.jsonl` is written, one record per epoch with the JAX trainer's keys.
     data_mode: 'native' (torch shuffling and augmentation) or 'identical' (the JAX trainer's batches).
     device: a torch device; default 'cuda' when available, else 'cpu'.
@@ -544,8 +590,6 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   if config.model.dtype != 'float32':
     raise config_lib.ConfigError(
         f'model.dtype: the torch reference runs float32 only, got {config.model.dtype!r}')
-  if config.swa.enabled:
-    raise config_lib.ConfigError('swa.enabled: the torch reference has no SWA phase yet; set it False')
   device = torch.device(device or default_device())
   if dataset is None:
     dataset = input_pipeline.load_dataset(config.data, config.seed)
@@ -560,18 +604,50 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   torch.manual_seed(config.seed)
   model = create_torch_model(config.model).to(device)
   optimizer = create_torch_optimizer(model.parameters(), config.optimizer)
-  scheduler = create_torch_scheduler(optimizer, config.schedule, config.num_epochs, steps_per_epoch)
+  from cifar_jax import train as jax_train  # pylint: disable=g-import-not-at-top
+  main_epochs = jax_train.main_schedule_epochs(config)
+  scheduler = create_torch_scheduler(optimizer, config.schedule, main_epochs, steps_per_epoch)
   after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
+  swa_config = config.swa
+  swa_model = swa_scheduler = None
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
   record, start_time = {}, time.perf_counter()
   for epoch in range(config.num_epochs):
+    in_swa = swa_config.enabled and epoch >= swa_config.start_epoch
+    if in_swa and swa_model is None:
+      from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
+      swa_model = swa_utils.AveragedModel(model)
+      swa_scheduler = _start_swa_lr(optimizer, config)
+    if swa_scheduler is not None:
+      swa_scheduler.step()
+    if in_swa:
+      hook = functools.partial(_swa_step_hook, swa_model, model,
+                               (epoch - swa_config.start_epoch) * steps_per_epoch,
+                               swa_config.update_every_steps)
+    else:
+      hook = functools.partial(after_batch, epoch)
     epoch_start = time.perf_counter()
     train = train_epoch(model, optimizer, torch_batches(dataset, config, epoch, data_mode), device,
-                        functools.partial(after_batch, epoch), config.halt_on_nan)
+                        hook, config.halt_on_nan)
     if device.type == 'cuda':
       torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - epoch_start
+    swa_record = {}
+    if in_swa:
+      if not swa_config.update_every_steps:
+        swa_model.update_parameters(model)
+      if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
+        recal_config = config.copy_and_resolve_references()
+        recal_config.data.augment = swa_config.recalibration_augment
+        recal_key = jax.random.fold_in(jax_data_key(config.seed), jax_train.RECALIBRATION_SALT)
+        loader = torch_batches(dataset, recal_config, epoch if data_mode == 'identical' else
+                               config.num_epochs + epoch, data_mode, data_key=recal_key)
+        _update_bn(loader, swa_model, device)
+        swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device)
+        swa_record = {'swa_eval_loss': swa_evals['eval_loss'],
+                      'swa_eval_accuracy': swa_evals['eval_accuracy']}
+      swa_record['swa_count'] = int(swa_model.n_averaged)
     evals = evaluate_torch(model, dataset, config.eval_batch_size, device)
     record = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch,
               'train_loss': train['train_loss'], 'train_accuracy': train['train_accuracy'],
@@ -579,7 +655,9 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
               'learning_rate': train['learning_rate'], 'momentum': train['momentum'],
               'images_per_second': train['num_images'] / max(train_seconds, 1e-9),
               'elapsed_seconds': time.perf_counter() - start_time}
+    record.update(swa_record)
     writer.write(record)
-    after_epoch(evals['eval_loss'])
+    if not in_swa:
+      after_epoch(evals['eval_loss'])
   writer.close()
   return model, record

@@ -1,0 +1,213 @@
+"""Trains the JAX trainer and the PyTorch reference under one config, N seeds each, and compares them.
+
+  python scripts/compare_frameworks.py --config=configs/one_cycle.py --seeds=2 --workdir=runs/compare \
+      --config.model.width_multiplier=0.25 --config.num_epochs=4 \
+      --config.data.source=npz --config.data.path=../shared/data/cifar10/cifar10_train.npz \
+      --config.data.validation_size=5000
+
+Writes WORKDIR/comparison.md (final and best eval accuracy as mean +- std per framework, the difference with
+a 95 % Welch interval, wall time, images per second, device) and WORKDIR/comparison.png (eval accuracy and
+loss curves, one line per seed). Each run lives in WORKDIR/{jax,torch}/seed_{i}; a finished run is not
+retrained, so `--only=jax` and `--only=torch` can split a long comparison across sessions. A JAX run resumes
+from its checkpoint; an unfinished torch run restarts.
+"""
+
+import math
+import os
+import platform
+import statistics
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Where the runs and the comparison go.')
+flags.DEFINE_integer('seeds', 2, 'Seeds per framework: config.seed + 0 .. config.seed + seeds - 1.')
+flags.DEFINE_enum('only', None, ['jax', 'torch'], 'Train only this framework (then compare what exists).')
+flags.DEFINE_enum('data_mode', 'native', ['native', 'identical'],
+                  "torch's data: its own shuffling and augmentation, or exactly the JAX trainer's batches.")
+flags.DEFINE_string('torch_device', None, "torch device (default 'cuda' when available, else 'cpu').")
+flags.mark_flags_as_required(['config', 'workdir'])
+
+FRAMEWORKS = ('jax', 'torch')
+# Two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
+T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
+
+def t_quantile(df: float) -> float:
+  """The 97.5 % quantile of Student's t (the nearest lower tabulated degrees of freedom)."""
+  if not df or df < 1 or math.isnan(df):
+    return float('nan')
+  return T_975[int(df) - 1] if df < 31 else 1.96
+
+
+def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
+  """mean(a) - mean(b) and its 95 % Welch interval (nan bounds with fewer than 2 runs each)."""
+  diff = statistics.fmean(a) - statistics.fmean(b)
+  if len(a) < 2 or len(b) < 2:
+    return diff, float('nan'), float('nan')
+  va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+  se = math.sqrt(va + vb)
+  if se == 0:
+    return diff, diff, diff
+  df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+  half = t_quantile(df) * se
+  return diff, diff - half, diff + half
+
+
+def run_dir(workdir: str, framework: str, seed: int) -> str:
+  return os.path.join(workdir, framework, f'seed_{seed}')
+
+
+def finished(path: str, num_epochs: int) -> bool:
+  from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  records = metrics_writer.read_metrics(path)
+  return bool(records) and records[-1]['epoch'] >= num_epochs
+
+
+def train_one(framework: str, config, path: str, data_mode: str, torch_device) -> None:
+  """Trains one seed of one framework into `path` unless it has finished there."""
+  if finished(path, config.num_epochs):
+    print(f'{path}: finished, kept')
+    return
+  print(f'{path}: training {framework}', flush=True)
+  if framework == 'jax':
+    from cifar_jax import train  # pylint: disable=g-import-not-at-top
+    train.train_and_evaluate(config, path)
+  else:
+    from cifar_jax import metrics_writer, torch_reference  # pylint: disable=g-import-not-at-top
+    if os.path.exists(os.path.join(path, metrics_writer.METRICS_FILE)):
+      os.remove(os.path.join(path, metrics_writer.METRICS_FILE))  # restart an unfinished torch run
+    torch_reference.train_and_evaluate_torch(config, path, data_mode=data_mode, device=torch_device)
+
+
+def device_name(framework: str, torch_device) -> str:
+  if framework == 'jax':
+    import jax  # pylint: disable=g-import-not-at-top
+    d = jax.devices()[0]
+    return f'JAX {jax.__version__} {d.platform} ({d.device_kind}) x{jax.device_count()}'
+  import torch  # pylint: disable=g-import-not-at-top
+  from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  dev = torch_device or torch_reference.default_device()
+  kind = torch.cuda.get_device_name() if dev.startswith('cuda') else platform.processor() or 'cpu'
+  return f'torch {torch.__version__} {dev} ({kind}), {torch.get_num_threads()} threads'
+
+
+def summarize(workdir: str, seeds: list[int], num_epochs: int) -> dict:
+  """Per framework: final and best accuracy, wall time and throughput of each finished seed."""
+  from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  out = {}
+  for framework in FRAMEWORKS:
+    runs = [metrics_writer.read_metrics(run_dir(workdir, framework, s)) for s in seeds]
+    runs = [r for r in runs if r and r[-1]['epoch'] >= num_epochs]
+    final_key = 'swa_eval_accuracy' if runs and 'swa_eval_accuracy' in runs[0][-1] else 'eval_accuracy'
+    out[framework] = {
+        'runs': runs, 'final_key': final_key,
+        'final': [r[-1][final_key] for r in runs],
+        'best': [max(x['eval_accuracy'] for x in r) for r in runs],
+        'wall': [r[-1]['elapsed_seconds'] for r in runs],
+        'ips': [statistics.median(x['images_per_second'] for x in r) for r in runs],
+    }
+  return out
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+  if not values:
+    return 'n/a'
+  mean = statistics.fmean(values) * scale
+  std = statistics.stdev(values) * scale if len(values) > 1 else float('nan')
+  return f'{mean:.{digits}f} ± {std:.{digits}f}'
+
+
+def write_markdown(path: str, summary: dict, config, command: str, devices: dict) -> None:
+  lines = [
+      '# JAX vs PyTorch', '',
+      f'Config: model {config.model.name} width {config.model.width_multiplier} ({config.model.norm}), '
+      f'schedule {config.schedule.name}, {config.num_epochs} epochs, batch {config.batch_size}, '
+      f'data {config.data.source} (validation_size {config.data.validation_size}), torch data: '
+      f'{FLAGS.data_mode}.', '',
+      f'Command: `{command}`', '',
+      '| framework | seeds | final accuracy (%) | best accuracy (%) | wall time (s) | images/s (median epoch) | device |',
+      '| --- | --- | --- | --- | --- | --- | --- |',
+  ]
+  for framework in FRAMEWORKS:
+    s = summary[framework]
+    label = 'final SWA accuracy' if s['final_key'] == 'swa_eval_accuracy' else 'final'
+    lines.append(f"| {framework} | {len(s['final'])} | {_mean_std(s['final'], 100)} ({label}) | "
+                 f"{_mean_std(s['best'], 100)} | {_mean_std(s['wall'], 1, 0)} | "
+                 f"{_mean_std(s['ips'], 1, 0)} | {devices.get(framework, 'n/a')} |")
+  lines.append('')
+  if summary['jax']['final'] and summary['torch']['final']:
+    for key, name in (('final', 'final'), ('best', 'best')):
+      diff, lo, hi = welch_interval(summary['jax'][key], summary['torch'][key])
+      lines.append(f'JAX − torch, {name} accuracy: {100 * diff:+.2f} points, 95 % Welch interval '
+                   f'[{100 * lo:+.2f}, {100 * hi:+.2f}].')
+    lines.append('')
+  lines.append('Mean ± sample standard deviation over seeds; an interval that contains 0 means the two '
+               'frameworks are not distinguishable at this number of seeds.')
+  with open(path, 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+
+
+def write_plot(path: str, summary: dict) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4))
+  colors = {'jax': 'tab:blue', 'torch': 'tab:orange'}
+  for framework in FRAMEWORKS:
+    for i, run in enumerate(summary[framework]['runs']):
+      epochs = [r['epoch'] for r in run]
+      label = framework if i == 0 else None
+      ax_acc.plot(epochs, [r['eval_accuracy'] for r in run], color=colors[framework], label=label)
+      ax_loss.plot(epochs, [r['eval_loss'] for r in run], color=colors[framework], label=label)
+      ax_loss.plot(epochs, [r['train_loss'] for r in run], ':', color=colors[framework])
+  ax_acc.set_title('eval accuracy')
+  ax_loss.set_title('loss (eval solid, train dotted)')
+  for ax in (ax_acc, ax_loss):
+    ax.set_xlabel('epoch')
+    ax.grid(alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  seeds = [config.seed + i for i in range(FLAGS.seeds)]
+  frameworks = [FLAGS.only] if FLAGS.only else list(FRAMEWORKS)
+  for framework in frameworks:
+    os.makedirs(os.path.join(FLAGS.workdir, framework), exist_ok=True)
+    with open(os.path.join(FLAGS.workdir, framework, 'device.txt'), 'w') as f:
+      f.write(device_name(framework, FLAGS.torch_device))
+    for seed in seeds:
+      seeded = config.copy_and_resolve_references()
+      with seeded.unlocked():
+        seeded.seed = seed
+      train_one(framework, seeded, run_dir(FLAGS.workdir, framework, seed), FLAGS.data_mode,
+                FLAGS.torch_device)
+  devices = {}
+  for framework in FRAMEWORKS:
+    path = os.path.join(FLAGS.workdir, framework, 'device.txt')
+    if os.path.exists(path):
+      devices[framework] = open(path).read().strip()
+  summary = summarize(FLAGS.workdir, seeds, config.num_epochs)
+  command = 'python scripts/compare_frameworks.py ' + ' '.join(sys.argv[1:])
+  md = os.path.join(FLAGS.workdir, 'comparison.md')
+  write_markdown(md, summary, config, command, devices)
+  write_plot(os.path.join(FLAGS.workdir, 'comparison.png'), summary)
+  print(open(md).read())
+
+
+if __name__ == '__main__':
+  sys.path.insert(0, os.getcwd())
+  app.run(main)

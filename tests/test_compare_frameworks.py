@@ -1,0 +1,41 @@
+"""scripts/compare_frameworks.py: its statistics, and a tiny end-to-end comparison (slow)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import compare_frameworks  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def test_welch_interval_against_a_hand_computation():
+  a, b = [0.90, 0.92, 0.91], [0.88, 0.89, 0.87]
+  diff, lo, hi = compare_frameworks.welch_interval(a, b)
+  # Equal variances (1e-4 each) and n = 3: se = sqrt(2e-4 / 3), df = 4, t = 2.776.
+  se = (2e-4 / 3) ** 0.5
+  assert diff == pytest.approx(0.03)
+  assert lo == pytest.approx(0.03 - 2.776 * se) and hi == pytest.approx(0.03 + 2.776 * se)
+  assert compare_frameworks.welch_interval([0.9], [0.8])[1] != compare_frameworks.welch_interval(
+      [0.9], [0.8])[1]  # nan with one run each
+  assert compare_frameworks.t_quantile(100) == 1.96
+
+
+@pytest.mark.slow
+def test_compare_frameworks_end_to_end(tmp_path):
+  pytest.importorskip('torch')
+  cmd = [sys.executable, 'scripts/compare_frameworks.py', '--config=configs/smoke.py', '--seeds=2',
+         f'--workdir={tmp_path}', '--config.num_epochs=1', '--config.model.width_multiplier=0.125',
+         '--config.data.synthetic_train_size=128', '--config.progress_bar=False']
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  table = (tmp_path / 'comparison.md').read_text()
+  assert '| jax | 2 |' in table and '| torch | 2 |' in table and 'Welch' in table
+  assert (tmp_path / 'comparison.png').stat().st_size > 0
+  # A second call keeps the finished runs.
+  result = subprocess.run(cmd + ['--only=torch'], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0 and result.stdout.count('finished, kept') == 2
