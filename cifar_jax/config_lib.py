@@ -1,6 +1,8 @@
 """Config checks that run before anything is compiled, and the config saved beside a run."""
 
+import difflib
 import os
+import shutil
 
 from absl import logging
 import ml_collections
@@ -11,7 +13,10 @@ from cifar_jax import models
 DTYPE_NAMES = ('float32', 'bfloat16')
 SCHEDULE_NAMES = ('multistep', 'step', 'cosine', 'warm_restarts', 'cyclic', 'one_cycle', 'constant',
                   'plateau')
+PARALLELISM_NAMES = ('jit', 'pmap')
 CONFIG_FILE = 'config.json'
+# The free space a run needs on its workdir's filesystem before it starts (checkpoints, metrics), in MB.
+MIN_FREE_DISK_MB = 100
 
 
 class ConfigError(ValueError):
@@ -33,6 +38,47 @@ def _positive(value, field: str, integer: bool = False) -> None:
   _require(ok, f'{field} must be a positive {"integer" if integer else "number"}, got {value!r}')
 
 
+def _int_at_least(value, field: str, low: int, note: str = '') -> None:
+  ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+  _require(ok, f'{field} must be an integer >= {low}{note}, got {value!r}')
+
+
+def field_names(config: ml_collections.ConfigDict, prefix: str = '') -> list[str]:
+  """Every field of `config` as a dotted path, sub-configs included ('optimizer', 'optimizer.lr', ...)."""
+  names = []
+  for key, value in config.items():
+    names.append(prefix + key)
+    if isinstance(value, ml_collections.ConfigDict):
+      names.extend(field_names(value, prefix + key + '.'))
+  return names
+
+
+def check_field_names(names, config: ml_collections.ConfigDict, flag: str = '--config') -> None:
+  """Raises ConfigError for the first of `names` (dotted paths) that is not a field of `config`."""
+  known = field_names(config)
+  for name in names:
+    if name in known:
+      continue
+    parent, _, leaf = name.rpartition('.')
+    siblings = field_value(config, parent) if parent in known else config if not parent else None
+    if isinstance(siblings, ml_collections.ConfigDict):  # a typo in the last part: match its siblings
+      close = difflib.get_close_matches(leaf, list(siblings.keys()), n=1, cutoff=0.6)
+      close = [f'{parent}.{close[0]}' if parent else close[0]] if close else []
+      fields = f'{parent or "the config"} has {sorted(siblings.keys())}'
+    else:
+      close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+      fields = f'the top-level fields are {sorted(config.keys())}'
+    hint = f'did you mean {flag}.{close[0]}?' if close else fields
+    raise ConfigError(f'{flag}.{name}: no such config field; {hint}')
+
+
+def field_value(config: ml_collections.ConfigDict, name: str):
+  """The value of the dotted field `name` ('optimizer.lr')."""
+  for key in name.split('.'):
+    config = config[key]
+  return config
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field whose validity does not depend on the data; raises ConfigError."""
   _choice(config.model.name, 'model.name', sorted(models.STAGE_SIZES))
@@ -46,47 +92,126 @@ def validate(config: ml_collections.ConfigDict) -> None:
              f'group_ws needs multiples of {models.GROUP_SIZE}')
   _choice(config.data.source, 'data.source', input_pipeline.SOURCES)
   if config.data.source in ('npz', 'cifar10_python'):
-    _require(bool(config.data.path), f'data.path must be set for data.source={config.data.source}')
+    what = 'an .npz file with x_train, y_train' if config.data.source == 'npz' else (
+        'the cifar-10-batches-py folder')
+    _require(bool(config.data.path), f'data.path must be set for data.source={config.data.source}: {what}')
   _require(config.data.validation_size >= 0,
            f'data.validation_size must be >= 0, got {config.data.validation_size}')
+  if config.data.source == 'synthetic':
+    _positive(config.data.synthetic_train_size, 'data.synthetic_train_size', integer=True)
+    _positive(config.data.synthetic_eval_size, 'data.synthetic_eval_size', integer=True)
   _positive(config.num_epochs, 'num_epochs', integer=True)
   _positive(config.batch_size, 'batch_size', integer=True)
   _positive(config.eval_batch_size, 'eval_batch_size', integer=True)
+  _choice(config.get('parallelism', 'jit'), 'parallelism', PARALLELISM_NAMES)
   _positive(config.optimizer.lr, 'optimizer.lr')
   _require(0.0 <= config.optimizer.momentum < 1.0,
            f'optimizer.momentum must be in [0, 1), got {config.optimizer.momentum}')
   _require(config.optimizer.weight_decay >= 0.0,
            f'optimizer.weight_decay must be >= 0, got {config.optimizer.weight_decay}')
-  s = config.schedule
+  _validate_schedule(config.schedule)
+  if config.swa.enabled:
+    _validate_swa(config)
+  _int_at_least(config.checkpoint_every_steps, 'checkpoint_every_steps', 0, ' (0 = every epoch)')
+  _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
+  _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
+
+
+def _validate_schedule(s: ml_collections.ConfigDict) -> None:
+  """The schedule's fields, with the checks torch's scheduler constructors would make."""
   _choice(s.name, 'schedule.name', SCHEDULE_NAMES)
   _choice(s.step_every, 'schedule.step_every', ('', 'epoch', 'batch'))
   if s.name == 'multistep':
     milestones = list(s.milestones)
+    _require(all(isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones),
+             f'schedule.milestones must be integers >= 0, got {tuple(milestones)}')
     _require(milestones == sorted(milestones),
              f'schedule.milestones must be in increasing order, got {tuple(milestones)}')
+  if s.name == 'step':
+    _positive(s.step_size, 'schedule.step_size', integer=True)
+  if s.name == 'warm_restarts':
+    _positive(s.T_0, 'schedule.T_0', integer=True)
+    _int_at_least(s.T_mult, 'schedule.T_mult', 1)
   if s.name in ('one_cycle', 'cyclic'):
     _positive(s.max_lr, 'schedule.max_lr')
-  if s.name in ('one_cycle', 'cyclic'):
     _require(s.step_every in ('', 'batch'),
              f"schedule.step_every must be 'batch' for {s.name} (torch steps it every batch), "
              f'got {s.step_every!r}')
   if s.name == 'cyclic':
     _choice(s.mode, 'schedule.mode', ('triangular', 'triangular2', 'exp_range'))
+    _int_at_least(s.step_size_up_epochs, 'schedule.step_size_up_epochs', 0, ' (0 = use step_size_up)')
+    if s.step_size_up_epochs == 0:
+      _positive(s.step_size_up, 'schedule.step_size_up', integer=True)
   if s.name == 'one_cycle':
     _choice(s.anneal_strategy, 'schedule.anneal_strategy', ('cos', 'linear'))
-  if config.swa.enabled:
-    _require(isinstance(config.swa.start_epoch, int) and 1 <= config.swa.start_epoch < config.num_epochs,
-             f'swa.start_epoch must be in 1..{config.num_epochs - 1} (SWA needs at least one epoch '
-             f'before and one after it), got {config.swa.start_epoch}')
-    _positive(config.swa.lr, 'swa.lr')
-    _choice(config.swa.schedule, 'swa.schedule', ('constant', 'swa_lr'))
-    _choice(config.swa.anneal_strategy, 'swa.anneal_strategy', ('cos', 'linear'))
-    _require(0.0 <= config.swa.decay < 1.0, f'swa.decay must be in [0, 1), got {config.swa.decay}')
-    _require(config.swa.update_every_steps >= 0,
-             f'swa.update_every_steps must be >= 0, got {config.swa.update_every_steps}')
-    _require(s.name != 'plateau', 'swa.enabled does not combine with schedule.name=plateau')
-  _require(config.checkpoint_every_steps >= 0,
-           f'checkpoint_every_steps must be >= 0, got {config.checkpoint_every_steps}')
+    _require(0.0 <= s.pct_start <= 1.0, f'schedule.pct_start must be in [0, 1], got {s.pct_start}')
+    _positive(s.div_factor, 'schedule.div_factor')
+    _positive(s.final_div_factor, 'schedule.final_div_factor')
+  if s.name == 'plateau':
+    _require(0.0 < s.factor < 1.0, f'schedule.factor must be in (0, 1), got {s.factor}')
+    _choice(s.plateau_mode, 'schedule.plateau_mode', ('min', 'max'))
+    _choice(s.threshold_mode, 'schedule.threshold_mode', ('rel', 'abs'))
+    _int_at_least(s.patience, 'schedule.patience', 0)
+    _int_at_least(s.cooldown, 'schedule.cooldown', 0)
+  _int_at_least(s.warmup_epochs, 'schedule.warmup_epochs', 0, ' (0 = no warm-up)')
+  if s.warmup_epochs > 0:
+    _require(0.0 < s.warmup_start_factor <= 1.0,
+             f'schedule.warmup_start_factor must be in (0, 1], got {s.warmup_start_factor}')
+
+
+def _validate_swa(config: ml_collections.ConfigDict) -> None:
+  swa_config, num_epochs = config.swa, config.num_epochs
+  start = swa_config.start_epoch
+  _require(num_epochs >= 2, f'swa.enabled needs num_epochs >= 2 (an epoch before swa.start_epoch and '
+                            f'one after it), got num_epochs={num_epochs}')
+  _require(isinstance(start, int) and 1 <= start < num_epochs,
+           f'swa.start_epoch must be in 1..{num_epochs - 1} (SWA needs at least one epoch before and '
+           f'one after it; num_epochs={num_epochs}), got {start}')
+  _positive(swa_config.lr, 'swa.lr')
+  _choice(swa_config.schedule, 'swa.schedule', ('constant', 'swa_lr'))
+  _choice(swa_config.anneal_strategy, 'swa.anneal_strategy', ('cos', 'linear'))
+  _int_at_least(swa_config.anneal_epochs, 'swa.anneal_epochs', 0)
+  _require(0.0 <= swa_config.decay < 1.0, f'swa.decay must be in [0, 1), got {swa_config.decay}')
+  _int_at_least(swa_config.update_every_steps, 'swa.update_every_steps', 0, ' (0 = every epoch)')
+  _require(config.schedule.name != 'plateau',
+           'swa.enabled does not combine with schedule.name=plateau; use another schedule.name')
+
+
+def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:
+  """Checks, before the data loads, that the batch splits evenly over `device_count` devices.
+
+  The same check as `parallel.check_batch_sizes` (which also checks the last batch of an epoch).
+  """
+  batch_size, n = config.batch_size, device_count
+  if n > 1 and batch_size % n:
+    lower, upper = (batch_size // n) * n, (batch_size // n + 1) * n
+    options = f'{lower} or {upper}' if lower else f'{upper}'
+    raise ConfigError(
+        f'batch_size={batch_size} does not split evenly over the {n} devices '
+        f"(parallelism={config.get('parallelism', 'jit')}); use a multiple of {n} such as {options}, "
+        'or fewer devices (CUDA_VISIBLE_DEVICES)')
+
+
+def check_workdir(workdir: str, min_free_mb: float = MIN_FREE_DISK_MB) -> None:
+  """Creates `workdir` and fails before training when it cannot hold a run (a file, no space)."""
+  _require(bool(workdir), '--workdir must name a folder for checkpoints, metrics and config.json')
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f'--workdir={workdir} is a file; give a folder (it is created if missing)')
+  ancestor = os.path.abspath(workdir)
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  _require(os.path.isdir(ancestor),
+           f'--workdir={workdir}: {ancestor} is a file, not a folder; give a path under a folder')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ConfigError(f'--workdir={workdir}: cannot create it ({e.strerror}); give a writable folder') from e
+  _require(os.access(workdir, os.W_OK | os.X_OK),
+           f'--workdir={workdir}: not writable; give a folder you can write to')
+  free_mb = shutil.disk_usage(workdir).free / 2**20
+  _require(free_mb >= min_free_mb,
+           f'--workdir={workdir}: only {free_mb:.0f} MB free on its disk; a run needs at least '
+           f'{min_free_mb:.0f} MB for checkpoints and metrics')
 
 
 def validate_against_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
@@ -116,3 +241,61 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(path + '.tmp', 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
   os.replace(path + '.tmp', path)
+
+
+# Fields whose change makes a checkpoint unusable (its arrays would not fit), and fields whose change a
+# resumed run should announce (it continues, but no longer as the run that was started).
+STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled')
+ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
+                      'swa.', 'parallelism')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in d.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + '.'))
+    else:
+      out[name] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config a run in `workdir` was started with (config.json), or None."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    return json.load(f)
+
+
+def compare_with_saved(config: ml_collections.ConfigDict, saved: dict) -> tuple[list[str], list[str]]:
+  """(structural differences, other differences that matter) between `config` and a saved config."""
+  import json  # pylint: disable=g-import-not-at-top
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  old = _flatten(saved)
+  structural, announced = [], []
+  for name in sorted(set(new) | set(old)):
+    if new.get(name) == old.get(name):
+      continue
+    change = f'{name}: {old.get(name, "(absent)")!r} -> {new.get(name, "(absent)")!r}'
+    if name in STRUCTURAL_FIELDS:
+      structural.append(change)
+    elif name.startswith(ANNOUNCED_PREFIXES):
+      announced.append(change)
+  return structural, announced
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, has_checkpoint: bool) -> list[str]:
+  """Refuses a checkpoint of an incompatible config; returns the other changed fields to announce."""
+  saved = saved_config(workdir)
+  if saved is None or not has_checkpoint:
+    return []
+  structural, announced = compare_with_saved(config, saved)
+  if structural:
+    raise ConfigError(
+        f'--workdir={workdir} holds a checkpoint of another model ({"; ".join(structural)}); use a new '
+        'workdir, or the config it was trained with')
+  return announced

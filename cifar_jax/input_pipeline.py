@@ -60,6 +60,8 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = F
 def _check_arrays(images, labels, what: str) -> tuple[np.ndarray, np.ndarray]:
   images = np.asarray(images)
   labels = np.asarray(labels)
+  if images.ndim == 4 and images.shape[0] == 0:
+    raise DataError(f'{what}: has no examples (images of shape (N, 32, 32, 3) with N >= 1)')
   if images.dtype != np.uint8:
     raise DataError(f'{what}: images must be uint8, got {images.dtype}')
   if images.ndim != 4 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
@@ -77,6 +79,9 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
   """An npz with x_train, y_train and optionally x_test, y_test (uint8 NHWC, integer labels)."""
   if not path:
     raise DataError('data.path: set it to an .npz file with x_train, y_train (and optionally x_test, y_test)')
+  if os.path.isdir(path):
+    raise DataError(f'data.path: {path!r} is a folder; data.source=npz needs an .npz file with x_train, '
+                    'y_train (data.source=cifar10_python reads the cifar-10-batches-py folder)')
   if not os.path.isfile(path):
     raise DataError(f'data.path: no such file {path!r} (an .npz with x_train, y_train)')
   try:
@@ -89,11 +94,13 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
     raise DataError(f'data.path: {path!r} lacks {sorted(missing)}; it has {sorted(arrays)} '
                     '(expected x_train, y_train and optionally x_test, y_test)')
   out = {}
-  out['x_train'], out['y_train'] = _check_arrays(arrays['x_train'], arrays['y_train'], f'{path} train')
+  out['x_train'], out['y_train'] = _check_arrays(arrays['x_train'], arrays['y_train'],
+                                                 f'data.path: {path!r} x_train, y_train')
   if 'x_test' in arrays or 'y_test' in arrays:
     if not {'x_test', 'y_test'} <= set(arrays):
       raise DataError(f'data.path: {path!r} has only one of x_test, y_test')
-    out['x_test'], out['y_test'] = _check_arrays(arrays['x_test'], arrays['y_test'], f'{path} test')
+    out['x_test'], out['y_test'] = _check_arrays(arrays['x_test'], arrays['y_test'],
+                                                 f'data.path: {path!r} x_test, y_test')
   return out
 
 
@@ -114,7 +121,7 @@ def _pickle_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * IMAGE_SIZE * IMAGE_SIZE:
     raise DataError(f"data.path: {path!r} b'data' must be uint8 (N, 3072), got {data.dtype} {data.shape}")
   images = data.reshape(-1, 3, IMAGE_SIZE, IMAGE_SIZE).transpose(0, 2, 3, 1)
-  return _check_arrays(np.ascontiguousarray(images), np.asarray(d[b'labels']), path)
+  return _check_arrays(np.ascontiguousarray(images), np.asarray(d[b'labels']), f'data.path: {path!r}')
 
 
 def load_cifar10_python(path: str) -> dict[str, np.ndarray]:
@@ -214,7 +221,11 @@ def load_tfds(data_dir: str) -> dict[str, np.ndarray]:
   root = _default_tfds_dir(data_dir)
   cache = os.path.join(root, 'cifar10_jax', 'cifar10.npz')
   if os.path.isfile(cache):
-    return load_npz(cache)
+    try:
+      return load_npz(cache)
+    except DataError as e:
+      raise DataError(f'data.source=tfds: the cached copy {cache} is unusable ({e}); delete it to '
+                      'prepare it again') from e
   try:
     sources = {split: tfds.data_source('cifar10', split=split, data_dir=root, download=False)
                for split in ('train', 'test')}

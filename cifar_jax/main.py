@@ -1,34 +1,59 @@
 """Command line: `cifar-jax --config=configs/default.py --workdir=runs/default [--config.FIELD=VALUE]`.
 
-Loads the config, logs the devices, and calls `train.train_and_evaluate`. A user error (a bad config
-field, a missing data file) ends with one line on stderr and exit status 2.
+Loads the config, logs the devices, and calls `train.train_and_evaluate`. A user error (a bad flag or
+config field, a missing data file, an unusable workdir) ends with one line on stderr and exit status 2;
+`--debug` shows its traceback instead. A non-finite training loss ends with exit status 3.
 """
 
+import errno
+import importlib.util
 import json
 import logging as pylogging
 import os
+import re
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard events.')
-flags.DEFINE_bool('debug', False, 'Show the full traceback of user errors.')
-flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export'],
-                  'train (resumes from the latest checkpoint); evaluate: print the eval metrics of the '
-                  'latest checkpoint (running and SWA model) as JSON; export: write its weights.')
-flags.DEFINE_string('export_path', None,
-                    'export: an .npz of flat "params/..." and "batch_stats/..." arrays, or a .pt torch '
-                    'state_dict for cifar_jax.torch_reference (needs the torch extra).')
-flags.DEFINE_enum('export_model', 'auto', ['auto', 'running', 'swa'],
-                  'export: which weights; auto = the SWA model when the checkpoint has one.')
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
-flags.mark_flags_as_required(['config', 'workdir'])
+USER_ERROR_STATUS = 2
+NONFINITE_LOSS_STATUS = 3
+# absl's own help flags: with one of them the command line is not checked, absl prints the help.
+HELP_FLAGS = ('-h', '-?', '--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-helpfull',
+              '--helpxml', '-helpxml')
+CONFIG_EXAMPLE = 'a config file such as configs/default.py'
+# Writing to the workdir failed for lack of space or permission: a user error even mid-run.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
+  """The command line's flags, on `flag_values` (a fresh FlagValues in tests)."""
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard events.',
+                      flag_values=flag_values)
+  flags.DEFINE_bool('debug', False, 'Show the full traceback of user errors.', flag_values=flag_values)
+  flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export'],
+                    'train (resumes from the latest checkpoint); evaluate: print the eval metrics of the '
+                    'latest checkpoint (running and SWA model) as JSON; export: write its weights.',
+                    flag_values=flag_values)
+  flags.DEFINE_string('export_path', None,
+                      'export: an .npz of flat "params/..." and "batch_stats/..." arrays, or a .pt torch '
+                      'state_dict for cifar_jax.torch_reference (needs the torch extra).',
+                      flag_values=flag_values)
+  flags.DEFINE_enum('export_model', 'auto', ['auto', 'running', 'swa'],
+                    'export: which weights; auto = the SWA model when the checkpoint has one.',
+                    flag_values=flag_values)
+  config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True,
+                                  flag_values=flag_values)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
+
+
+define_flags()
 
 
 def _config_root_on_path(argv) -> None:
@@ -48,26 +73,147 @@ class _QuietLibraries(pylogging.Filter):
         lib in record.pathname for lib in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from cifar_jax import config_lib, input_pipeline, train  # pylint: disable=g-import-not-at-top
+def _exit_with_error(error: BaseException, status: int) -> None:
+  """Prints `error` as one line on stderr and exits with `status`."""
+  message = ' '.join(str(error).split())
+  print(f'cifar-jax: error: {message}', file=sys.stderr)
+  sys.exit(status)
 
-  logging.get_absl_handler().addFilter(_QuietLibraries())
-  logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
-               jax.process_count(), jax.devices())
+
+def _flag_value(argv, name: str) -> str | None:
+  """The last value given for --name on the command line (`--name=V` or `--name V`), else None."""
+  value = None
+  for i, arg in enumerate(argv[1:], start=1):
+    key, eq, rest = arg.partition('=')
+    if key in (f'--{name}', f'-{name}'):
+      value = rest if eq else (argv[i + 1] if i + 1 < len(argv) else '')
+  return value
+
+
+def _debug_requested(argv) -> bool:
+  """Whether --debug is on, read before absl parses the flags (a flag error may stop that)."""
+  debug = False
+  for arg in argv[1:]:
+    key, eq, value = arg.partition('=')
+    if key in ('--debug', '-debug'):
+      debug = not eq or value.lower() in ('true', 't', '1', 'yes')
+    elif key in ('--nodebug', '-nodebug'):
+      debug = False
+  return debug
+
+
+def _load_config(arg: str) -> ml_collections.ConfigDict:
+  """The config that `--config=arg` names, or ConfigError saying why it cannot be loaded."""
+  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  if not arg:
+    raise config_lib.ConfigError(f'--config is required: {CONFIG_EXAMPLE}')
+  path = arg.split(':', 1)[0]
+  if not os.path.isfile(path):
+    raise config_lib.ConfigError(f'--config={arg}: no such file; give {CONFIG_EXAMPLE}')
+  try:  # what config_flags does with the file, here so that a failure can be one line
+    spec = importlib.util.spec_from_file_location('cifar_jax_checked_config', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*arg.split(':', 1)[1:])
+  except Exception as e:  # pylint: disable=broad-except
+    raise config_lib.ConfigError(f'--config={arg}: cannot load it ({type(e).__name__}: {e})') from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise config_lib.ConfigError(f'--config={arg}: get_config() returned a {type(config).__name__}, '
+                                 'not an ml_collections.ConfigDict')
+  return config
+
+
+def _check_command_line(argv) -> ml_collections.ConfigDict:
+  """Loads the config and checks the --config.FIELD names before absl does (its errors are tracebacks)."""
+  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # expands --flagfile=FILE
+  config = _load_config(_flag_value(argv, 'config'))
+  overrides = [m.group(2) for m in (re.match(r'-{1,2}(no)?config\.([^=\[]+)', a) for a in argv[1:]) if m]
+  config_lib.check_field_names(overrides, config)
+  if not _flag_value(argv, 'workdir'):
+    raise config_lib.ConfigError('--workdir is required: the folder for checkpoints, metrics and '
+                                 'config.json (created if missing)')
+  return config
+
+
+def _flag_error_message(error: flags.Error, config) -> str:
+  """absl's flag error, with the type and current value of a config field it failed to parse."""
+  message = str(error)
+  m = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', message, re.S)
+  if m is None or config is None:
+    return message
+  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  field, value, reason = m.groups()
   try:
-    if FLAGS.mode == 'train':
-      train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    elif FLAGS.mode == 'evaluate':
-      print(json.dumps(train.evaluate_checkpoint(FLAGS.config, FLAGS.workdir)))
-    else:
-      _export(FLAGS.config, FLAGS.workdir, FLAGS.export_path, FLAGS.export_model)
-  except (config_lib.ConfigError, input_pipeline.DataError, train.NonFiniteLossError) as e:
-    if FLAGS.debug:
+    current = config_lib.field_value(config, field)
+  except KeyError:
+    return message
+  kind = type(current).__name__
+  article = 'an' if kind[0] in 'aeiou' else 'a'
+  return f'--config.{field}={value}: {field} must be {article} {kind} like {current!r} ({reason})'
+
+
+def parse_flags(argv, flag_values: flags.FlagValues = FLAGS) -> list[str]:
+  """absl's flags parser for `app.run`, with command-line mistakes as one line and exit status 2."""
+  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  debug = _debug_requested(argv)
+  config = None
+  try:
+    if not any(arg.split('=', 1)[0] in HELP_FLAGS for arg in argv[1:]):
+      config = _check_command_line(argv)
+    return flag_values(argv)
+  except config_lib.ConfigError as e:
+    if debug:
       raise
-    print(f'cifar-jax: error: {e}', file=sys.stderr)
-    sys.exit(2 if not isinstance(e, train.NonFiniteLossError) else 3)
+    _exit_with_error(e, USER_ERROR_STATUS)
+  except flags.Error as e:
+    if debug:
+      raise
+    _exit_with_error(_flag_error_message(e, config), USER_ERROR_STATUS)
+
+
+def main(argv, flag_values: flags.FlagValues = FLAGS):
+  from cifar_jax import config_lib, input_pipeline, parallel, train  # pylint: disable=g-import-not-at-top
+
+  config, workdir, mode = flag_values.config, flag_values.workdir, flag_values.mode
+  try:
+    if len(argv) > 1:
+      raise config_lib.ConfigError(f'unexpected arguments {argv[1:]}; every option is --flag=value')
+    # Everything checkable without the data is checked before anything is logged or compiled.
+    config_lib.validate(config)
+    parallel.initialize_distributed(config.distributed)  # before anything touches a device
+    if mode == 'train':
+      config_lib.validate_devices(config, jax.device_count())
+      config_lib.check_workdir(workdir)
+    elif not os.path.isdir(workdir):
+      raise config_lib.ConfigError(f'--workdir={workdir}: no such folder; --mode={mode} needs the '
+                                   'workdir of a training run')
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
+                 jax.process_count(), jax.devices())
+    if mode == 'train':
+      train.train_and_evaluate(config, workdir)
+    elif mode == 'evaluate':
+      print(json.dumps(train.evaluate_checkpoint(config, workdir)))
+    else:
+      _export(config, workdir, flag_values.export_path, flag_values.export_model)
+  except (config_lib.ConfigError, input_pipeline.DataError) as e:
+    if flag_values.debug:
+      raise
+    _exit_with_error(e, USER_ERROR_STATUS)
+  except train.NonFiniteLossError as e:
+    if flag_values.debug:
+      raise
+    _exit_with_error(e, NONFINITE_LOSS_STATUS)
+  except OSError as e:
+    if flag_values.debug or e.errno not in DISK_ERRNOS:
+      raise
+    _exit_with_error(f'writing to --workdir={workdir} failed: {e}; free space or choose another '
+                     '--workdir (training resumes from the last checkpoint)', USER_ERROR_STATUS)
 
 
 def _export(config, workdir: str, path: str | None, which: str) -> None:
@@ -98,7 +244,7 @@ def _export(config, workdir: str, path: str | None, which: str) -> None:
 def run():
   """Console-script entry point."""
   _config_root_on_path(sys.argv)
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == '__main__':

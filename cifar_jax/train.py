@@ -5,7 +5,6 @@ hyperparameters bound by `functools.partial`, so tests and notebooks can call th
 """
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -23,6 +22,7 @@ from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
 from cifar_jax import models
+from cifar_jax import parallel
 from cifar_jax import schedules
 from cifar_jax import swa
 
@@ -240,16 +240,36 @@ def accumulate(acc, metrics, step):
   return out
 
 
+def whole_batch(batch):
+  """One device: the step sees the whole global batch."""
+  return batch
+
+
 def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, *,
-                              steps_per_epoch: int, batch_size: int, size: int, augment: bool):
-  """The next batch of the epoch, drawn on device from (data_key, epoch, step), then a train step."""
+                              steps_per_epoch: int, batch_size: int, size: int, augment: bool,
+                              axis_name: str | None = None, shard_batch=whole_batch):
+  """The next global batch of the epoch, drawn on device from (data_key, epoch, step), then a step.
+
+  `shard_batch` keeps this device's part of the global batch and `axis_name` names the pmap axis
+  (parallel.Parallel supplies both); the batch drawn is the same on any number of devices.
+  """
   step = state.step
   epoch, step_in_epoch = step // steps_per_epoch, step % steps_per_epoch
   key = input_pipeline.batch_key(data_key, epoch, step_in_epoch)
   batch = input_pipeline.get_train_batch(images, labels, perm, step_in_epoch * batch_size, size, key,
                                          augment)
-  state, metrics = train_step(state, batch)
+  state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name)
   return state, accumulate(acc, metrics, step)
+
+
+def recalibration_step_on_device_data(params, running, images, labels, perm, data_key, epoch, index, *,
+                                      model, batch_size: int, size: int, augment: bool,
+                                      shard_batch=whole_batch):
+  """Batch `index` of swa.recalibrate_batch_stats's pass, drawn like a training batch and sharded."""
+  key = input_pipeline.batch_key(data_key, epoch, index)
+  batch = input_pipeline.get_train_batch(images, labels, perm, index * batch_size, size, key, augment)
+  images, _ = shard_batch(batch)
+  return swa.recalibration_step(model, params, running, index, images)
 
 
 def eval_step(state: TrainState, batch):
@@ -263,8 +283,12 @@ def eval_step(state: TrainState, batch):
           'count': jnp.sum(mask)}
 
 
-def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False):
-  """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch."""
+def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False,
+                            axis_name: str | None = None):
+  """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch.
+
+  Under pmap (`axis_name`) each device holds a slice of every batch and the sums are added over devices.
+  """
   if use_swa:
     state = state.replace(params=state.swa_params, batch_stats=state.swa_batch_stats)
 
@@ -275,13 +299,18 @@ def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bo
 
   zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
   totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
+  if axis_name is not None:
+    totals = jax.lax.psum(totals, axis_name)
   return totals
 
 
-def batched_eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int):
-  """Pads the eval set to whole batches and reshapes to (num_batches, batch, ...), with a mask."""
+def batched_eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int, multiple_of: int = 1):
+  """Pads the eval set to whole batches and reshapes to (num_batches, batch, ...), with a mask.
+
+  The batch is rounded up to a multiple of `multiple_of` (the device count); padding is masked out.
+  """
   n = labels.shape[0]
-  batch_size = min(batch_size, n)
+  batch_size = -(-min(batch_size, n) // multiple_of) * multiple_of
   num_batches = -(-n // batch_size)
   pad = num_batches * batch_size - n
   images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
@@ -309,7 +338,7 @@ def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.C
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, acc, extra: dict) -> None:
   """Saves the state, the epoch's running metric sums and host-side state (JSON) at `state.step`."""
-  step = int(jax.device_get(state.step))
+  step = _scalar(state.step)
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave({'state': state, 'train_metrics': acc}),
       extra=ocp.args.JsonSave(extra)), force=True)
@@ -330,7 +359,7 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, acc):
 # The run ----------------------------------------------------------------------------------------------
 
 
-def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
+def _set_learning_rate(state: TrainState, lr) -> TrainState:
   """Writes a host-chosen lr (ReduceLROnPlateau) into the injected hyperparameters."""
   hyperparams = dict(state.opt_state.hyperparams)
   hyperparams['learning_rate'] = jnp.asarray(lr, jnp.float32)
@@ -340,14 +369,21 @@ def _set_learning_rate(state: TrainState, lr: float) -> TrainState:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
   """Trains `config` into `workdir`, resuming from its latest checkpoint; returns the final state.
 
+  Runs data-parallel over all devices (of all processes, when `config.distributed` or the JAX_*
+  variables configure several) as `config.parallelism` says; see cifar_jax/parallel.py.
+
   Args:
     config: a config as in configs/default.py.
     workdir: where checkpoints, metrics.jsonl, TensorBoard events and config.json go.
 
   Returns:
-    The final TrainState.
+    The final TrainState, its arrays replicated over the devices (under pmap too: no device axis).
   """
   config_lib.validate(config)
+  parallel.initialize_distributed(config.distributed)
+  par = parallel.create(config.parallelism)
+  logging.info('parallelism=%s: batch %d over %d devices (%d processes)', par.mode,
+               config.batch_size, par.num_devices, jax.process_count())
   os.makedirs(workdir, exist_ok=True)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)
@@ -356,6 +392,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise config_lib.ConfigError(
         f'batch_size={config.batch_size} exceeds the {dataset.num_train} training examples with '
         'data.drop_remainder=True')
+  parallel.check_batch_sizes(par.mode, par.num_devices, config.batch_size, dataset.num_train,
+                             config.data.drop_remainder)
   num_steps = config.num_epochs * spe
   config_lib.validate_against_run(config, spe)
 
@@ -368,51 +406,76 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         threshold=s.threshold, threshold_mode=s.threshold_mode, cooldown=s.cooldown, min_lr=s.min_lr)
     lr_fn = config.optimizer.lr  # a plain hyperparameter the host rewrites each epoch
 
-  model = create_model(config.model)
+  model = create_model(config.model, axis_name=par.axis_name)
   init_key, data_key = run_keys(config.seed)
-  state = create_train_state(init_key, config, model, lr_fn, momentum_fn)
-  acc = init_train_metrics()
+  # Checkpoints hold the state replicated over the devices, whatever their number: restoring onto this
+  # run's devices is restoring into that layout; the steps then take it in theirs.
+  state = par.replicate(create_train_state(init_key, config, model, lr_fn, momentum_fn))
+  acc = par.replicate(init_train_metrics())
   manager = checkpoint_manager(workdir, config)
-  restored = restore_checkpoint(manager, state, acc)
+  restored = restore_checkpoint(manager, par.to_checkpoint_layout(state),
+                                par.to_checkpoint_layout(acc))
   extra = {}
   if restored is not None:
     state, acc, extra = restored
+    state, acc = par.to_step_layout(state), par.to_step_layout(acc)
     if plateau is not None and 'plateau' in extra:
       plateau.load_state_dict(extra['plateau'])
-  start_step = int(jax.device_get(state.step))
-  writer = metrics_writer.MetricsWriter(workdir, truncate_after_step=start_step)
-  config_lib.save_config(config, workdir)
+  start_step = int(par.host(state.step))
+  writer = None
+  if par.is_main_process:
+    writer = metrics_writer.MetricsWriter(workdir, truncate_after_step=start_step)
+    config_lib.save_config(config, workdir)
   if start_step >= num_steps:
     logging.info('Run in %s already finished (step %d of %d); nothing to do.', workdir, start_step,
                  num_steps)
-    print(f'{workdir}: training already finished at step {start_step}/{num_steps}; nothing to do.')
-    writer.close()
-    return state
+    if par.is_main_process:
+      print(f'{workdir}: training already finished at step {start_step}/{num_steps}; nothing to do.')
+      writer.close()
+    return _returned(par, state, config)
   if start_step:
     logging.info('Resuming from step %d (epoch %d).', start_step, start_step // spe)
 
-  train_images = jax.device_put(dataset.train_images)
-  train_labels = jax.device_put(dataset.train_labels)
-  eval_arrays = jax.device_put(batched_eval_arrays(dataset.eval_images, dataset.eval_labels,
-                                                   config.eval_batch_size))
+  # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
+  train_images = par.replicate(dataset.train_images)
+  train_labels = par.replicate(dataset.train_labels)
+  eval_arrays = par.shard_eval_arrays(batched_eval_arrays(
+      dataset.eval_images, dataset.eval_labels, config.eval_batch_size, par.eval_batch_multiple))
+  recalibration_key = jax.random.fold_in(data_key, RECALIBRATION_SALT)
+  data_key, recalibration_key = par.replicate((data_key, recalibration_key))
   n = dataset.num_train
-  step_fn = functools.partial(train_step_on_device_data, steps_per_epoch=spe,
-                              batch_size=config.batch_size, augment=config.data.augment)
   compile_start = time.perf_counter()
   sizes = sorted({min(config.batch_size, n - i * config.batch_size) for i in range(spe)})
-  perm_fn = jax.jit(input_pipeline.epoch_permutation, static_argnums=2).lower(
-      data_key, 0, n).compile()
-  p_train = {
-      size: jax.jit(functools.partial(step_fn, size=size), donate_argnums=(0, 1)).lower(
-          state, acc, train_images, train_labels, perm_fn(data_key, 0), data_key).compile()
-      for size in sizes}
-  p_eval = jax.jit(evaluate_on_device_data).lower(state, *eval_arrays).compile()
+  perm_fn = par.compile(functools.partial(input_pipeline.epoch_permutation, num_examples=n),
+                        data_key, 0, in_axes=(0, None))
+  first_perm = perm_fn(data_key, 0)
+  step_fn = functools.partial(train_step_on_device_data, steps_per_epoch=spe,
+                              batch_size=config.batch_size, augment=config.data.augment,
+                              axis_name=par.axis_name, shard_batch=par.shard_batch)
+  p_train = {size: par.compile(functools.partial(step_fn, size=size), state, acc, train_images,
+                               train_labels, first_perm, data_key, donate_argnums=(0, 1))
+             for size in sizes}
+  p_eval = par.compile(functools.partial(evaluate_on_device_data, axis_name=par.axis_name),
+                       state, *eval_arrays)
   swa_config = config.swa
   if swa_config.enabled:
     swa_start_step = swa_config.start_epoch * spe
-    p_swa_update = jax.jit(functools.partial(swa.update_swa, decay=swa_config.decay),
-                           donate_argnums=0)
-    p_swa_eval = jax.jit(functools.partial(evaluate_on_device_data, use_swa=True))
+    p_swa_update = par.compile(functools.partial(swa.update_swa, decay=swa_config.decay), state,
+                               donate_argnums=0)
+    p_swa_eval = par.compile(
+        functools.partial(evaluate_on_device_data, use_swa=True, axis_name=par.axis_name),
+        state, *eval_arrays)
+    # torch's update_bn: the batches of a training epoch (spe of them), each weighted equally.
+    p_recalibrate = {
+        size: par.compile(
+            functools.partial(recalibration_step_on_device_data, model=model.clone(bn_momentum=1.0),
+                              batch_size=config.batch_size, size=size,
+                              augment=swa_config.recalibration_augment, shard_batch=par.shard_batch),
+            state.swa_params, state.batch_stats, train_images, train_labels, first_perm,
+            recalibration_key, 0, 0, in_axes=(0,) * 6 + (None, None))
+        for size in (sizes if jax.tree.leaves(state.batch_stats) else ())}
+    reset_batch_stats = par.replicate(swa.reset_batch_stats(par.host(state.batch_stats)))
+  del first_perm
   compile_seconds = time.perf_counter() - compile_start
   logging.info('Compiled in %.1f s (batch sizes %s).', compile_seconds, sizes)
 
@@ -420,10 +483,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   for epoch in range(start_step // spe, config.num_epochs):
     perm = perm_fn(data_key, epoch)
     first = start_step - epoch * spe if epoch == start_step // spe else 0
-    count_before = float(jax.device_get(acc['count']))
+    count_before = float(par.host(acc['count']))
     epoch_start = time.perf_counter()
     bar = metrics_writer.ProgressBar(spe, first, epoch, config.num_epochs, config.batch_size,
-                                     config.progress_bar)
+                                     config.progress_bar and par.is_main_process)
     for i in range(first, spe):
       size = min(config.batch_size, n - i * config.batch_size)
       state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key)
@@ -432,16 +495,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           and (step - swa_start_step) % swa_config.update_every_steps == 0):
         state = p_swa_update(state)
       if config.log_every_steps and (i + 1) % config.log_every_steps == 0 and i + 1 < spe:
-        _check_finite(acc, config, spe)
-        bar.update(summarize(acc), i + 1, time.perf_counter() - epoch_start)
+        _check_finite(par.host(acc), config, spe)
+        bar.update(summarize(par.host(acc)), i + 1, time.perf_counter() - epoch_start)
       if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
           and step % spe != 0):
-        _check_finite(acc, config, spe)
-        save_checkpoint(manager, state, acc, _extra(plateau, run_start))
-    train = summarize(acc)
-    _check_finite(acc, config, spe)
+        _check_finite(par.host(acc), config, spe)
+        save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
+                        _extra(plateau, run_start))
+    host_acc = par.host(acc)
+    train = summarize(host_acc)
+    _check_finite(host_acc, config, spe)
     train_seconds = time.perf_counter() - epoch_start
-    images_seen = float(jax.device_get(acc['count'])) - count_before
+    images_seen = float(host_acc['count']) - count_before  # the global batches, all devices together
     bar.update(train, spe, train_seconds)
     bar.close()
 
@@ -450,17 +515,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       if not swa_config.update_every_steps:
         state = p_swa_update(state)
       if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
-        state = state.replace(swa_batch_stats=swa.recalibrate_batch_stats(
-            model, state.swa_params, state.batch_stats, train_images, train_labels,
-            jax.random.fold_in(data_key, RECALIBRATION_SALT), epoch=epoch,
-            batch_size=config.batch_size, drop_remainder=config.data.drop_remainder,
-            augment=swa_config.recalibration_augment))
-        swa_ev = summarize(p_swa_eval(state, *eval_arrays))
+        if p_recalibrate:  # a model with BatchNorm
+          state = state.replace(swa_batch_stats=_recalibrate(
+              p_recalibrate, state.swa_params, reset_batch_stats, train_images, train_labels,
+              perm_fn(recalibration_key, epoch), recalibration_key, epoch=epoch,
+              batch_size=config.batch_size, num_examples=n, num_batches=spe))
+        swa_ev = summarize(par.host(p_swa_eval(state, *eval_arrays)))
         swa_record = {'swa_eval_loss': swa_ev['loss'], 'swa_eval_accuracy': swa_ev['accuracy']}
-      swa_record['swa_count'] = int(jax.device_get(state.swa_count))
+      swa_record['swa_count'] = int(par.host(state.swa_count))
 
-    ev = summarize(p_eval(state, *eval_arrays))
-    hyper = jax.device_get(state.opt_state.hyperparams)
+    ev = summarize(par.host(p_eval(state, *eval_arrays)))
+    hyper = par.host(state.opt_state.hyperparams)
     record = {
         'epoch': epoch + 1, 'step': epoch * spe + spe,
         'train_loss': train['loss'], 'train_accuracy': train['accuracy'],
@@ -472,14 +537,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     record.update(swa_record)
     if epoch == start_step // spe:
       record['compile_seconds'] = compile_seconds
-    writer.write(record)
+    if writer is not None:
+      writer.write(record)
     if plateau is not None:
-      state = _set_learning_rate(state, plateau.step(ev['loss']))
-    acc = init_train_metrics()
-    save_checkpoint(manager, state, acc, _extra(plateau, run_start))
-  writer.close()
+      lr = par.replicate(np.asarray(plateau.step(ev['loss']), np.float32))
+      state = _set_learning_rate(state, lr)
+    acc = par.replicate(init_train_metrics())
+    save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
+                    _extra(plateau, run_start))
+  if writer is not None:
+    writer.close()
   manager.close()
-  return state
+  return _returned(par, state, config)
+
+
+def _returned(par: parallel.Parallel, state: TrainState, config) -> TrainState:
+  """The state without pmap's device axis, applying a model without pmap's collective axis."""
+  return par.to_checkpoint_layout(state).replace(apply_fn=create_model(config.model).apply)
+
+
+def _recalibrate(p_recalibrate, params, reset_batch_stats, images, labels, perm, key, *, epoch: int,
+                 batch_size: int, num_examples: int, num_batches: int):
+  """swa.recalibrate_batch_stats with the compiled (sharded) steps: a pass over epoch `epoch`'s batches."""
+  running = reset_batch_stats
+  for i in range(num_batches):
+    size = min(batch_size, num_examples - i * batch_size)
+    running = p_recalibrate[size](params, running, images, labels, perm, key, epoch, i)
+  return running
 
 
 def _extra(plateau, run_start: float) -> dict:
@@ -487,6 +571,13 @@ def _extra(plateau, run_start: float) -> dict:
   if plateau is not None:
     extra['plateau'] = plateau.state_dict()
   return extra
+
+
+def _scalar(x) -> int:
+  """An integer from a host value or a (replicated, possibly multi-process) array."""
+  if isinstance(x, jax.Array):
+    x = x.addressable_shards[0].data
+  return int(np.asarray(x))
 
 
 def _check_finite(acc, config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:

@@ -90,6 +90,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.swa.recalibration_augment = True  # update_bn over augmented training batches, as the blog
   config.swa.eval_every_epoch = False  # also recalibrate and evaluate the SWA model every SWA epoch
 
+  # Data parallelism over every visible device (README, "Multi-GPU and multi-host"); the global batch,
+  # its order, augmentation and BatchNorm statistics are the same on any number of devices.
+  config.parallelism = 'jit'  # jit (one program over a device mesh) | pmap (per-device program)
+  # Multi-process runs (jax.distributed): unset fields ('', 0, -1) fall back to JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID, then to jax's Slurm / Open MPI detection; none set: one process.
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ''  # host:port of process 0, e.g. 10.0.0.1:1234
+  config.distributed.num_processes = 0
+  config.distributed.process_id = -1
+
   config.checkpoint_every_steps = 0  # > 0: also checkpoint every this many steps (else every epoch)
   config.keep_checkpoints = 3
   config.log_every_steps = 50  # progress bar refresh (a host sync); metrics are per epoch

@@ -7,20 +7,19 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-import compare_frameworks  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import stats
 
 
 def test_welch_interval_against_a_hand_computation():
   a, b = [0.90, 0.92, 0.91], [0.88, 0.89, 0.87]
-  diff, lo, hi = compare_frameworks.welch_interval(a, b)
+  diff, lo, hi = stats.welch_interval(a, b)
   # Equal variances (1e-4 each) and n = 3: se = sqrt(2e-4 / 3), df = 4, t = 2.776.
   se = (2e-4 / 3) ** 0.5
   assert diff == pytest.approx(0.03)
   assert lo == pytest.approx(0.03 - 2.776 * se) and hi == pytest.approx(0.03 + 2.776 * se)
-  assert compare_frameworks.welch_interval([0.9], [0.8])[1] != compare_frameworks.welch_interval(
+  assert stats.welch_interval([0.9], [0.8])[1] != stats.welch_interval(
       [0.9], [0.8])[1]  # nan with one run each
-  assert compare_frameworks.t_quantile(100) == 1.96
+  assert stats.t_quantile(100) == 1.96
 
 
 @pytest.mark.slow
