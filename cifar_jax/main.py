@@ -177,7 +177,7 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS) -> list[str]:
 
 
 def main(argv, flag_values: flags.FlagValues = FLAGS):
-  from cifar_jax import config_lib, input_pipeline, parallel, train  # pylint: disable=g-import-not-at-top
+  from cifar_jax import config_lib, input_pipeline, parallel, preemption, train  # pylint: disable=g-import-not-at-top
 
   config, workdir, mode = flag_values.config, flag_values.workdir, flag_values.mode
   try:
@@ -209,6 +209,9 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     if flag_values.debug:
       raise
     _exit_with_error(e, NONFINITE_LOSS_STATUS)
+  except preemption.Preempted as e:
+    print(f'cifar-jax: {e}', file=sys.stderr)
+    sys.exit(128 + e.signum)  # the shell's status for a process ended by that signal
   except OSError as e:
     if flag_values.debug or e.errno not in DISK_ERRNOS:
       raise

@@ -23,6 +23,7 @@ from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
 from cifar_jax import models
 from cifar_jax import parallel
+from cifar_jax import preemption
 from cifar_jax import schedules
 from cifar_jax import swa
 
@@ -224,6 +225,9 @@ def train_step(state: TrainState, batch, axis_name: str | None = None):
     metrics = jax.lax.psum(metrics, axis_name)
   new_state = state.apply_gradients(
       grads=grads, batch_stats=new_model_state.get('batch_stats', state.batch_stats))
+  # The loss can still be finite on the step whose update overflows the params.
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]))
+  metrics['params_finite'] = params_finite.astype(jnp.float32)
   return new_state, metrics
 
 
@@ -235,7 +239,7 @@ def init_train_metrics() -> dict[str, jax.Array]:
 
 def accumulate(acc, metrics, step):
   out = {k: acc[k] + metrics[k] for k in METRIC_KEYS}
-  bad = ~jnp.isfinite(metrics['loss_sum'])
+  bad = ~jnp.isfinite(metrics['loss_sum']) | (metrics['params_finite'] < 1)
   out['nonfinite_step'] = jnp.where((acc['nonfinite_step'] < 0) & bad, step, acc['nonfinite_step'])
   return out
 
@@ -346,14 +350,46 @@ def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, acc, extr
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, acc):
-  """The latest checkpoint restored into the structure of (state, acc), or None when there is none."""
-  step = manager.latest_step()
-  if step is None:
+  """The newest readable checkpoint restored into the structure of (state, acc), or None if none exists.
+
+  orbax writes into a temporary folder and renames it when complete, so a checkpoint cut short by a kill
+  is never listed. One that is listed but damaged is skipped with a warning for the one before it.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'state': state, 'train_metrics': acc})
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
-  return restored['state']['state'], restored['state']['train_metrics'], dict(restored['extra'] or {})
+  errors, damaged = [], []
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint at step %d is unreadable (%s: %s); trying an older one.', step,
+                      type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
+      errors.append(f'step {step}: {type(e).__name__}')
+      damaged.append(step)
+      continue
+    if errors:
+      _set_aside(manager, damaged)
+      logging.warning('Resumed from step %d; moved unreadable checkpoints %s to %s_damaged/', step,
+                      damaged, manager.directory)
+    return (restored['state']['state'], restored['state']['train_metrics'],
+            dict(restored['extra'] or {}))
+  raise config_lib.ConfigError(
+      f'{manager.directory}: no readable checkpoint ({", ".join(errors)}); move the folder away to '
+      'start afresh')
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves damaged checkpoints out of the way (kept for inspection), so the run can save those steps."""
+  if jax.process_index() == 0:
+    aside = f'{manager.directory}_damaged'
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      os.replace(os.path.join(manager.directory, str(step)),
+                 os.path.join(aside, f'{step}_{int(time.time())}'))
+  manager.reload()
 
 
 # The run ----------------------------------------------------------------------------------------------
@@ -413,6 +449,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = par.replicate(create_train_state(init_key, config, model, lr_fn, momentum_fn))
   acc = par.replicate(init_train_metrics())
   manager = checkpoint_manager(workdir, config)
+  changed = config_lib.check_resume(config, workdir, bool(manager.all_steps()))
+  if changed and par.is_main_process:
+    logging.warning('Resuming %s with a config that differs from the one it started with: %s',
+                    workdir, '; '.join(changed))
   restored = restore_checkpoint(manager, par.to_checkpoint_layout(state),
                                 par.to_checkpoint_layout(acc))
   extra = {}
@@ -479,74 +519,83 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   compile_seconds = time.perf_counter() - compile_start
   logging.info('Compiled in %.1f s (batch sizes %s).', compile_seconds, sizes)
 
-  run_start = time.perf_counter() - float(extra.get('elapsed_seconds', 0.0))
-  for epoch in range(start_step // spe, config.num_epochs):
-    perm = perm_fn(data_key, epoch)
-    first = start_step - epoch * spe if epoch == start_step // spe else 0
-    count_before = float(par.host(acc['count']))
-    epoch_start = time.perf_counter()
-    bar = metrics_writer.ProgressBar(spe, first, epoch, config.num_epochs, config.batch_size,
-                                     config.progress_bar and par.is_main_process)
-    for i in range(first, spe):
-      size = min(config.batch_size, n - i * config.batch_size)
-      state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key)
-      step = epoch * spe + i + 1
-      if (swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
-          and (step - swa_start_step) % swa_config.update_every_steps == 0):
-        state = p_swa_update(state)
-      if config.log_every_steps and (i + 1) % config.log_every_steps == 0 and i + 1 < spe:
-        _check_finite(par.host(acc), config, spe)
-        bar.update(summarize(par.host(acc)), i + 1, time.perf_counter() - epoch_start)
-      if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-          and step % spe != 0):
-        _check_finite(par.host(acc), config, spe)
-        save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
-                        _extra(plateau, run_start))
-    host_acc = par.host(acc)
-    train = summarize(host_acc)
-    _check_finite(host_acc, config, spe)
-    train_seconds = time.perf_counter() - epoch_start
-    images_seen = float(host_acc['count']) - count_before  # the global batches, all devices together
-    bar.update(train, spe, train_seconds)
-    bar.close()
+  stop = preemption.StopRequest()
+  with stop:
+    run_start = time.perf_counter() - float(extra.get('elapsed_seconds', 0.0))
+    for epoch in range(start_step // spe, config.num_epochs):
+      perm = perm_fn(data_key, epoch)
+      first = start_step - epoch * spe if epoch == start_step // spe else 0
+      count_before = float(par.host(acc['count']))
+      epoch_start = time.perf_counter()
+      bar = metrics_writer.ProgressBar(spe, first, epoch, config.num_epochs, config.batch_size,
+                                       config.progress_bar and par.is_main_process)
+      for i in range(first, spe):
+        size = min(config.batch_size, n - i * config.batch_size)
+        state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key)
+        step = epoch * spe + i + 1
+        if stop.signum is not None and i + 1 < spe:  # at an epoch's end, the epoch finishes first
+          _check_finite(par.host(acc), config, spe)
+          save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
+                          _extra(plateau, run_start))
+          raise preemption.Preempted(stop.signum, step, workdir)
+        if (swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
+            and (step - swa_start_step) % swa_config.update_every_steps == 0):
+          state = p_swa_update(state)
+        if config.log_every_steps and (i + 1) % config.log_every_steps == 0 and i + 1 < spe:
+          _check_finite(par.host(acc), config, spe)
+          bar.update(summarize(par.host(acc)), i + 1, time.perf_counter() - epoch_start)
+        if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
+            and step % spe != 0):
+          _check_finite(par.host(acc), config, spe)
+          save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
+                          _extra(plateau, run_start))
+      host_acc = par.host(acc)
+      train = summarize(host_acc)
+      _check_finite(host_acc, config, spe)
+      train_seconds = time.perf_counter() - epoch_start
+      images_seen = float(host_acc['count']) - count_before  # the global batches, all devices together
+      bar.update(train, spe, train_seconds)
+      bar.close()
 
-    swa_record = {}
-    if swa_config.enabled and epoch >= swa_config.start_epoch:
-      if not swa_config.update_every_steps:
-        state = p_swa_update(state)
-      if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
-        if p_recalibrate:  # a model with BatchNorm
-          state = state.replace(swa_batch_stats=_recalibrate(
-              p_recalibrate, state.swa_params, reset_batch_stats, train_images, train_labels,
-              perm_fn(recalibration_key, epoch), recalibration_key, epoch=epoch,
-              batch_size=config.batch_size, num_examples=n, num_batches=spe))
-        swa_ev = summarize(par.host(p_swa_eval(state, *eval_arrays)))
-        swa_record = {'swa_eval_loss': swa_ev['loss'], 'swa_eval_accuracy': swa_ev['accuracy']}
-      swa_record['swa_count'] = int(par.host(state.swa_count))
+      swa_record = {}
+      if swa_config.enabled and epoch >= swa_config.start_epoch:
+        if not swa_config.update_every_steps:
+          state = p_swa_update(state)
+        if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
+          if p_recalibrate:  # a model with BatchNorm
+            state = state.replace(swa_batch_stats=_recalibrate(
+                p_recalibrate, state.swa_params, reset_batch_stats, train_images, train_labels,
+                perm_fn(recalibration_key, epoch), recalibration_key, epoch=epoch,
+                batch_size=config.batch_size, num_examples=n, num_batches=spe))
+          swa_ev = summarize(par.host(p_swa_eval(state, *eval_arrays)))
+          swa_record = {'swa_eval_loss': swa_ev['loss'], 'swa_eval_accuracy': swa_ev['accuracy']}
+        swa_record['swa_count'] = int(par.host(state.swa_count))
 
-    ev = summarize(par.host(p_eval(state, *eval_arrays)))
-    hyper = par.host(state.opt_state.hyperparams)
-    record = {
-        'epoch': epoch + 1, 'step': epoch * spe + spe,
-        'train_loss': train['loss'], 'train_accuracy': train['accuracy'],
-        'eval_loss': ev['loss'], 'eval_accuracy': ev['accuracy'],
-        'learning_rate': float(hyper['learning_rate']), 'momentum': float(hyper['momentum']),
-        'images_per_second': images_seen / train_seconds,
-        'elapsed_seconds': time.perf_counter() - run_start,
-    }
-    record.update(swa_record)
-    if epoch == start_step // spe:
-      record['compile_seconds'] = compile_seconds
+      ev = summarize(par.host(p_eval(state, *eval_arrays)))
+      hyper = par.host(state.opt_state.hyperparams)
+      record = {
+          'epoch': epoch + 1, 'step': epoch * spe + spe,
+          'train_loss': train['loss'], 'train_accuracy': train['accuracy'],
+          'eval_loss': ev['loss'], 'eval_accuracy': ev['accuracy'],
+          'learning_rate': float(hyper['learning_rate']), 'momentum': float(hyper['momentum']),
+          'images_per_second': images_seen / train_seconds,
+          'elapsed_seconds': time.perf_counter() - run_start,
+      }
+      record.update(swa_record)
+      if epoch == start_step // spe:
+        record['compile_seconds'] = compile_seconds
+      if writer is not None:
+        writer.write(record)
+      if plateau is not None:
+        lr = par.replicate(np.asarray(plateau.step(ev['loss']), np.float32))
+        state = _set_learning_rate(state, lr)
+      acc = par.replicate(init_train_metrics())
+      save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
+                      _extra(plateau, run_start))
+      if stop.signum is not None and epoch + 1 < config.num_epochs:
+        raise preemption.Preempted(stop.signum, (epoch + 1) * spe, workdir)
     if writer is not None:
-      writer.write(record)
-    if plateau is not None:
-      lr = par.replicate(np.asarray(plateau.step(ev['loss']), np.float32))
-      state = _set_learning_rate(state, lr)
-    acc = par.replicate(init_train_metrics())
-    save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
-                    _extra(plateau, run_start))
-  if writer is not None:
-    writer.close()
+      writer.close()
   manager.close()
   return _returned(par, state, config)
 
@@ -584,7 +633,8 @@ def _check_finite(acc, config: ml_collections.ConfigDict, steps_per_epoch: int) 
   bad = int(jax.device_get(acc['nonfinite_step']))
   if bad >= 0 and config.halt_on_nan:
     raise NonFiniteLossError(
-        f'non-finite training loss at step {bad + 1} (epoch {bad // steps_per_epoch + 1}); the last '
+        f'non-finite training loss or parameters at step {bad + 1} '
+        f'(epoch {bad // steps_per_epoch + 1}); the last '
         'good checkpoint is kept. Lower optimizer.lr or set halt_on_nan=False to continue anyway.')
 
 

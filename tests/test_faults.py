@@ -1,0 +1,157 @@
+"""Faults: SIGKILL at any moment then the same command, SIGTERM, a diverging run, incompatible and
+damaged checkpoints. Bitwise comparisons: a resumed run regenerates every batch from (seed, epoch, step)
+and restores every array exactly, so nothing may differ."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from cifar_jax import config_lib
+from cifar_jax import metrics_writer
+from cifar_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ('images_per_second', 'elapsed_seconds', 'compile_seconds')
+# ResNet9 of width 1/8 on 320 synthetic images: 5 steps an epoch, 3 epochs, a checkpoint every 2 steps.
+ARGS = ['--config=configs/smoke.py', '--config.model.width_multiplier=0.125', '--config.num_epochs=3',
+        '--config.data.synthetic_train_size=320', '--config.data.synthetic_eval_size=64',
+        '--config.checkpoint_every_steps=2', '--config.progress_bar=False']
+
+
+def _cmd(workdir, *extra):
+  return [sys.executable, '-m', 'cifar_jax.main', f'--workdir={workdir}', *ARGS, *extra]
+
+
+def _env():
+  return dict(os.environ, JAX_PLATFORMS='cpu')
+
+
+def _strip(records):
+  return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def _final_arrays(workdir):
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  config = smoke.get_config()
+  config.model.width_multiplier = 0.125
+  config.num_epochs = 3
+  config.data.synthetic_train_size = 320
+  state = train.restore_state(config, workdir, steps_per_epoch=5)
+  return state.params, state.batch_stats, state.opt_state
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('straight'))
+  result = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  return workdir
+
+
+def _wait_for_step(workdir, proc, min_records=0, timeout=300):
+  start = time.time()
+  ckpt = os.path.join(workdir, 'checkpoints')
+  while time.time() - start < timeout:
+    if proc.poll() is not None:
+      return False
+    done = os.path.isdir(ckpt) and any(d.isdigit() for d in os.listdir(ckpt))
+    if done and len(metrics_writer.read_metrics(workdir)) >= min_records:
+      return True
+    time.sleep(0.05)
+  return False
+
+
+@pytest.mark.parametrize('seed', [0, pytest.param(1, marks=pytest.mark.slow),
+                                  pytest.param(2, marks=pytest.mark.slow)])
+def test_sigkill_then_same_command_is_bitwise_equal(uninterrupted, tmp_path, seed):
+  """SIGKILL after a random delay once training runs (mid-step, mid-save or mid-eval), then resume."""
+  workdir = str(tmp_path / 'killed')
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  assert _wait_for_step(workdir, proc, min_records=0)
+  time.sleep(np.random.default_rng(seed).uniform(0.0, 2.0))
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  result = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert _strip(metrics_writer.read_metrics(workdir)) == _strip(metrics_writer.read_metrics(uninterrupted))
+  chex.assert_trees_all_equal(_final_arrays(workdir), _final_arrays(uninterrupted))
+
+
+def test_sigterm_checkpoints_and_says_how_to_resume(uninterrupted, tmp_path):
+  workdir = str(tmp_path / 'term')
+  proc = subprocess.Popen(_cmd(workdir), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  assert _wait_for_step(workdir, proc)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=300)
+  if proc.returncode == 0:
+    pytest.skip('the run finished before the signal arrived')
+  assert proc.returncode == 128 + signal.SIGTERM
+  assert 'stopped by SIGTERM at step' in stderr and 'run the same command to resume' in stderr
+  result = subprocess.run(_cmd(workdir), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  chex.assert_trees_all_equal(_final_arrays(workdir), _final_arrays(uninterrupted))
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path):
+  tiny_config.num_epochs = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))  # a good run to epoch 2's end...
+  tiny_config.num_epochs = 6
+  tiny_config.optimizer.lr = 1e12  # ...then diverge while continuing it
+  with pytest.raises(train.NonFiniteLossError) as error:
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  match = re.search(r'non-finite training loss or parameters at step (\d+) \(epoch (\d+)\)', str(error.value))
+  assert match, str(error.value)
+  bad_step, bad_epoch = int(match.group(1)), int(match.group(2))
+  assert bad_epoch == (bad_step - 1) // 4 + 1  # 4 steps per epoch
+  saved = sorted(int(d) for d in os.listdir(tmp_path / 'checkpoints'))
+  assert saved and max(saved) < bad_step  # nothing written at or after the bad step
+  state = train.restore_state(tiny_config, str(tmp_path), steps_per_epoch=4)
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
+
+
+def test_incompatible_checkpoint_is_refused(tiny_config, tmp_path):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.model.width_multiplier = 0.25
+  with pytest.raises(config_lib.ConfigError, match=r'model.width_multiplier: 0.125 -> 0.25'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+
+
+def test_changed_field_is_announced(tiny_config, tmp_path, caplog):
+  tiny_config.num_epochs = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  tiny_config.num_epochs = 2
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  assert 'num_epochs: 1 -> 2' in caplog.text
+
+
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
+  tiny_config.num_epochs = 2
+  straight = train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
+  workdir = tmp_path / 'damaged'
+  train.train_and_evaluate(tiny_config, str(workdir))
+  latest = workdir / 'checkpoints' / str(max(int(d) for d in os.listdir(workdir / 'checkpoints')))
+  for root, _, files in os.walk(latest / 'state'):
+    for name in files:
+      if 'ocdbt' in root or name.startswith('d'):
+        with open(os.path.join(root, name), 'wb') as f:
+          f.write(b'garbage')
+  shutil.rmtree(workdir / 'checkpoints' / str(max(int(d) for d in os.listdir(workdir / 'checkpoints'))) /
+                'state' / 'manifest.ocdbt', ignore_errors=True)
+  tiny_config.num_epochs = 2
+  resumed = train.train_and_evaluate(tiny_config, str(workdir))  # re-trains the last epoch
+  chex.assert_trees_all_equal(resumed.params, straight.params)
