@@ -63,3 +63,22 @@ def test_every_step_uses_torch_lr_and_momentum(name):
   if momentum_fn is not None:
     np.testing.assert_array_equal(np.asarray(momentum_fn(np.arange(3 * spe))),
                                   momenta.astype(np.float32))
+
+
+def test_plateau_follows_torch_on_the_runs_eval_losses(tmp_path):
+  """ReduceLROnPlateau on eval_loss, stepped after each epoch's evaluation, equals torch's on those losses."""
+  config = _tiny('multistep')
+  config.num_epochs = 4
+  config.schedule.update(name='plateau', patience=0, factor=0.5, threshold=0.5)  # reduce almost always
+  train.train_and_evaluate(config, str(tmp_path))
+  records = metrics_writer.read_metrics(str(tmp_path))
+  param = torch.nn.Parameter(torch.zeros(1))
+  opt = torch.optim.SGD([param], lr=config.optimizer.lr, momentum=0.9)
+  plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode='min', factor=0.5, patience=0,
+                                                       threshold=0.5)
+  expected = []
+  for r in records:
+    expected.append(float(np.float32(opt.param_groups[0]['lr'])))
+    plateau.step(r['eval_loss'])
+  assert [r['learning_rate'] for r in records] == expected
+  assert len(set(expected)) > 1  # the lr was actually reduced

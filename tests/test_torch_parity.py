@@ -414,18 +414,24 @@ def test_torch_schedulers_match_the_jax_schedules(case):
     np.testing.assert_array_equal(momenta.astype(np.float32), momentum_fn.table(num_steps))
 
 
-@pytest.mark.slow
+# 20 steps: each framework rounds its float32 updates its own way (torch's FMA vs XLA's fusion,
+# torch_semantics.md section 4), and the differences compound; measured: losses within 1.4e-6 relative
+# at every step, params within 1e-5 relative of their tensor's largest value (BN biases near 0 aside).
+TRAJECTORY_RTOL = 1e-4
+
+
 def test_jax_train_steps_follow_torch_identical_mode():
-  """The trainer's jitted step, fed the same initial weights, tracks torch on the 'identical' batches."""
+  """20 steps of the trainer's jitted step, same initial weights and 'identical' batches, one-cycle lr
+  and momentum changing every step: loss at every step, params and BN statistics at the end."""
   from cifar_jax import train  # pylint: disable=g-import-not-at-top
 
   config = smoke.get_config()
-  config.num_epochs, config.batch_size = 2, 16
+  config.num_epochs, config.batch_size = 4, 8
   config.model.width_multiplier = WIDTH
-  config.data.synthetic_train_size, config.data.synthetic_eval_size = 40, 8
+  config.data.synthetic_train_size, config.data.synthetic_eval_size = 36, 8  # 5 steps, the last of 4
   config.schedule.name = 'one_cycle'  # lr and momentum change every step
   dataset = input_pipeline.load_dataset(config.data, config.seed)
-  n, spe = dataset.num_train, 3
+  n, spe = dataset.num_train, 5
 
   torch.manual_seed(0)
   model = torch_reference.create_torch_model(config.model)
@@ -441,7 +447,8 @@ def test_jax_train_steps_follow_torch_identical_mode():
   data_key = torch_reference.jax_data_key(config.seed)
   step_fn = functools.partial(train.train_step_on_device_data, steps_per_epoch=spe,
                               batch_size=config.batch_size, augment=True)
-  jitted = {size: jax.jit(functools.partial(step_fn, size=size)) for size in (16, 8)}
+  jitted = {size: jax.jit(functools.partial(step_fn, size=size)) for size in (8, 4)}
+  steps = 0
   for epoch in range(config.num_epochs):
     perm = input_pipeline.epoch_permutation(data_key, epoch, n)
     batches = torch_reference.torch_batches(dataset, config, epoch, 'identical')
@@ -455,8 +462,12 @@ def test_jax_train_steps_follow_torch_identical_mode():
       loss.backward()
       optimizer.step()
       after_batch(epoch, i)
-      assert rel_err(float(acc['loss_sum']) / size, loss.item()) < SGD_RTOL
+      assert rel_err(float(acc['loss_sum']) / size, loss.item()) < TRAJECTORY_RTOL
+      steps += 1
     after_epoch(None)
+  assert steps == 20
   want = torch_reference.torch_to_flax(model.state_dict())
-  assert max(jax.tree.leaves(jax.tree.map(rel_err, state.params, want['params']))) < SGD_RTOL
-  assert max(jax.tree.leaves(jax.tree.map(rel_err, state.batch_stats, want['batch_stats']))) < SGD_RTOL
+  # Per element: relative 1e-4, plus 1e-5 absolute for tensors that stay near zero (BN biases start at 0,
+  # and a tensor of size 1e-3 makes any relative measure of its rounding noise large).
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=TRAJECTORY_RTOL, atol=1e-5),
+               (state.params, state.batch_stats), (want['params'], want['batch_stats']))
