@@ -1,0 +1,408 @@
+"""Train-step and eval throughput, compile time and peak memory: the JAX trainer vs the PyTorch reference.
+
+  JAX_PLATFORMS=cpu python scripts/benchmark.py --json=/tmp/bench.json
+  python scripts/benchmark.py --torch_modes=eager,channels_last,compile --dtype=bfloat16 --width=1
+
+Variants, each in its own subprocess:
+  jax                  the trainer's own jitted step (`train.train_step_on_device_data`, compiled by
+                       `parallel.Parallel.compile` with the state donated, exactly as `train_and_evaluate`
+                       does) on on-device uint8 synthetic images (crop + flip drawn on device), and
+                       `train.evaluate_on_device_data` (one dispatch per window).
+  torch                `torch_reference.create_torch_model` (same model, width, init) with
+                       `create_torch_optimizer` (SGD, coupled weight decay), eager, NCHW.
+  torch_channels_last  the same, model and inputs in torch.channels_last.
+  torch_compile        the same, model wrapped in torch.compile (opt in: --torch_modes=...,compile).
+The torch step also reads uint8 NHWC images already on the device and does crop + flip + normalize there.
+--dtype=bfloat16 is the JAX model's compute dtype (params and BatchNorm statistics stay float32) and
+torch.autocast(bfloat16) for torch. Everything runs on the first device (JAX) / 'cuda' if available (torch).
+
+Like scripts/bench_devices.py, every worker first compiles and warms up, then they take turns window by
+window (--windows of --steps train steps, then of --steps eval batches), so a noisy or shared machine slows
+every variant alike; the median window is reported.
+
+  compile_seconds  jax: lower + compile of the train step and of the eval function.
+                   torch: wall time of the first train step plus the first eval pass (for torch_compile
+                   that is where dynamo/inductor compile; for eager it is only first-call overhead).
+  peak_memory_mb   on GPU: jax memory_stats()['peak_bytes_in_use'], torch.cuda.max_memory_allocated();
+                   on CPU: the worker's peak resident set (resource.getrusage ru_maxrss). The torch
+                   workers also import JAX (torch_reference imports the flax model), which counts
+                   towards their CPU figure. `peak_memory_source` says which one was used;
+                   `host_peak_rss_mb` is always the RSS.
+
+Future work (not implemented): --end_to_end, timing whole epochs through `train.train_and_evaluate` and
+`torch_reference.train_and_evaluate_torch` including the input pipeline, checkpointing and evaluation.
+"""
+
+import argparse
+import contextlib
+import functools
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCH_MODES = ('eager', 'channels_last', 'compile')
+STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
+
+
+def _variant_key(name: str) -> str:
+  return 'jax' if name == 'jax' else ('torch' if name == 'eager' else f'torch_{name}')
+
+
+def _rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _send(obj) -> None:
+  print(json.dumps(obj), flush=True)
+
+
+def _config(args):
+  sys.path.insert(0, ROOT)
+  from configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.model.name, config.model.width_multiplier = args.model, args.width
+  config.model.dtype = args.dtype
+  config.batch_size = args.batch
+  return config
+
+
+def _serve(train_window, eval_window, memory) -> None:
+  """Answers 'train' / 'eval' lines on stdin with one timed window each; 'done' reports memory."""
+  for line in sys.stdin:
+    cmd = line.strip()
+    if cmd == 'train':
+      _send({'seconds': train_window()})
+    elif cmd == 'eval':
+      _send({'seconds': eval_window()})
+    else:
+      _send(memory())
+      return
+
+
+def _jax_worker(args) -> None:
+  os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # share a GPU with the torch workers
+  config = _config(args)
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cifar_jax import input_pipeline, parallel, train  # pylint: disable=g-import-not-at-top
+
+  device = jax.devices()[0]
+  par = parallel.create('jit', [device])
+  n = STEPS_PER_EPOCH * args.batch
+  data = input_pipeline.make_synthetic(n, args.steps * args.eval_batch)
+  lr_fn, momentum_fn = train.create_schedules(config, STEPS_PER_EPOCH)
+  init_key, data_key = train.run_keys(0)
+  model = train.create_model(config.model, axis_name=par.axis_name)
+  state = par.replicate(train.create_train_state(init_key, config, model, lr_fn, momentum_fn))
+  acc = par.replicate(train.init_train_metrics())
+  images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
+  perm = par.replicate(np.random.default_rng(0).permutation(n).astype(np.int32))
+  eval_arrays = par.shard_eval_arrays(train.batched_eval_arrays(
+      data['x_test'], data['y_test'], args.eval_batch, par.eval_batch_multiple))
+
+  start = time.perf_counter()
+  step = par.compile(
+      functools.partial(train.train_step_on_device_data, steps_per_epoch=STEPS_PER_EPOCH,
+                        batch_size=args.batch, size=args.batch, augment=True,
+                        axis_name=par.axis_name, shard_batch=par.shard_batch),
+      state, acc, images, labels, perm, data_key, donate_argnums=(0, 1))
+  p_eval = par.compile(functools.partial(train.evaluate_on_device_data, axis_name=par.axis_name),
+                       state, *eval_arrays)
+  compile_seconds = time.perf_counter() - start
+
+  holder = {'state': state, 'acc': acc}
+  for _ in range(2):  # warm up
+    holder['state'], holder['acc'] = step(holder['state'], holder['acc'], images, labels, perm, data_key)
+  jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
+
+  def train_window():
+    start = time.perf_counter()
+    s, a = holder['state'], holder['acc']
+    for _ in range(args.steps):
+      s, a = step(s, a, images, labels, perm, data_key)
+    jax.block_until_ready((s, a))
+    holder['state'], holder['acc'] = s, a
+    return time.perf_counter() - start
+
+  def eval_window():
+    start = time.perf_counter()
+    jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
+    return time.perf_counter() - start
+
+  def memory():
+    stats = None
+    try:
+      stats = device.memory_stats()
+    except Exception:  # pylint: disable=broad-except
+      pass
+    out = {'host_peak_rss_mb': _rss_mb()}
+    if device.platform != 'cpu' and stats and 'peak_bytes_in_use' in stats:
+      out.update(peak_memory_mb=stats['peak_bytes_in_use'] / 2**20,
+                 peak_memory_source='jax memory_stats peak_bytes_in_use')
+    else:
+      out.update(peak_memory_mb=out['host_peak_rss_mb'], peak_memory_source='ru_maxrss')
+    return out
+
+  _send({'ready': True, 'compile_seconds': compile_seconds, 'devices': [str(d) for d in jax.devices()],
+         'version': jax.__version__, 'backend': jax.default_backend()})
+  _serve(train_window, eval_window, memory)
+
+
+def _torch_worker(args, mode: str) -> None:
+  os.environ['JAX_PLATFORMS'] = 'cpu'  # torch_reference imports JAX; keep it off the GPU
+  config = _config(args)
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from cifar_jax import input_pipeline, torch_reference  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(args.torch_threads)
+  torch.manual_seed(0)
+  device = torch.device(torch_reference.default_device())
+  cuda = device.type == 'cuda'
+  memory_format = torch.channels_last if mode == 'channels_last' else torch.contiguous_format
+  model = torch_reference.create_torch_model(config.model).to(device, memory_format=memory_format)
+  optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
+  net = torch.compile(model) if mode == 'compile' else model
+  autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+              if args.dtype == 'bfloat16' else contextlib.nullcontext)
+
+  n = STEPS_PER_EPOCH * args.batch
+  data = input_pipeline.make_synthetic(n, args.steps * args.eval_batch)
+  images = torch.from_numpy(data['x_train']).to(device)
+  labels = torch.from_numpy(data['y_train'].astype(np.int64)).to(device)
+  perm = torch.from_numpy(np.random.default_rng(0).permutation(n)).to(device)
+  eval_images = torch.from_numpy(data['x_test']).to(device).split(args.eval_batch)
+  eval_labels = torch.from_numpy(data['y_test'].astype(np.int64)).to(device).split(args.eval_batch)
+  mean = torch.tensor(input_pipeline.MEAN_RGB, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+  std = torch.tensor(input_pipeline.STD_RGB, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+  gen = torch.Generator(device=device).manual_seed(0)
+  size, pad = input_pipeline.IMAGE_SIZE, input_pipeline.PAD
+  ar = torch.arange(size, device=device)
+
+  def normalize(x):  # uint8 NHWC -> float32 NCHW (or channels_last), as torch_reference._torch_normalize
+    x = ((x.permute(0, 3, 1, 2).float() / 255.0) - mean) / std
+    return x.contiguous(memory_format=memory_format)
+
+  def crop_flip(x):  # torch_reference.torch_crop_flip, drawn on the device
+    b = x.shape[0]
+    padded = torch.nn.functional.pad(x, (0, 0, pad, pad, pad, pad))
+    offsets = torch.randint(0, 2 * pad + 1, (b, 2), generator=gen, device=device)
+    flip = torch.rand(b, generator=gen, device=device) < 0.5
+    rows = offsets[:, :1] + ar
+    cols = torch.where(flip[:, None], offsets[:, 1:] + size - 1 - ar, offsets[:, 1:] + ar)
+    return padded[torch.arange(b, device=device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+  sums = {'loss': torch.zeros((), dtype=torch.float64, device=device),
+          'correct': torch.zeros((), dtype=torch.int64, device=device)}
+  counter = {'step': 0}
+
+  def sync():
+    if cuda:
+      torch.cuda.synchronize()
+
+  def train_step():
+    i = counter['step'] % STEPS_PER_EPOCH
+    counter['step'] += 1
+    idx = perm[i * args.batch:(i + 1) * args.batch]
+    x, y = normalize(crop_flip(images[idx])), labels[idx]
+    model.train()
+    with autocast():
+      logits = net(x)
+      loss = torch.nn.functional.cross_entropy(logits, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    sums['loss'] += loss.detach().double() * y.shape[0]
+    sums['correct'] += (logits.detach().argmax(1) == y).sum()
+
+  def eval_pass():
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    with torch.no_grad(), autocast():
+      for x, y in zip(eval_images, eval_labels):
+        logits = net(normalize(x))
+        loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction='sum')
+        correct += (logits.argmax(1) == y).sum()
+    return loss_sum, correct
+
+  start = time.perf_counter()
+  train_step()
+  sync()
+  eval_pass()
+  sync()
+  compile_seconds = time.perf_counter() - start
+  for _ in range(2):  # warm up
+    train_step()
+  eval_pass()
+  sync()
+  if cuda:
+    torch.cuda.reset_peak_memory_stats()  # keep the steady-state peak (compile peaks are not the model's)
+
+  def train_window():
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      train_step()
+    sync()
+    return time.perf_counter() - start
+
+  def eval_window():
+    start = time.perf_counter()
+    loss_sum, _ = eval_pass()
+    loss_sum.item()
+    return time.perf_counter() - start
+
+  def memory():
+    out = {'host_peak_rss_mb': _rss_mb()}
+    if cuda:
+      out.update(peak_memory_mb=torch.cuda.max_memory_allocated() / 2**20,
+                 peak_memory_source='torch.cuda.max_memory_allocated')
+    else:
+      out.update(peak_memory_mb=out['host_peak_rss_mb'], peak_memory_source='ru_maxrss')
+    return out
+
+  devices = [torch.cuda.get_device_name(0)] if cuda else [f'cpu ({torch.get_num_threads()} threads)']
+  _send({'ready': True, 'compile_seconds': compile_seconds, 'devices': devices,
+         'version': torch.__version__, 'backend': device.type})
+  _serve(train_window, eval_window, memory)
+
+
+def _version(package: str):
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='resnet18', help='resnet18 | resnet9')
+  parser.add_argument('--width', type=float, default=0.25, help='model.width_multiplier')
+  parser.add_argument('--batch', type=int, default=128, help='train batch')
+  parser.add_argument('--eval_batch', type=int, default=0, help='eval batch (0: --batch)')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--steps', type=int, default=5, help='train steps (and eval batches) per window')
+  parser.add_argument('--windows', type=int, default=3, help='timed windows per variant')
+  parser.add_argument('--torch_modes', default='eager,channels_last',
+                      help='comma-separated subset of eager,channels_last,compile; empty: JAX only')
+  parser.add_argument('--torch_threads', type=int, default=os.cpu_count(),
+                      help='torch.set_num_threads (default os.cpu_count(); on a loaded machine fewer '
+                           'threads avoid OpenMP oversubscription)')
+  parser.add_argument('--no_jax', action='store_true', help='torch variants only')
+  parser.add_argument('--json', default='', help='write the results here')
+  parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  args.eval_batch = args.eval_batch or args.batch
+  if args.worker:
+    if args.worker == 'jax':
+      _jax_worker(args)
+    else:
+      _torch_worker(args, args.worker)
+    return
+
+  torch_modes = [m for m in args.torch_modes.split(',') if m]
+  bad = [m for m in torch_modes if m not in TORCH_MODES]
+  if bad:
+    parser.error(f'--torch_modes: unknown {bad}; choose from {list(TORCH_MODES)}')
+  variants = ([] if args.no_jax else ['jax']) + torch_modes
+  if not variants:
+    parser.error('nothing to run')
+  common = [f'--model={args.model}', f'--width={args.width}', f'--batch={args.batch}',
+            f'--eval_batch={args.eval_batch}', f'--dtype={args.dtype}', f'--steps={args.steps}',
+            f'--torch_threads={args.torch_threads}']
+  procs, ready = {}, {}
+  try:
+    for v in variants:  # started one after another so their compile times do not overlap
+      procs[v] = subprocess.Popen([sys.executable, os.path.abspath(__file__), f'--worker={v}'] + common,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+      line = procs[v].stdout.readline()
+      if not line:
+        sys.exit(f'{_variant_key(v)}: the worker failed to start (exit {procs[v].wait()})')
+      ready[v] = json.loads(line)
+      print(f'{_variant_key(v)}: ready on {ready[v]["devices"]}, compile '
+            f'{ready[v]["compile_seconds"]:.1f} s', flush=True)
+
+    def ask(v, cmd):
+      procs[v].stdin.write(cmd + '\n')
+      procs[v].stdin.flush()
+      line = procs[v].stdout.readline()
+      if not line:
+        sys.exit(f'{_variant_key(v)}: the worker died (exit {procs[v].wait()})')
+      return json.loads(line)
+
+    rates = {v: {'train': [], 'eval': []} for v in variants}
+    for window in range(args.windows):
+      for kind in ('train', 'eval'):
+        for v in variants:
+          rates[v][kind].append(args.steps * (args.batch if kind == 'train' else args.eval_batch) /
+                                ask(v, kind)['seconds'])
+      print(f'window {window + 1}: ' + ', '.join(
+          f'{_variant_key(v)} train {rates[v]["train"][-1]:.0f} eval {rates[v]["eval"][-1]:.0f}'
+          for v in variants), flush=True)
+    memory = {v: ask(v, 'done') for v in variants}
+  finally:
+    for proc in procs.values():
+      if proc.stdin:
+        proc.stdin.close()
+    for proc in procs.values():
+      try:
+        proc.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        proc.kill()
+
+  results = {_variant_key(v): None for v in ['jax'] + list(TORCH_MODES)}
+  for v in variants:
+    results[_variant_key(v)] = {
+        'train_images_per_second': statistics.median(rates[v]['train']),
+        'eval_images_per_second': statistics.median(rates[v]['eval']),
+        'compile_seconds': ready[v]['compile_seconds'],
+        'peak_memory_mb': memory[v]['peak_memory_mb'],
+        'peak_memory_source': memory[v]['peak_memory_source'],
+        'host_peak_rss_mb': memory[v]['host_peak_rss_mb'],
+        'train_windows': rates[v]['train'],
+        'eval_windows': rates[v]['eval'],
+        'devices': ready[v]['devices'],
+    }
+  jax_r, eager_r = results['jax'], results['torch']
+  results['jax_over_torch_eager_train'] = (
+      jax_r['train_images_per_second'] / eager_r['train_images_per_second'] if jax_r and eager_r else None)
+  results['jax_over_torch_eager_eval'] = (
+      jax_r['eval_images_per_second'] / eager_r['eval_images_per_second'] if jax_r and eager_r else None)
+  results['machine'] = {
+      'platform': platform.platform(), 'processor': platform.processor(), 'cpu_count': os.cpu_count(),
+      'python': platform.python_version(), 'jax': _version('jax'), 'jaxlib': _version('jaxlib'),
+      'flax': _version('flax'), 'torch': _version('torch'),
+      'devices': {_variant_key(v): ready[v]['devices'] for v in variants},
+      'backends': {_variant_key(v): ready[v]['backend'] for v in variants},
+  }
+  results['config'] = {'model': args.model, 'width': args.width, 'batch': args.batch,
+                       'eval_batch': args.eval_batch, 'dtype': args.dtype, 'steps': args.steps,
+                       'windows': args.windows, 'torch_modes': torch_modes,
+                       'torch_threads': args.torch_threads,
+                       'steps_per_epoch': STEPS_PER_EPOCH}
+
+  print(f'\n{args.model} width {args.width}, batch {args.batch} (eval {args.eval_batch}), {args.dtype}, '
+        f'{args.steps} steps x {args.windows} windows; medians:')
+  print(f'  {"variant":<20} {"train img/s":>12} {"eval img/s":>12} {"compile s":>10} {"peak MB":>9}')
+  for v in variants:
+    r = results[_variant_key(v)]
+    print(f'  {_variant_key(v):<20} {r["train_images_per_second"]:12.1f} '
+          f'{r["eval_images_per_second"]:12.1f} {r["compile_seconds"]:10.2f} {r["peak_memory_mb"]:9.0f}')
+  if results['jax_over_torch_eager_train'] is not None:
+    print(f'  jax / torch eager: train {results["jax_over_torch_eager_train"]:.2f}x, '
+          f'eval {results["jax_over_torch_eager_eval"]:.2f}x')
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=2)
+    print(f'wrote {args.json}')
+
+
+if __name__ == '__main__':
+  main()

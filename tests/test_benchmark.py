@@ -1,0 +1,38 @@
+"""scripts/benchmark.py end to end at a tiny size: the JSON it writes and its throughputs."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_writes_finite_positive_throughputs(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--model=resnet9', '--width=0.125',
+       '--batch=16', '--windows=2', '--steps=2', '--torch_modes=eager', f'--json={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  assert 'train img/s' in proc.stdout
+  result = json.loads(out.read_text())
+  assert {'jax', 'torch', 'torch_channels_last', 'torch_compile', 'machine', 'config',
+          'jax_over_torch_eager_train'} <= set(result)
+  assert result['torch_channels_last'] is None and result['torch_compile'] is None  # not asked for
+  for variant in ('jax', 'torch'):
+    r = result[variant]
+    for key in ('train_images_per_second', 'eval_images_per_second', 'compile_seconds', 'peak_memory_mb'):
+      assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (variant, key, r[key])
+    assert len(r['train_windows']) == len(r['eval_windows']) == 2
+    assert all(math.isfinite(x) and x > 0 for x in r['train_windows'] + r['eval_windows'])
+  ratio = result['jax_over_torch_eager_train']
+  assert math.isfinite(ratio) and ratio > 0
+  assert result['machine']['cpu_count'] == os.cpu_count()
+  assert result['config'] == {**result['config'], 'model': 'resnet9', 'batch': 16, 'windows': 2, 'steps': 2,
+                              'torch_modes': ['eager']}
