@@ -177,7 +177,7 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS) -> list[str]:
 
 
 def main(argv, flag_values: flags.FlagValues = FLAGS):
-  from cifar_jax import config_lib, input_pipeline, parallel, preemption, train  # pylint: disable=g-import-not-at-top
+  from cifar_jax import config_lib, cpu_backend, input_pipeline, parallel, preemption, train  # pylint: disable=g-import-not-at-top
 
   config, workdir, mode = flag_values.config, flag_values.workdir, flag_values.mode
   try:
@@ -185,7 +185,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
       raise config_lib.ConfigError(f'unexpected arguments {argv[1:]}; every option is --flag=value')
     # Everything checkable without the data is checked before anything is logged or compiled.
     config_lib.validate(config)
-    parallel.initialize_distributed(config.distributed)  # before anything touches a device
+    cpu_flags = cpu_backend.configure(config)  # before anything touches a device
+    parallel.initialize_distributed(config.distributed)
     if mode == 'train':
       config_lib.validate_devices(config, jax.device_count())
       config_lib.check_workdir(workdir)
@@ -193,8 +194,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
       raise config_lib.ConfigError(f'--workdir={workdir}: no such folder; --mode={mode} needs the '
                                    'workdir of a training run')
     logging.get_absl_handler().addFilter(_QuietLibraries())
-    logging.info('JAX %s, process %d/%d, devices: %s', jax.__version__, jax.process_index(),
-                 jax.process_count(), jax.devices())
+    logging.info('JAX %s, process %d/%d, devices: %s (XLA:CPU settings added: %s)', jax.__version__,
+                 jax.process_index(), jax.process_count(), jax.devices(), cpu_flags or 'none')
     if mode == 'train':
       train.train_and_evaluate(config, workdir)
     elif mode == 'evaluate':

@@ -4,7 +4,11 @@
   python scripts/benchmark.py --torch_modes=eager,channels_last,compile --dtype=bfloat16 --width=1
 
 Variants, each in its own subprocess:
-  jax                  the trainer's own jitted step (`train.train_step_on_device_data`, compiled by
+  jax                  the trainer's own jitted step, with the settings `cifar-jax` uses
+                       (cifar_jax/cpu_backend.py: on CPU, Eigen convolutions and one virtual device per
+                       core with the batch sharded over them; --jax_settings=one_device,plain add the
+                       same step on one device, and with XLA's own settings, as variants jax_one_device
+                       and jax_plain) (`train.train_step_on_device_data`, compiled by
                        `parallel.Parallel.compile` with the state donated, exactly as `train_and_evaluate`
                        does) on on-device uint8 synthetic images (crop + flip drawn on device), and
                        `train.evaluate_on_device_data` (one dispatch per window).
@@ -29,8 +33,11 @@ every variant alike; the median window is reported.
                    towards their CPU figure. `peak_memory_source` says which one was used;
                    `host_peak_rss_mb` is always the RSS.
 
-Future work (not implemented): --end_to_end, timing whole epochs through `train.train_and_evaluate` and
-`torch_reference.train_and_evaluate_torch` including the input pipeline, checkpointing and evaluation.
+--end_to_end=E runs `cifar-jax` itself (python -m cifar_jax.main) for E epochs of --end_to_end_steps
+steps on synthetic data after the windows, then times the bare step again; it reports the median
+per-epoch images/s the trainer logs after its first epoch (the training loop: on-device shuffling,
+crop, flip and the host loop included) against the bare step's median, and separately the rate with
+each epoch's eval and checkpoint included.
 """
 
 import argparse
@@ -48,11 +55,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_MODES = ('eager', 'channels_last', 'compile')
+JAX_SETTINGS = ('default', 'one_device', 'plain')
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
 
 
 def _variant_key(name: str) -> str:
-  return 'jax' if name == 'jax' else ('torch' if name == 'eager' else f'torch_{name}')
+  if name.startswith('jax'):
+    return 'jax' if name == 'jax:default' else name.replace(':', '_')
+  return 'torch' if name == 'eager' else f'torch_{name}'
 
 
 def _rss_mb() -> float:
@@ -86,15 +96,24 @@ def _serve(train_window, eval_window, memory) -> None:
       return
 
 
-def _jax_worker(args) -> None:
+def _jax_worker(args, setting: str) -> None:
+  """The trainer's step under `setting`: 'default' is what `cifar-jax` does (cpu_backend.configure)."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # share a GPU with the torch workers
   config = _config(args)
+  from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
+  if setting == 'default':
+    cpu_backend.configure(config)
+  elif setting == 'one_device':
+    config.cpu_devices = 1
+    cpu_backend.configure(config)
+  elif setting != 'plain':  # 'plain': XLA's own defaults on one device (before cpu_backend existed)
+    raise ValueError(f'unknown JAX setting {setting!r}; choose from {list(JAX_SETTINGS)}')
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cifar_jax import input_pipeline, parallel, train  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
-  par = parallel.create('jit', [device])
+  par = parallel.create(config.parallelism)  # every device, as train_and_evaluate
   n = STEPS_PER_EPOCH * args.batch
   data = input_pipeline.make_synthetic(n, args.steps * args.eval_batch)
   lr_fn, momentum_fn = train.create_schedules(config, STEPS_PER_EPOCH)
@@ -274,6 +293,36 @@ def _torch_worker(args, mode: str) -> None:
   _serve(train_window, eval_window, memory)
 
 
+def _end_to_end(args) -> dict:
+  """`cifar-jax` itself on synthetic data: the per-epoch images/s it logs (data pipeline included)."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  n = args.end_to_end_steps * args.batch
+  with tempfile.TemporaryDirectory() as workdir:
+    cmd = [sys.executable, '-m', 'cifar_jax.main', f'--config={ROOT}/configs/default.py',
+           f'--workdir={workdir}', f'--config.model.name={args.model}',
+           f'--config.model.width_multiplier={args.width}', f'--config.model.dtype={args.dtype}',
+           f'--config.batch_size={args.batch}', f'--config.eval_batch_size={args.eval_batch}',
+           f'--config.num_epochs={args.end_to_end}', '--config.data.source=synthetic',
+           f'--config.data.synthetic_train_size={n}', f'--config.data.synthetic_eval_size={args.eval_batch}',
+           '--config.schedule.name=constant', '--config.progress_bar=False']
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+      sys.exit(f'end to end: cifar-jax failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}')
+    with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+      records = [json.loads(line) for line in f]
+  epochs = [r['images_per_second'] for r in records]
+  walls = [n / (b['elapsed_seconds'] - a['elapsed_seconds']) for a, b in zip(records, records[1:])]
+  return {'command': ' '.join(cmd[1:]), 'epochs': args.end_to_end, 'steps_per_epoch': args.end_to_end_steps,
+          'epoch_images_per_second': epochs,
+          # the first epoch pays for warm-up; the rest are steady state
+          'train_images_per_second': statistics.median(epochs[1:] or epochs),
+          # epoch to epoch, eval and the checkpoint included
+          'wall_images_per_second': statistics.median(walls) if walls else None,
+          'process_seconds': wall, 'compile_seconds': records[0].get('compile_seconds')}
+
+
 def _version(package: str):
   try:
     return importlib.metadata.version(package)
@@ -296,13 +345,21 @@ def main() -> None:
                       help='torch.set_num_threads (default os.cpu_count(); on a loaded machine fewer '
                            'threads avoid OpenMP oversubscription)')
   parser.add_argument('--no_jax', action='store_true', help='torch variants only')
+  parser.add_argument('--jax_settings', default='default',
+                      help='comma-separated subset of ' + ','.join(JAX_SETTINGS) + ': default is what '
+                           'cifar-jax runs (cifar_jax/cpu_backend.py); one_device the same on one device; '
+                           "plain XLA's own settings on one device")
+  parser.add_argument('--end_to_end', type=int, default=0,
+                      help='> 0: also run cifar-jax itself for this many epochs on synthetic data and '
+                           "compare its per-epoch images/s with the bare step's")
+  parser.add_argument('--end_to_end_steps', type=int, default=40, help='steps per end-to-end epoch')
   parser.add_argument('--json', default='', help='write the results here')
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
   args.eval_batch = args.eval_batch or args.batch
   if args.worker:
-    if args.worker == 'jax':
-      _jax_worker(args)
+    if args.worker.startswith('jax:'):
+      _jax_worker(args, args.worker.split(':', 1)[1])
     else:
       _torch_worker(args, args.worker)
     return
@@ -311,7 +368,11 @@ def main() -> None:
   bad = [m for m in torch_modes if m not in TORCH_MODES]
   if bad:
     parser.error(f'--torch_modes: unknown {bad}; choose from {list(TORCH_MODES)}')
-  variants = ([] if args.no_jax else ['jax']) + torch_modes
+  jax_settings = [] if args.no_jax else [x for x in args.jax_settings.split(',') if x]
+  bad = [x for x in jax_settings if x not in JAX_SETTINGS]
+  if bad:
+    parser.error(f'--jax_settings: unknown {bad}; choose from {list(JAX_SETTINGS)}')
+  variants = [f'jax:{x}' for x in jax_settings] + torch_modes
   if not variants:
     parser.error('nothing to run')
   common = [f'--model={args.model}', f'--width={args.width}', f'--batch={args.batch}',
@@ -346,6 +407,15 @@ def main() -> None:
       print(f'window {window + 1}: ' + ', '.join(
           f'{_variant_key(v)} train {rates[v]["train"][-1]:.0f} eval {rates[v]["eval"][-1]:.0f}'
           for v in variants), flush=True)
+    end_to_end = None
+    if args.end_to_end and 'jax:default' in variants:
+      end_to_end = _end_to_end(args)
+      print(f'end to end: cifar-jax epochs at {", ".join(f"{x:.0f}" for x in end_to_end["epoch_images_per_second"])} '
+            'img/s', flush=True)
+      for _ in range(args.windows):  # the bare step again, right after, on the same machine state
+        rates['jax:default']['train'].append(args.steps * args.batch / ask('jax:default', 'train')['seconds'])
+      print('bare step again: ' + ', '.join(f'{x:.0f}' for x in rates['jax:default']['train'][-args.windows:]),
+            flush=True)
     memory = {v: ask(v, 'done') for v in variants}
   finally:
     for proc in procs.values():
@@ -357,7 +427,7 @@ def main() -> None:
       except subprocess.TimeoutExpired:
         proc.kill()
 
-  results = {_variant_key(v): None for v in ['jax'] + list(TORCH_MODES)}
+  results = {_variant_key(v): None for v in ['jax:default'] + list(TORCH_MODES)}
   for v in variants:
     results[_variant_key(v)] = {
         'train_images_per_second': statistics.median(rates[v]['train']),
@@ -375,6 +445,10 @@ def main() -> None:
       jax_r['train_images_per_second'] / eager_r['train_images_per_second'] if jax_r and eager_r else None)
   results['jax_over_torch_eager_eval'] = (
       jax_r['eval_images_per_second'] / eager_r['eval_images_per_second'] if jax_r and eager_r else None)
+  if end_to_end:
+    end_to_end['over_bare_step'] = (end_to_end['train_images_per_second'] /
+                                    results['jax']['train_images_per_second'])
+  results['end_to_end'] = end_to_end
   results['machine'] = {
       'platform': platform.platform(), 'processor': platform.processor(), 'cpu_count': os.cpu_count(),
       'python': platform.python_version(), 'jax': _version('jax'), 'jaxlib': _version('jaxlib'),
@@ -385,7 +459,7 @@ def main() -> None:
   results['config'] = {'model': args.model, 'width': args.width, 'batch': args.batch,
                        'eval_batch': args.eval_batch, 'dtype': args.dtype, 'steps': args.steps,
                        'windows': args.windows, 'torch_modes': torch_modes,
-                       'torch_threads': args.torch_threads,
+                       'torch_threads': args.torch_threads, 'jax_settings': jax_settings,
                        'steps_per_epoch': STEPS_PER_EPOCH}
 
   print(f'\n{args.model} width {args.width}, batch {args.batch} (eval {args.eval_batch}), {args.dtype}, '
@@ -398,6 +472,10 @@ def main() -> None:
   if results['jax_over_torch_eager_train'] is not None:
     print(f'  jax / torch eager: train {results["jax_over_torch_eager_train"]:.2f}x, '
           f'eval {results["jax_over_torch_eager_eval"]:.2f}x')
+  if end_to_end:
+    print(f'  cifar-jax end to end (median epoch after the first): '
+          f'{end_to_end["train_images_per_second"]:.1f} img/s, {end_to_end["over_bare_step"]:.2f}x the bare '
+          f'step; with eval and checkpoints {end_to_end["wall_images_per_second"] or float("nan"):.1f} img/s')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump(results, f, indent=2)

@@ -9,6 +9,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
+# The in-process tests run XLA:CPU with the convolution setting `cifar-jax` uses (cifar_jax/cpu_backend.py),
+# so the torch parity checks cover it; the device count stays JAX's default (one CPU device).
+from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if cpu_backend.YNN_FLAG not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {cpu_backend.EIGEN_CONVOLUTIONS}".strip()
+
 
 @pytest.fixture
 def tiny_config():
