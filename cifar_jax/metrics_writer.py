@@ -3,6 +3,7 @@
 import json
 import os
 
+from absl import logging
 import tqdm
 
 METRICS_FILE = 'metrics.jsonl'
@@ -33,8 +34,12 @@ class MetricsWriter:
     os.replace(tmp, self.path)
     self._tb = None
     if tensorboard:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      except ImportError:  # a machine without it (pip install tensorboardX): metrics.jsonl is the record
+        logging.warning('tensorboardX is not installed: no TensorBoard events, metrics.jsonl only.')
+      else:
+        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
 
   def write(self, record: dict) -> None:
     with open(self.path, 'a') as f:
