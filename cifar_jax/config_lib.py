@@ -104,8 +104,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _positive(config.batch_size, 'batch_size', integer=True)
   _positive(config.eval_batch_size, 'eval_batch_size', integer=True)
   _choice(config.get('parallelism', 'jit'), 'parallelism', PARALLELISM_NAMES)
-  _require(config.get('cpu_devices', 0) >= 0,
-           f"cpu_devices must be 0 (one per core) or a device count, got {config.get('cpu_devices')}")
+  _require(config.get('cpu_devices', 1) >= 1,
+           f"cpu_devices must be a device count >= 1, got {config.get('cpu_devices')}")
   _positive(config.optimizer.lr, 'optimizer.lr')
   _require(0.0 <= config.optimizer.momentum < 1.0,
            f'optimizer.momentum must be in [0, 1), got {config.optimizer.momentum}')

@@ -93,9 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Data parallelism over every visible device (README, "Multi-GPU and multi-host"); the global batch,
   # its order, augmentation and BatchNorm statistics are the same on any number of devices.
   config.parallelism = 'jit'  # jit (one program over a device mesh) | pmap (per-device program)
-  # JAX on the CPU: this many virtual devices (cifar_jax/cpu_backend.py); 0 = one per core for jit in
-  # one process when batch_size divides (else fewer), 1 = a single device using every core.
-  config.cpu_devices = 0
+  # JAX on the CPU: > 1 splits it into this many virtual devices, the batch sharded over them
+  # (cifar_jax/cpu_backend.py). 1 (one device on every core) measured faster (BENCHMARKS.md).
+  config.cpu_devices = 1
   # Multi-process runs (jax.distributed): unset fields ('', 0, -1) fall back to JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES, JAX_PROCESS_ID, then to jax's Slurm / Open MPI detection; none set: one process.
   config.distributed = ml_collections.ConfigDict()
