@@ -14,6 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
   # > 1: train seeds seed, seed + 1, .., seed + num_seeds - 1 together, one vmap-ed step for all (README,
   # "Many seeds in one run"); seed i is the run `seed + i` would be. Metrics gain _mean, _std, _per_seed.
+  # parallelism=jit only (see seed_devices); pmap and multi-process runs refuse num_seeds > 1.
   config.num_seeds = 1
   config.num_epochs = 50
   config.batch_size = 128
