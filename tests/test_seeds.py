@@ -6,7 +6,9 @@ tiny ResNet9 the largest differences are 1.2e-7 on params and 2.4e-7 on BatchNor
 allow rtol 1e-5 + atol 1e-5, while a wrong key, batch or BatchNorm axis moves values by 1e-3 or more.
 """
 
+import os
 import statistics
+import sys
 
 import chex
 import jax
@@ -14,11 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cifar_jax import config_lib
-from cifar_jax import input_pipeline
-from cifar_jax import metrics_writer
-from cifar_jax import parallel
-from cifar_jax import train
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # also run as a script: the two-device subprocess
+  sys.path.insert(0, ROOT)
+
+from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 K = 3
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -204,3 +210,48 @@ def test_resuming_an_old_single_seed_run_is_not_a_change(tmp_path, tiny_config):
   tiny_config.num_seeds = 2
   structural, _ = config_lib.compare_with_saved(tiny_config, old)
   assert structural == ['num_seeds: 1 -> 2']
+
+
+# Two devices: seeds split over the mesh, or each batch split; the device count is fixed when JAX starts,
+# so these runs happen in a subprocess of this file with 2 virtual CPU devices.
+
+
+def _two_device_worker(out_dir: str) -> None:
+  import json  # pylint: disable=g-import-not-at-top
+  results = {}
+  for seed_devices in (2, 1):
+    config = _config(_tiny(), 2)
+    config.seed_devices = seed_devices
+    state = train.train_and_evaluate(config, os.path.join(out_dir, f'seed_devices_{seed_devices}'))
+    par = parallel.create('jit', num_seeds=2, seed_devices=seed_devices)
+    results[seed_devices] = {'mesh': dict(par.mesh.shape),
+                             'params_spec': list(jax.tree.leaves(state.params)[0].sharding.spec)}
+    np.savez(os.path.join(out_dir, f'params_{seed_devices}.npz'),
+             *[np.asarray(x) for x in jax.tree.leaves((state.params, state.batch_stats))])
+  with open(os.path.join(out_dir, 'results.json'), 'w') as f:
+    json.dump(results, f)
+
+
+@pytest.mark.slow
+def test_two_devices_split_seeds_or_batches_and_match_one_device(k_run, tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  result = subprocess.run([sys.executable, os.path.abspath(__file__), str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  results = json.load(open(tmp_path / 'results.json'))
+  assert results['2']['mesh'] == {'seeds': 2, 'data': 1} and results['1']['mesh'] == {'seeds': 1,
+                                                                                       'data': 2}
+  assert results['2']['params_spec'][0] == 'seeds'  # each device holds its own seed's params
+  # Seeds 0 and 1 of the one-device k = 3 run.
+  reference = [np.asarray(x)[:2] for x in jax.tree.leaves((k_run['state'].params,
+                                                          k_run['state'].batch_stats))]
+  for seed_devices in (2, 1):
+    arrays = np.load(tmp_path / f'params_{seed_devices}.npz')
+    for i, expected in enumerate(reference):
+      np.testing.assert_allclose(arrays[f'arr_{i}'], expected, **TOLERANCE)
+
+
+if __name__ == '__main__':
+  _two_device_worker(sys.argv[1])
