@@ -101,6 +101,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _positive(config.data.synthetic_train_size, 'data.synthetic_train_size', integer=True)
     _positive(config.data.synthetic_eval_size, 'data.synthetic_eval_size', integer=True)
   _positive(config.num_epochs, 'num_epochs', integer=True)
+  _validate_seeds(config)
   _positive(config.batch_size, 'batch_size', integer=True)
   _positive(config.eval_batch_size, 'eval_batch_size', integer=True)
   _choice(config.get('parallelism', 'jit'), 'parallelism', PARALLELISM_NAMES)
@@ -117,6 +118,19 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int_at_least(config.checkpoint_every_steps, 'checkpoint_every_steps', 0, ' (0 = every epoch)')
   _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
   _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
+
+
+def _validate_seeds(config: ml_collections.ConfigDict) -> None:
+  """num_seeds > 1 runs under jit in one process; plateau and every other schedule work per seed."""
+  num_seeds = config.get('num_seeds', 1)
+  _positive(num_seeds, 'num_seeds', integer=True)
+  _int_at_least(config.get('seed_devices', 0), 'seed_devices', 0, ' (0 = automatic)')
+  if num_seeds > 1:
+    _require(config.get('parallelism', 'jit') == 'jit',
+             f'num_seeds={num_seeds} needs parallelism=jit (a 2-D mesh of seeds and batch shards); '
+             f"parallelism={config.parallelism} trains one seed a run")
+    _require(config.distributed.num_processes <= 1,
+             f'num_seeds={num_seeds} runs in one process; set distributed.num_processes=0 or num_seeds=1')
 
 
 def _validate_schedule(s: ml_collections.ConfigDict) -> None:
@@ -182,9 +196,14 @@ def _validate_swa(config: ml_collections.ConfigDict) -> None:
 def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:
   """Checks, before the data loads, that the batch splits evenly over `device_count` devices.
 
-  The same check as `parallel.check_batch_sizes` (which also checks the last batch of an epoch).
+  The same check as `parallel.check_batch_sizes` (which also checks the last batch of an epoch). With
+  num_seeds > 1 the batch splits over the mesh's 'data' axis only.
   """
+  from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
+
   batch_size, n = config.batch_size, device_count
+  if config.get('num_seeds', 1) > 1:
+    n = parallel.seed_mesh_shape(config.num_seeds, config.get('seed_devices', 0), device_count)[1]
   if n > 1 and batch_size % n:
     lower, upper = (batch_size // n) * n, (batch_size // n + 1) * n
     options = f'{lower} or {upper}' if lower else f'{upper}'
@@ -247,7 +266,9 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 # Fields whose change makes a checkpoint unusable (its arrays would not fit), and fields whose change a
 # resumed run should announce (it continues, but no longer as the run that was started).
-STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled')
+STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
+# Fields added after runs were saved without them: their value then, for the comparison.
+ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
                       'swa.', 'parallelism')
 
@@ -276,8 +297,8 @@ def saved_config(workdir: str) -> dict | None:
 def compare_with_saved(config: ml_collections.ConfigDict, saved: dict) -> tuple[list[str], list[str]]:
   """(structural differences, other differences that matter) between `config` and a saved config."""
   import json  # pylint: disable=g-import-not-at-top
-  new = _flatten(json.loads(config.to_json_best_effort()))
-  old = _flatten(saved)
+  new = {**ABSENT_DEFAULTS, **_flatten(json.loads(config.to_json_best_effort()))}
+  old = {**ABSENT_DEFAULTS, **_flatten(saved)}
   structural, announced = [], []
   for name in sorted(set(new) | set(old)):
     if new.get(name) == old.get(name):

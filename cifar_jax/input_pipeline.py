@@ -263,7 +263,9 @@ def load_dataset(data_config, seed: int = 0) -> Dataset:
   elif source == 'tfds':
     arrays = load_tfds(data_config.data_dir)
   elif source == 'synthetic':
-    arrays = make_synthetic(data_config.synthetic_train_size, data_config.synthetic_eval_size, seed)
+    synthetic_seed = data_config.get('synthetic_seed', -1)
+    arrays = make_synthetic(data_config.synthetic_train_size, data_config.synthetic_eval_size,
+                            seed if synthetic_seed < 0 else synthetic_seed)
   else:
     raise DataError(f'data.source must be one of {list(SOURCES)}, got {source!r}')
 

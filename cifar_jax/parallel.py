@@ -17,6 +17,12 @@ epoch's last partial batch that the devices do not divide runs unsharded under j
 all of it, so its BatchNorm statistics stay exact); under pmap it is an error unless
 `data.drop_remainder`. Eval batches are padded to a multiple of the device count, the padding masked.
 
+Several seeds (`num_seeds` = k > 1, jit only): the state, the epoch's permutations and the data keys carry
+a leading axis of k and every step is `jax.vmap`-ed over it (`seeded`). The mesh is then 2-D,
+('seeds', 'data'): `seed_mesh_shape` puts s devices along 'seeds' (each trains k / s of the models, with no
+communication between them) and splits each model's batch over the other n / s; the vmap's
+`spmd_axis_name` maps its seed axis onto 'seeds', so `shard_batch`'s constraint becomes P('seeds', 'data').
+
 Across processes (`jax.distributed`), every process holds the whole dataset, computes the same global
 batch indices and runs the same program; each device computes only its shard. Checkpoints hold the state
 as one globally replicated pytree (`to_checkpoint_layout`), so they restore on any number of devices.
@@ -34,6 +40,7 @@ import numpy as np
 from cifar_jax import config_lib
 
 DATA_AXIS = 'data'  # the mesh axis (jit) and the pmap axis_name that the batch is split over
+SEED_AXIS = 'seeds'  # num_seeds > 1: the mesh axis the independent models are split over
 MODES = ('jit', 'pmap')
 # Read when the config leaves a field unset; jax.distributed.initialize itself reads only the address.
 ENV_COORDINATOR_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
@@ -101,10 +108,16 @@ class Parallel:
 
   mode: str
   mesh: Mesh
+  num_seeds: int = 1  # > 1: states carry a leading seed axis and the steps are vmap-ed over it
 
   @property
   def num_devices(self) -> int:
     return self.mesh.devices.size
+
+  @property
+  def data_devices(self) -> int:
+    """The devices one model's batch is split over (all of them, unless seeds are split too)."""
+    return self.mesh.shape[DATA_AXIS]
 
   @property
   def axis_name(self) -> str | None:
@@ -154,6 +167,16 @@ class Parallel:
 
     return jax.tree.map(put, tree)
 
+  def place_seeds(self, tree):
+    """Host values with a leading axis of num_seeds, split over the mesh's 'seeds' axis."""
+    sharding = NamedSharding(self.mesh, P(SEED_AXIS))
+
+    def put(x):
+      x = _host_array(x)
+      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
   def _put_stacked(self, tree):
     sharding = NamedSharding(self._local_mesh, P(DATA_AXIS))
     copies = jax.local_device_count()
@@ -185,10 +208,13 @@ class Parallel:
 
   @property
   def eval_batch_multiple(self) -> int:
-    return self.num_devices
+    return self.data_devices
 
   def host(self, tree):
     """Numpy values of one replica of a tree in the steps' layout (metrics, the step count)."""
+    if self.num_seeds > 1:  # split over 'seeds': gather every seed (one process)
+      return jax.tree.map(np.asarray, tree)
+
     def get(x):
       data = np.asarray(x.addressable_shards[0].data)
       return data[0] if self.mode == 'pmap' else data
@@ -201,7 +227,7 @@ class Parallel:
     """This device's part of a global batch (a tree of arrays with the batch axis first)."""
     size = jax.tree.leaves(batch)[0].shape[0]
     if self.mode == 'jit':
-      if size % self.num_devices:  # the last partial batch: every device computes all of it
+      if size % self.data_devices:  # the last partial batch: every device computes all of it
         return batch
       return jax.lax.with_sharding_constraint(batch, NamedSharding(self.mesh, P(DATA_AXIS)))
     per_device = size // self.num_devices
@@ -209,6 +235,12 @@ class Parallel:
     return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, per_device), batch)
 
   # Wrapping -----------------------------------------------------------------------------------------
+
+  def seeded(self, fn, in_axes=0):
+    """`fn` over every seed: vmap-ed over the leading seed axis (`in_axes` as jax.vmap's), or itself."""
+    if self.num_seeds == 1:
+      return fn
+    return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=SEED_AXIS)
 
   def compile(self, fn, *args, donate_argnums=(), in_axes=0):
     """`fn` compiled for `args` (in the steps' layout); every output comes back replicated.
@@ -219,20 +251,36 @@ class Parallel:
     (None) among arrays with a device axis (0).
     """
     if self.mode == 'jit':
-      return jax.jit(fn, out_shardings=self.replicated, donate_argnums=donate_argnums).lower(
-          *args).compile()
+      # With seeds every output has the leading seed axis (`seeded`), split like the inputs.
+      out = self.replicated if self.num_seeds == 1 else NamedSharding(self.mesh, P(SEED_AXIS))
+      return jax.jit(fn, out_shardings=out, donate_argnums=donate_argnums).lower(*args).compile()
     pmapped = jax.pmap(fn, axis_name=DATA_AXIS, in_axes=in_axes, donate_argnums=donate_argnums)
     if jax.process_count() == 1:  # across processes pmap cannot lower ahead; its first call compiles
       pmapped.lower(*args).compile()  # fills pmap's cache: the calls that follow do not compile
     return pmapped
 
 
-def create(parallelism: str, devices=None) -> Parallel:
+def create(parallelism: str, devices=None, num_seeds: int = 1, seed_devices: int = 0) -> Parallel:
   """The layout of a run over `devices` (default: all devices of all processes)."""
   if parallelism not in MODES:
     raise config_lib.ConfigError(f'parallelism must be one of {list(MODES)}, got {parallelism!r}')
   devices = jax.devices() if devices is None else devices
-  return Parallel(parallelism, Mesh(np.array(devices), (DATA_AXIS,)))
+  if num_seeds == 1:
+    return Parallel(parallelism, Mesh(np.array(devices), (DATA_AXIS,)))
+  if parallelism != 'jit':
+    raise config_lib.ConfigError(f'num_seeds={num_seeds} needs parallelism=jit, got {parallelism!r}')
+  shape = seed_mesh_shape(num_seeds, seed_devices, len(devices))
+  return Parallel(parallelism, Mesh(np.array(devices).reshape(shape), (SEED_AXIS, DATA_AXIS)), num_seeds)
+
+
+def seed_mesh_shape(num_seeds: int, seed_devices: int, num_devices: int) -> tuple[int, int]:
+  """(devices along 'seeds', devices along 'data'); `seed_devices` 0 = gcd(num_seeds, num_devices)."""
+  s = seed_devices or np.gcd(num_seeds, num_devices)
+  if num_seeds % s or num_devices % s:
+    raise config_lib.ConfigError(
+        f'seed_devices={seed_devices} must divide both num_seeds={num_seeds} and the device count '
+        f'{num_devices}; use 0 (automatic: {np.gcd(num_seeds, num_devices)})')
+  return int(s), num_devices // int(s)
 
 
 def check_batch_sizes(mode: str, num_devices: int, batch_size: int, num_examples: int,

@@ -6,6 +6,7 @@ hyperparameters bound by `functools.partial`, so tests and notebooks can call th
 
 import functools
 import os
+import statistics
 import time
 from typing import Any
 
@@ -92,6 +93,29 @@ def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model:
   if config.swa.enabled:
     state = swa.init_swa(state)
   return state
+
+
+def stack_seeds(trees):
+  """One tree of numpy arrays with a leading seed axis from k trees of the same structure."""
+  leaves = [jax.tree.leaves(t) for t in trees]
+  return jax.tree.unflatten(jax.tree.structure(trees[0]),
+                            [np.stack([np.asarray(x) for x in xs]) for xs in zip(*leaves)])
+
+
+def unstack_seed(tree, index: int):
+  """Seed `index`'s tree out of a tree with a leading seed axis."""
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+def create_seed_states(config: ml_collections.ConfigDict, model: models.ResNet, learning_rate_fn,
+                       momentum_fn=None) -> TrainState:
+  """The fresh TrainState of each of `config.num_seeds` seeds, stacked (seed i: `run_keys(seed + i)`).
+
+  Each seed is initialised exactly as its single-seed run is (eagerly, from its own key), then stacked.
+  """
+  return stack_seeds([
+      create_train_state(run_keys(config.seed + i)[0], config, model, learning_rate_fn, momentum_fn)
+      for i in range(config.num_seeds)])
 
 
 # Schedules --------------------------------------------------------------------------------------------
@@ -331,6 +355,26 @@ def summarize(sums) -> dict[str, float]:
           'accuracy': float(sums['correct']) / max(count, 1.0)}
 
 
+def summarize_seeds(sums) -> list[dict[str, float]]:
+  """`summarize` of each seed of sums with a leading seed axis."""
+  sums = jax.device_get(sums)
+  return [summarize(unstack_seed(sums, i)) for i in range(np.shape(sums['count'])[0])]
+
+
+def seed_metrics(name: str, values: list[float]) -> dict:
+  """{name: v} for one seed; for several, the per-seed list, mean, sample std (ddof=1), and name = mean."""
+  if len(values) == 1:
+    return {name: values[0]}
+  mean = statistics.fmean(values)
+  return {name: mean, f'{name}_mean': mean, f'{name}_std': statistics.stdev(values),
+          f'{name}_per_seed': list(values)}
+
+
+def mean_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
+  """The seeds' mean loss and accuracy (what the progress bar shows)."""
+  return {key: statistics.fmean(s[key] for s in summaries) for key in ('loss', 'accuracy')}
+
+
 # Checkpoints ------------------------------------------------------------------------------------------
 
 
@@ -417,9 +461,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   """
   config_lib.validate(config)
   parallel.initialize_distributed(config.distributed)
-  par = parallel.create(config.parallelism)
+  num_seeds = config.num_seeds
+  par = parallel.create(config.parallelism, num_seeds=num_seeds, seed_devices=config.seed_devices)
   logging.info('parallelism=%s: batch %d over %d devices (%d processes)', par.mode,
-               config.batch_size, par.num_devices, jax.process_count())
+               config.batch_size, par.data_devices, jax.process_count())
+  if num_seeds > 1:
+    logging.info('%d seeds (%d..%d) in one vmap-ed step, mesh %s', num_seeds, config.seed,
+                 config.seed + num_seeds - 1, dict(par.mesh.shape))
   os.makedirs(workdir, exist_ok=True)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)
@@ -428,26 +476,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     raise config_lib.ConfigError(
         f'batch_size={config.batch_size} exceeds the {dataset.num_train} training examples with '
         'data.drop_remainder=True')
-  parallel.check_batch_sizes(par.mode, par.num_devices, config.batch_size, dataset.num_train,
+  parallel.check_batch_sizes(par.mode, par.data_devices, config.batch_size, dataset.num_train,
                              config.data.drop_remainder)
   num_steps = config.num_epochs * spe
   config_lib.validate_against_run(config, spe)
 
   lr_fn, momentum_fn = create_schedules(config, spe)
-  plateau = None
+  plateaus = None  # one controller per seed
   if config.schedule.name == 'plateau':
     s = config.schedule
-    plateau = schedules.PlateauController(
+    plateaus = [schedules.PlateauController(
         config.optimizer.lr, mode=s.plateau_mode, factor=s.factor, patience=s.patience,
         threshold=s.threshold, threshold_mode=s.threshold_mode, cooldown=s.cooldown, min_lr=s.min_lr)
+                for _ in range(num_seeds)]
     lr_fn = config.optimizer.lr  # a plain hyperparameter the host rewrites each epoch
 
   model = create_model(config.model, axis_name=par.axis_name)
-  init_key, data_key = run_keys(config.seed)
   # Checkpoints hold the state replicated over the devices, whatever their number: restoring onto this
-  # run's devices is restoring into that layout; the steps then take it in theirs.
-  state = par.replicate(create_train_state(init_key, config, model, lr_fn, momentum_fn))
-  acc = par.replicate(init_train_metrics())
+  # run's devices is restoring into that layout; the steps then take it in theirs. With several seeds
+  # every per-seed tree (state, metric sums, keys) has a leading seed axis, split over the mesh's 'seeds'.
+  if num_seeds == 1:
+    init_key, data_key = run_keys(config.seed)
+    per_seed = par.replicate
+    state = per_seed(create_train_state(init_key, config, model, lr_fn, momentum_fn))
+    fresh_metrics = init_train_metrics
+    recalibration_key = jax.random.fold_in(data_key, RECALIBRATION_SALT)
+  else:
+    data_keys = [run_keys(config.seed + i)[1] for i in range(num_seeds)]
+    per_seed = par.place_seeds
+    state = per_seed(create_seed_states(config, model, lr_fn, momentum_fn))
+    fresh_metrics = lambda: stack_seeds([init_train_metrics()] * num_seeds)
+    data_key = stack_seeds(data_keys)
+    recalibration_key = stack_seeds([jax.random.fold_in(k, RECALIBRATION_SALT) for k in data_keys])
+  acc = per_seed(fresh_metrics())
   manager = checkpoint_manager(workdir, config)
   changed = config_lib.check_resume(config, workdir, bool(manager.all_steps()))
   if changed and par.is_main_process:
@@ -459,9 +520,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   if restored is not None:
     state, acc, extra = restored
     state, acc = par.to_step_layout(state), par.to_step_layout(acc)
-    if plateau is not None and 'plateau' in extra:
-      plateau.load_state_dict(extra['plateau'])
-  start_step = int(par.host(state.step))
+    if plateaus is not None and 'plateau' in extra:
+      saved = extra['plateau'] if num_seeds > 1 else [extra['plateau']]
+      for plateau, state_dict in zip(plateaus, saved):
+        plateau.load_state_dict(state_dict)
+  start_step = _scalar(par.host(state.step))
   writer = None
   if par.is_main_process:
     writer = metrics_writer.MetricsWriter(workdir, truncate_after_step=start_step)
@@ -481,40 +544,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   train_labels = par.replicate(dataset.train_labels)
   eval_arrays = par.shard_eval_arrays(batched_eval_arrays(
       dataset.eval_images, dataset.eval_labels, config.eval_batch_size, par.eval_batch_multiple))
-  recalibration_key = jax.random.fold_in(data_key, RECALIBRATION_SALT)
-  data_key, recalibration_key = par.replicate((data_key, recalibration_key))
+  data_key, recalibration_key = per_seed((data_key, recalibration_key))
   n = dataset.num_train
   compile_start = time.perf_counter()
   sizes = sorted({min(config.batch_size, n - i * config.batch_size) for i in range(spe)})
-  perm_fn = par.compile(functools.partial(input_pipeline.epoch_permutation, num_examples=n),
+  # Under several seeds each step is vmap-ed: per-seed arguments on axis 0, shared ones (None) not.
+  perm_fn = par.compile(par.seeded(functools.partial(input_pipeline.epoch_permutation, num_examples=n),
+                                   in_axes=(0, None)),
                         data_key, 0, in_axes=(0, None))
   first_perm = perm_fn(data_key, 0)
   step_fn = functools.partial(train_step_on_device_data, steps_per_epoch=spe,
                               batch_size=config.batch_size, augment=config.data.augment,
                               axis_name=par.axis_name, shard_batch=par.shard_batch)
-  p_train = {size: par.compile(functools.partial(step_fn, size=size), state, acc, train_images,
-                               train_labels, first_perm, data_key, donate_argnums=(0, 1))
+  p_train = {size: par.compile(par.seeded(functools.partial(step_fn, size=size),
+                                          in_axes=(0, 0, None, None, 0, 0)),
+                               state, acc, train_images, train_labels, first_perm, data_key,
+                               donate_argnums=(0, 1))
              for size in sizes}
-  p_eval = par.compile(functools.partial(evaluate_on_device_data, axis_name=par.axis_name),
+  eval_axes = (0, None, None, None)
+  p_eval = par.compile(par.seeded(functools.partial(evaluate_on_device_data, axis_name=par.axis_name),
+                                  in_axes=eval_axes),
                        state, *eval_arrays)
   swa_config = config.swa
   if swa_config.enabled:
     swa_start_step = swa_config.start_epoch * spe
-    p_swa_update = par.compile(functools.partial(swa.update_swa, decay=swa_config.decay), state,
-                               donate_argnums=0)
-    p_swa_eval = par.compile(
+    p_swa_update = par.compile(par.seeded(functools.partial(swa.update_swa, decay=swa_config.decay)),
+                               state, donate_argnums=0)
+    p_swa_eval = par.compile(par.seeded(
         functools.partial(evaluate_on_device_data, use_swa=True, axis_name=par.axis_name),
-        state, *eval_arrays)
+        in_axes=eval_axes), state, *eval_arrays)
     # torch's update_bn: the batches of a training epoch (spe of them), each weighted equally.
     p_recalibrate = {
         size: par.compile(
-            functools.partial(recalibration_step_on_device_data, model=model.clone(bn_momentum=1.0),
-                              batch_size=config.batch_size, size=size,
-                              augment=swa_config.recalibration_augment, shard_batch=par.shard_batch),
+            par.seeded(functools.partial(
+                recalibration_step_on_device_data, model=model.clone(bn_momentum=1.0),
+                batch_size=config.batch_size, size=size, augment=swa_config.recalibration_augment,
+                shard_batch=par.shard_batch), in_axes=(0, 0, None, None, 0, 0, None, None)),
             state.swa_params, state.batch_stats, train_images, train_labels, first_perm,
             recalibration_key, 0, 0, in_axes=(0,) * 6 + (None, None))
         for size in (sizes if jax.tree.leaves(state.batch_stats) else ())}
-    reset_batch_stats = par.replicate(swa.reset_batch_stats(par.host(state.batch_stats)))
+    reset_batch_stats = per_seed(swa.reset_batch_stats(par.host(state.batch_stats)))
   del first_perm
   compile_seconds = time.perf_counter() - compile_start
   logging.info('Compiled in %.1f s (batch sizes %s).', compile_seconds, sizes)
@@ -525,9 +594,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     for epoch in range(start_step // spe, config.num_epochs):
       perm = perm_fn(data_key, epoch)
       first = start_step - epoch * spe if epoch == start_step // spe else 0
-      count_before = float(par.host(acc['count']))
+      count_before = float(np.sum(par.host(acc['count'])))  # every seed's images
       epoch_start = time.perf_counter()
-      bar = metrics_writer.ProgressBar(spe, first, epoch, config.num_epochs, config.batch_size,
+      bar = metrics_writer.ProgressBar(spe, first, epoch, config.num_epochs,
+                                       config.batch_size * num_seeds,
                                        config.progress_bar and par.is_main_process)
       for i in range(first, spe):
         size = min(config.batch_size, n - i * config.batch_size)
@@ -536,25 +606,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         if stop.signum is not None and i + 1 < spe:  # at an epoch's end, the epoch finishes first
           _check_finite(par.host(acc), config, spe)
           save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
-                          _extra(plateau, run_start))
+                          _extra(plateaus, run_start))
           raise preemption.Preempted(stop.signum, step, workdir)
         if (swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
             and (step - swa_start_step) % swa_config.update_every_steps == 0):
           state = p_swa_update(state)
         if config.log_every_steps and (i + 1) % config.log_every_steps == 0 and i + 1 < spe:
           _check_finite(par.host(acc), config, spe)
-          bar.update(summarize(par.host(acc)), i + 1, time.perf_counter() - epoch_start)
+          bar.update(_summary(par.host(acc), num_seeds), i + 1, time.perf_counter() - epoch_start)
         if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
             and step % spe != 0):
           _check_finite(par.host(acc), config, spe)
           save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
-                          _extra(plateau, run_start))
+                          _extra(plateaus, run_start))
       host_acc = par.host(acc)
-      train = summarize(host_acc)
+      train = _per_seed_summaries(host_acc, num_seeds)
       _check_finite(host_acc, config, spe)
       train_seconds = time.perf_counter() - epoch_start
-      images_seen = float(host_acc['count']) - count_before  # the global batches, all devices together
-      bar.update(train, spe, train_seconds)
+      # The global batches, all devices and all seeds together.
+      images_seen = float(np.sum(host_acc['count'])) - count_before
+      bar.update(mean_summary(train), spe, train_seconds)
       bar.close()
 
       swa_record = {}
@@ -567,31 +638,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 p_recalibrate, state.swa_params, reset_batch_stats, train_images, train_labels,
                 perm_fn(recalibration_key, epoch), recalibration_key, epoch=epoch,
                 batch_size=config.batch_size, num_examples=n, num_batches=spe))
-          swa_ev = summarize(par.host(p_swa_eval(state, *eval_arrays)))
-          swa_record = {'swa_eval_loss': swa_ev['loss'], 'swa_eval_accuracy': swa_ev['accuracy']}
-        swa_record['swa_count'] = int(par.host(state.swa_count))
+          swa_ev = _per_seed_summaries(par.host(p_swa_eval(state, *eval_arrays)), num_seeds)
+          swa_record = {**seed_metrics('swa_eval_loss', [e['loss'] for e in swa_ev]),
+                        **seed_metrics('swa_eval_accuracy', [e['accuracy'] for e in swa_ev])}
+        swa_record['swa_count'] = _scalar(par.host(state.swa_count))
 
-      ev = summarize(par.host(p_eval(state, *eval_arrays)))
+      ev = _per_seed_summaries(par.host(p_eval(state, *eval_arrays)), num_seeds)
       hyper = par.host(state.opt_state.hyperparams)
+      lrs = np.asarray(hyper['learning_rate'], np.float64).reshape(-1).tolist()
       record = {
           'epoch': epoch + 1, 'step': epoch * spe + spe,
-          'train_loss': train['loss'], 'train_accuracy': train['accuracy'],
-          'eval_loss': ev['loss'], 'eval_accuracy': ev['accuracy'],
-          'learning_rate': float(hyper['learning_rate']), 'momentum': float(hyper['momentum']),
+          **seed_metrics('train_loss', [t['loss'] for t in train]),
+          **seed_metrics('train_accuracy', [t['accuracy'] for t in train]),
+          **seed_metrics('eval_loss', [e['loss'] for e in ev]),
+          **seed_metrics('eval_accuracy', [e['accuracy'] for e in ev]),
+          'learning_rate': lrs[0],  # the same for every seed unless ReduceLROnPlateau
+          'momentum': float(np.asarray(hyper['momentum']).reshape(-1)[0]),
           'images_per_second': images_seen / train_seconds,
           'elapsed_seconds': time.perf_counter() - run_start,
       }
+      if plateaus is not None and num_seeds > 1:
+        record['learning_rate_per_seed'] = lrs
       record.update(swa_record)
       if epoch == start_step // spe:
         record['compile_seconds'] = compile_seconds
       if writer is not None:
         writer.write(record)
-      if plateau is not None:
-        lr = par.replicate(np.asarray(plateau.step(ev['loss']), np.float32))
-        state = _set_learning_rate(state, lr)
-      acc = par.replicate(init_train_metrics())
+      if plateaus is not None:
+        lr = np.asarray([p.step(e['loss']) for p, e in zip(plateaus, ev)], np.float32)
+        state = _set_learning_rate(state, per_seed(lr[0] if num_seeds == 1 else lr))
+      acc = per_seed(fresh_metrics())
       save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
-                      _extra(plateau, run_start))
+                      _extra(plateaus, run_start))
       if stop.signum is not None and epoch + 1 < config.num_epochs:
         raise preemption.Preempted(stop.signum, (epoch + 1) * spe, workdir)
     if writer is not None:
@@ -615,26 +693,38 @@ def _recalibrate(p_recalibrate, params, reset_batch_stats, images, labels, perm,
   return running
 
 
-def _extra(plateau, run_start: float) -> dict:
+def _extra(plateaus, run_start: float) -> dict:
   extra = {'elapsed_seconds': time.perf_counter() - run_start}
-  if plateau is not None:
-    extra['plateau'] = plateau.state_dict()
+  if plateaus is not None:  # one seed: its controller's state; several: the list
+    states = [p.state_dict() for p in plateaus]
+    extra['plateau'] = states[0] if len(states) == 1 else states
   return extra
 
 
+def _per_seed_summaries(sums, num_seeds: int) -> list[dict[str, float]]:
+  return [summarize(sums)] if num_seeds == 1 else summarize_seeds(sums)
+
+
+def _summary(sums, num_seeds: int) -> dict[str, float]:
+  return mean_summary(_per_seed_summaries(sums, num_seeds))
+
+
 def _scalar(x) -> int:
-  """An integer from a host value or a (replicated, possibly multi-process) array."""
+  """An integer from a host value or a (replicated, possibly multi-process) array; seeds: seed 0's."""
   if isinstance(x, jax.Array):
     x = x.addressable_shards[0].data
-  return int(np.asarray(x))
+  return int(np.asarray(x).reshape(-1)[0])
 
 
 def _check_finite(acc, config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
-  bad = int(jax.device_get(acc['nonfinite_step']))
-  if bad >= 0 and config.halt_on_nan:
+  bad_steps = np.asarray(jax.device_get(acc['nonfinite_step'])).reshape(-1)
+  if np.any(bad_steps >= 0) and config.halt_on_nan:
+    index = int(np.argmax(bad_steps >= 0))
+    bad = int(bad_steps[index])
+    which = f' in seed {config.seed + index}' if bad_steps.size > 1 else ''
     raise NonFiniteLossError(
         f'non-finite training loss or parameters at step {bad + 1} '
-        f'(epoch {bad // steps_per_epoch + 1}); the last '
+        f'(epoch {bad // steps_per_epoch + 1}){which}; the last '
         'good checkpoint is kept. Lower optimizer.lr or set halt_on_nan=False to continue anyway.')
 
 
@@ -643,13 +733,18 @@ def _check_finite(acc, config: ml_collections.ConfigDict, steps_per_epoch: int) 
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str,
                   steps_per_epoch: int) -> TrainState:
-  """The latest checkpoint of `workdir` as a TrainState for `config`."""
+  """The latest checkpoint of `workdir` as a TrainState for `config` (several seeds: stacked)."""
   lr_fn, momentum_fn = create_schedules(config, steps_per_epoch)
   if config.schedule.name == 'plateau':
     lr_fn = config.optimizer.lr
-  state = create_train_state(run_keys(config.seed)[0], config, create_model(config.model),
-                             lr_fn, momentum_fn)
-  restored = restore_checkpoint(checkpoint_manager(workdir, config), state, init_train_metrics())
+  model = create_model(config.model)
+  if config.num_seeds == 1:
+    state = create_train_state(run_keys(config.seed)[0], config, model, lr_fn, momentum_fn)
+    acc = init_train_metrics()
+  else:
+    state = create_seed_states(config, model, lr_fn, momentum_fn)
+    acc = stack_seeds([init_train_metrics()] * config.num_seeds)
+  restored = restore_checkpoint(checkpoint_manager(workdir, config), state, acc)
   if restored is None:
     raise config_lib.ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
   return restored[0]
@@ -663,18 +758,27 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   state = restore_state(config, workdir, spe)
   arrays = jax.device_put(batched_eval_arrays(dataset.eval_images, dataset.eval_labels,
                                               config.eval_batch_size))
-  ev = summarize(jax.jit(evaluate_on_device_data)(state, *arrays))
-  out = {'step': int(state.step), 'split': dataset.eval_split, 'eval_loss': ev['loss'],
-         'eval_accuracy': ev['accuracy']}
-  if state.swa_count is not None and int(state.swa_count) > 0:
-    swa_ev = summarize(jax.jit(functools.partial(evaluate_on_device_data, use_swa=True))(state, *arrays))
-    out.update(swa_eval_loss=swa_ev['loss'], swa_eval_accuracy=swa_ev['accuracy'],
-               swa_count=int(state.swa_count))
+  k = config.num_seeds
+  over_seeds = (lambda fn: fn) if k == 1 else (lambda fn: jax.vmap(fn, in_axes=(0, None, None, None)))
+  ev = _per_seed_summaries(jax.jit(over_seeds(evaluate_on_device_data))(state, *arrays), k)
+  out = {'step': _scalar(state.step), 'split': dataset.eval_split,
+         **seed_metrics('eval_loss', [e['loss'] for e in ev]),
+         **seed_metrics('eval_accuracy', [e['accuracy'] for e in ev])}
+  if state.swa_count is not None and _scalar(state.swa_count) > 0:
+    swa_ev = _per_seed_summaries(jax.jit(over_seeds(functools.partial(
+        evaluate_on_device_data, use_swa=True)))(state, *arrays), k)
+    out.update(**seed_metrics('swa_eval_loss', [e['loss'] for e in swa_ev]),
+               **seed_metrics('swa_eval_accuracy', [e['accuracy'] for e in swa_ev]),
+               swa_count=_scalar(state.swa_count))
   return out
 
 
 def export_variables(config: ml_collections.ConfigDict, workdir: str, use_swa: bool) -> dict:
   """{'params': ..., 'batch_stats': ...} of the latest checkpoint's running or SWA model, as numpy."""
+  if config.num_seeds > 1:
+    raise config_lib.ConfigError(
+        f'--workdir={workdir} holds num_seeds={config.num_seeds} models; export one with '
+        'train.unstack_seed(train.restore_state(config, workdir, 1), i) in Python')
   state = restore_state(config, workdir, steps_per_epoch=1)
   if use_swa:
     if state.swa_count is None or int(state.swa_count) == 0:

@@ -12,6 +12,10 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # > 1: train seeds seed, seed + 1, .., seed + num_seeds - 1 together, one vmap-ed step for all (README,
+  # "Many seeds in one run"); seed i is the run `seed + i` would be. Metrics gain _mean, _std, _per_seed.
+  # parallelism=jit only (see seed_devices); pmap and multi-process runs refuse num_seeds > 1.
+  config.num_seeds = 1
   config.num_epochs = 50
   config.batch_size = 128
   config.eval_batch_size = 1000
@@ -32,6 +36,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.augment = True  # random crop (pad 4) and horizontal flip
   config.data.synthetic_train_size = 2048
   config.data.synthetic_eval_size = 512
+  config.data.synthetic_seed = -1  # synthetic: the seed of the images; -1 = config.seed
 
   # torch.optim.SGD with coupled weight decay (added to every parameter's gradient before momentum).
   config.optimizer = ml_collections.ConfigDict()
@@ -96,6 +101,10 @@ def get_config() -> ml_collections.ConfigDict:
   # JAX on the CPU: > 1 splits it into this many virtual devices, the batch sharded over them
   # (cifar_jax/cpu_backend.py). 1 (one device on every core) measured faster (BENCHMARKS.md).
   config.cpu_devices = 1
+  # num_seeds > 1 (jit only): a 2-D mesh ('seeds', 'data'); this many devices along 'seeds' (each trains
+  # num_seeds / seed_devices models, no communication), the rest split each batch. 0 = the largest
+  # number that divides both num_seeds and the device count.
+  config.seed_devices = 0
   # Multi-process runs (jax.distributed): unset fields ('', 0, -1) fall back to JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES, JAX_PROCESS_ID, then to jax's Slurm / Open MPI detection; none set: one process.
   config.distributed = ml_collections.ConfigDict()

@@ -1,0 +1,60 @@
+"""Throughput of k seeds in one run (k = 1, 2, 4 by default): what one more seed costs on this machine.
+
+  python scripts/bench_seeds.py --config=configs/one_cycle.py --seeds=1,2,4 --epochs=2 \
+      --set=model.width_multiplier=0.125 --set=data.source=synthetic --set=data.synthetic_train_size=2048
+
+Each k trains `--epochs` epochs (fresh workdir under --workdir) with num_seeds=k and reads metrics.jsonl:
+images per second of the last epoch (all seeds together; compilation is outside it), per seed, and the time
+of an epoch relative to k = 1. Prints a markdown table and writes it to WORKDIR/bench_seeds.md.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='configs/one_cycle.py')
+  parser.add_argument('--seeds', default='1,2,4', help='comma-separated k values')
+  parser.add_argument('--epochs', type=int, default=2)
+  parser.add_argument('--set', action='append', default=[], help='FIELD=VALUE override (repeatable)')
+  parser.add_argument('--workdir', default='/tmp/bench_seeds')
+  args = parser.parse_args()
+  import sweep  # pylint: disable=g-import-not-at-top
+  from cifar_jax import metrics_writer, train  # pylint: disable=g-import-not-at-top
+
+  rows = []
+  for k in [int(x) for x in args.seeds.split(',')]:
+    config, _ = sweep.load_config(args.config)
+    config = sweep.apply_overrides(config, [sweep.parse_override(o) for o in args.set])
+    config.num_seeds, config.num_epochs, config.progress_bar = k, args.epochs, False
+    workdir = os.path.join(args.workdir, f'k{k}')
+    shutil.rmtree(workdir, ignore_errors=True)
+    train.train_and_evaluate(config, workdir)
+    records = metrics_writer.read_metrics(workdir)
+    ips = records[-1]['images_per_second']
+    rows.append((k, ips, records[0].get('compile_seconds', float('nan')), config))
+    print(f'k={k}: {ips:.0f} images/s (all seeds)', flush=True)
+  c = rows[0][3]
+  lines = [f'Config {args.config}: {c.model.name} width {c.model.width_multiplier}, batch {c.batch_size}, '
+           f'{c.data.source} data; images/s of epoch {args.epochs} (of {args.epochs}); '
+           f'{sweep.device_name()}.', '',
+           '| seeds k | images/s, all seeds | images/s per seed | epoch time vs k = 1 | compile (s) |',
+           '| --- | --- | --- | --- | --- |']
+  for k, ips, compile_s, _ in rows:
+    ratio = (k / ips) / (rows[0][0] / rows[0][1])  # an epoch's time is k * examples / (images/s)
+    lines.append(f'| {k} | {ips:.0f} | {ips / k:.0f} | {ratio:.2f}x | {compile_s:.1f} |')
+  os.makedirs(args.workdir, exist_ok=True)
+  with open(os.path.join(args.workdir, 'bench_seeds.md'), 'w') as f:
+    f.write('\n'.join(lines) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  main()
