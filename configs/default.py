@@ -98,13 +98,18 @@ def get_config() -> ml_collections.ConfigDict:
   # Data parallelism over every visible device (README, "Multi-GPU and multi-host"); the global batch,
   # its order, augmentation and BatchNorm statistics are the same on any number of devices.
   config.parallelism = 'jit'  # jit (one program over a device mesh) | pmap (per-device program)
-  # JAX on the CPU: > 1 splits it into this many virtual devices, the batch sharded over them
-  # (cifar_jax/cpu_backend.py). 1 (one device on every core) measured faster (BENCHMARKS.md).
-  config.cpu_devices = 1
+  # JAX on the CPU: split it into this many virtual devices, the batch sharded over them
+  # (cifar_jax/cpu_backend.py); 0 = one per core (jit, one process, one seed, batch_size divides), which
+  # measured 1.05-1.12x faster on 2 cores than 1 (one device using every core). BENCHMARKS.md.
+  config.cpu_devices = 0
   # num_seeds > 1 (jit only): a 2-D mesh ('seeds', 'data'); this many devices along 'seeds' (each trains
   # num_seeds / seed_devices models, no communication), the rest split each batch. 0 = the largest
   # number that divides both num_seeds and the device count.
   config.seed_devices = 0
+  # num_seeds > 1: vmap (one batched step for all seeds: fills a GPU) | map (jax.lax.map, one seed after
+  # another inside the step) | auto (map on a CPU, where XLA runs vmap-ed convolutions several times
+  # slower, else vmap; BENCHMARKS.md, "Seeds in one run").
+  config.seed_loop = 'auto'
   # Multi-process runs (jax.distributed): unset fields ('', 0, -1) fall back to JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES, JAX_PROCESS_ID, then to jax's Slurm / Open MPI detection; none set: one process.
   config.distributed = ml_collections.ConfigDict()

@@ -11,6 +11,34 @@ from configs import default
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _config(**fields):
+  config = default.get_config()
+  for name, value in fields.items():
+    setattr(config, name, value)
+  return config
+
+
+def test_auto_device_count_is_one_per_core_when_the_batch_divides():
+  assert default.get_config().cpu_devices == 0  # auto
+  assert cpu_backend.auto_device_count(_config(batch_size=128), cores=2) == 2
+  assert cpu_backend.auto_device_count(_config(batch_size=6), cores=4) == 3  # the largest divisor
+  assert cpu_backend.auto_device_count(_config(batch_size=127), cores=2) == 1
+  assert cpu_backend.auto_device_count(_config(batch_size=128), cores=1) == 1
+
+
+def test_auto_device_count_keeps_one_device_for_pmap_processes_and_seeds():
+  assert cpu_backend.auto_device_count(_config(parallelism='pmap'), cores=2) == 1
+  assert cpu_backend.auto_device_count(_config(num_seeds=3), cores=2) == 1
+  config = _config()
+  config.distributed.num_processes = 2
+  assert cpu_backend.auto_device_count(config, cores=2) == 1
+
+
+def test_an_explicit_count_wins():
+  assert cpu_backend.auto_device_count(_config(cpu_devices=3, parallelism='pmap'), cores=2) == 3
+  assert cpu_backend.auto_device_count(_config(cpu_devices=1), cores=8) == 1
+
+
 PROBE = """
 import json, os, sys
 sys.path.insert(0, {root!r})
@@ -43,10 +71,9 @@ def test_configure_sets_the_flags_before_jax_starts_and_not_after():
   assert out['again'] == []  # JAX has started: nothing more is added
 
 
-def test_one_device_by_default():
+def test_one_device_when_asked():
   out = _probe(1, None)
   assert out['devices'] == 1 and out['added'] == [cpu_backend.EIGEN_CONVOLUTIONS]
-  assert default.get_config().cpu_devices == 1
 
 
 def test_configure_leaves_the_users_xla_flags_alone():
