@@ -125,7 +125,6 @@ def _validate_seeds(config: ml_collections.ConfigDict) -> None:
   num_seeds = config.get('num_seeds', 1)
   _positive(num_seeds, 'num_seeds', integer=True)
   _int_at_least(config.get('seed_devices', 0), 'seed_devices', 0, ' (0 = automatic)')
-  _choice(config.get('seed_loop', 'auto'), 'seed_loop', ('auto', 'vmap', 'map'))
   if num_seeds > 1:
     _require(config.get('parallelism', 'jit') == 'jit',
              f'num_seeds={num_seeds} needs parallelism=jit (a 2-D mesh of seeds and batch shards); '
@@ -269,7 +268,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # resumed run should announce (it continues, but no longer as the run that was started).
 STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
 # Fields added after runs were saved without them: their value then, for the comparison.
-ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1, 'seed_loop': 'auto',
+ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
                    'cpu_devices': 0}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
                       'swa.', 'parallelism')

@@ -35,8 +35,9 @@ def auto_device_count(config, cores: int | None = None) -> int:
   """Virtual CPU devices for `config`: `config.cpu_devices`, or (0) one per core where that is safe.
 
   Auto keeps one device for pmap, for multi-process runs (their processes share the host's cores), for
-  several seeds in one run (seed_loop's CPU path is measured on one device) and when the batch does not
-  split; otherwise it takes the largest count up to the cores that divides `batch_size`.
+  several seeds in one run (their CPU throughput in BENCHMARKS.md is measured on one device; set
+  cpu_devices to split them) and when the batch does not split; otherwise it takes the largest count up to
+  the cores that divides `batch_size`.
   """
   if config.get('cpu_devices', 0) > 0:
     return config.cpu_devices

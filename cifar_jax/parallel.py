@@ -41,7 +41,6 @@ from cifar_jax import config_lib
 
 DATA_AXIS = 'data'  # the mesh axis (jit) and the pmap axis_name that the batch is split over
 SEED_AXIS = 'seeds'  # num_seeds > 1: the mesh axis the independent models are split over
-SEED_LOOPS = ('auto', 'vmap', 'map')
 MODES = ('jit', 'pmap')
 # Read when the config leaves a field unset; jax.distributed.initialize itself reads only the address.
 ENV_COORDINATOR_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
@@ -109,8 +108,7 @@ class Parallel:
 
   mode: str
   mesh: Mesh
-  num_seeds: int = 1  # > 1: states carry a leading seed axis and the steps run over it
-  seed_loop: str = 'vmap'  # how: 'vmap' (one batched step) or 'map' (jax.lax.map, seed after seed)
+  num_seeds: int = 1  # > 1: states carry a leading seed axis and the steps are vmap-ed over it
 
   @property
   def num_devices(self) -> int:
@@ -239,11 +237,9 @@ class Parallel:
   # Wrapping -----------------------------------------------------------------------------------------
 
   def seeded(self, fn, in_axes=0):
-    """`fn` over every seed along the leading seed axis (`in_axes` as jax.vmap's: 0 or None), or itself."""
+    """`fn` over every seed: vmap-ed over the leading seed axis (`in_axes` as jax.vmap's), or itself."""
     if self.num_seeds == 1:
       return fn
-    if self.seed_loop == 'map':
-      return _map_over_seeds(fn, in_axes)
     return jax.vmap(fn, in_axes=in_axes, spmd_axis_name=SEED_AXIS)
 
   def compile(self, fn, *args, donate_argnums=(), in_axes=0):
@@ -264,37 +260,7 @@ class Parallel:
     return pmapped
 
 
-def _map_over_seeds(fn, in_axes):
-  """`fn` applied to one seed after another with jax.lax.map; `in_axes` 0 (per seed) or None (shared)."""
-
-  def mapped(*args):
-    axes = tuple(in_axes) if isinstance(in_axes, (tuple, list)) else (in_axes,) * len(args)
-    per_seed = [a for a, axis in zip(args, axes) if axis == 0]
-
-    def one_seed(xs):
-      xs = iter(xs)
-      return fn(*[next(xs) if axis == 0 else a for a, axis in zip(args, axes)])
-
-    return jax.lax.map(one_seed, per_seed)
-
-  return mapped
-
-
-def resolve_seed_loop(seed_loop: str, platform: str, seed_devices: int) -> str:
-  """'auto': 'map' on a CPU with every seed on each device, else 'vmap' (BENCHMARKS.md, seeds)."""
-  if seed_loop not in SEED_LOOPS:
-    raise config_lib.ConfigError(f'seed_loop must be one of {list(SEED_LOOPS)}, got {seed_loop!r}')
-  if seed_loop == 'map' and seed_devices > 1:
-    raise config_lib.ConfigError(
-        f'seed_loop=map runs the seeds one after another on each device; with the seeds split over '
-        f'{seed_devices} devices use seed_loop=vmap (or auto), or seed_devices=1')
-  if seed_loop == 'auto':
-    return 'map' if platform == 'cpu' and seed_devices == 1 else 'vmap'
-  return seed_loop
-
-
-def create(parallelism: str, devices=None, num_seeds: int = 1, seed_devices: int = 0,
-           seed_loop: str = 'auto') -> Parallel:
+def create(parallelism: str, devices=None, num_seeds: int = 1, seed_devices: int = 0) -> Parallel:
   """The layout of a run over `devices` (default: all devices of all processes)."""
   if parallelism not in MODES:
     raise config_lib.ConfigError(f'parallelism must be one of {list(MODES)}, got {parallelism!r}')
@@ -304,9 +270,7 @@ def create(parallelism: str, devices=None, num_seeds: int = 1, seed_devices: int
   if parallelism != 'jit':
     raise config_lib.ConfigError(f'num_seeds={num_seeds} needs parallelism=jit, got {parallelism!r}')
   shape = seed_mesh_shape(num_seeds, seed_devices, len(devices))
-  loop = resolve_seed_loop(seed_loop, devices[0].platform, shape[0])
-  return Parallel(parallelism, Mesh(np.array(devices).reshape(shape), (SEED_AXIS, DATA_AXIS)), num_seeds,
-                  loop)
+  return Parallel(parallelism, Mesh(np.array(devices).reshape(shape), (SEED_AXIS, DATA_AXIS)), num_seeds)
 
 
 def seed_mesh_shape(num_seeds: int, seed_devices: int, num_devices: int) -> tuple[int, int]:

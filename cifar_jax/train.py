@@ -462,13 +462,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   config_lib.validate(config)
   parallel.initialize_distributed(config.distributed)
   num_seeds = config.num_seeds
-  par = parallel.create(config.parallelism, num_seeds=num_seeds, seed_devices=config.seed_devices,
-                        seed_loop=config.get('seed_loop', 'auto'))
+  par = parallel.create(config.parallelism, num_seeds=num_seeds, seed_devices=config.seed_devices)
   logging.info('parallelism=%s: batch %d over %d devices (%d processes)', par.mode,
                config.batch_size, par.data_devices, jax.process_count())
   if num_seeds > 1:
-    logging.info('%d seeds (%d..%d) in one step (seed_loop=%s), mesh %s', num_seeds, config.seed,
-                 config.seed + num_seeds - 1, par.seed_loop, dict(par.mesh.shape))
+    logging.info('%d seeds (%d..%d) in one vmap-ed step, mesh %s', num_seeds, config.seed,
+                 config.seed + num_seeds - 1, dict(par.mesh.shape))
   os.makedirs(workdir, exist_ok=True)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)

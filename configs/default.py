@@ -106,10 +106,6 @@ def get_config() -> ml_collections.ConfigDict:
   # num_seeds / seed_devices models, no communication), the rest split each batch. 0 = the largest
   # number that divides both num_seeds and the device count.
   config.seed_devices = 0
-  # num_seeds > 1: vmap (one batched step for all seeds: fills a GPU) | map (jax.lax.map, one seed after
-  # another inside the step) | auto (map on a CPU, where XLA runs vmap-ed convolutions several times
-  # slower, else vmap; BENCHMARKS.md, "Seeds in one run").
-  config.seed_loop = 'auto'
   # Multi-process runs (jax.distributed): unset fields ('', 0, -1) fall back to JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES, JAX_PROCESS_ID, then to jax's Slurm / Open MPI detection; none set: one process.
   config.distributed = ml_collections.ConfigDict()

@@ -27,10 +27,19 @@ def main():
   parser.add_argument('--workdir', default='/tmp/bench_seeds')
   args = parser.parse_args()
   import sweep  # pylint: disable=g-import-not-at-top
+  from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
+
+  seeds = [int(x) for x in args.seeds.split(',')]
+  # The XLA:CPU settings cifar-jax uses, for the largest k: every k then runs on the same devices
+  # (one CPU device when k > 1; see cifar_jax/cpu_backend.py).
+  config, _ = sweep.load_config(args.config)
+  config = sweep.apply_overrides(config, [sweep.parse_override(o) for o in args.set])
+  config.num_seeds = max(seeds)
+  cpu_backend.configure(config)
   from cifar_jax import metrics_writer, train  # pylint: disable=g-import-not-at-top
 
   rows = []
-  for k in [int(x) for x in args.seeds.split(',')]:
+  for k in seeds:
     config, _ = sweep.load_config(args.config)
     config = sweep.apply_overrides(config, [sweep.parse_override(o) for o in args.set])
     config.num_seeds, config.num_epochs, config.progress_bar = k, args.epochs, False
@@ -42,9 +51,10 @@ def main():
     rows.append((k, ips, records[0].get('compile_seconds', float('nan')), config))
     print(f'k={k}: {ips:.0f} images/s (all seeds)', flush=True)
   c = rows[0][3]
+  import jax  # pylint: disable=g-import-not-at-top
   lines = [f'Config {args.config}: {c.model.name} width {c.model.width_multiplier}, batch {c.batch_size}, '
-           f'{c.data.source} data; images/s of epoch {args.epochs} (of {args.epochs}); '
-           f'{sweep.device_name()}.', '',
+           f'{c.data.source} data; images/s of epoch {args.epochs} '
+           f'(of {args.epochs}); {sweep.device_name()}, {jax.device_count()} device(s).', '',
            '| seeds k | images/s, all seeds | images/s per seed | epoch time vs k = 1 | compile (s) |',
            '| --- | --- | --- | --- | --- |']
   for k, ips, compile_s, _ in rows:

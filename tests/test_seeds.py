@@ -63,7 +63,6 @@ def _tiny():
 def k_run(tmp_path_factory):
   """A k = 3 run (seeds 0, 1, 2), with the number of times train_step was traced."""
   config = _config(_tiny(), K)
-  config.seed_loop = 'vmap'  # the batched step ('auto' picks 'map' on a CPU; tested against this below)
   workdir = str(tmp_path_factory.mktemp('seeds') / 'k3')
   traces = []
   original = train.train_step
@@ -257,26 +256,3 @@ def test_two_devices_split_seeds_or_batches_and_match_one_device(k_run, tmp_path
 if __name__ == '__main__':
   _two_device_worker(sys.argv[1])
 
-
-def test_seed_loop_map_equals_vmap(k_run, tmp_path):
-  """seed_loop=map (jax.lax.map, the CPU default) trains the same k models as the vmap-ed step."""
-  config = k_run['config'].copy_and_resolve_references()
-  config.seed_loop = 'map'
-  state = train.train_and_evaluate(config, str(tmp_path / 'map'))
-  chex.assert_trees_all_close(state.params, k_run['state'].params, **TOLERANCE)
-  chex.assert_trees_all_close(state.batch_stats, k_run['state'].batch_stats, **TOLERANCE)
-  chex.assert_trees_all_close(state.opt_state, k_run['state'].opt_state, **TOLERANCE)
-  eval_map = [r['eval_loss_per_seed'] for r in metrics_writer.read_metrics(str(tmp_path / 'map'))]
-  eval_vmap = [r['eval_loss_per_seed'] for r in metrics_writer.read_metrics(k_run['workdir'])]
-  np.testing.assert_allclose(eval_map, eval_vmap, rtol=1e-5)
-
-
-def test_seed_loop_auto_maps_on_cpu_only_when_each_device_holds_every_seed():
-  assert parallel.resolve_seed_loop('auto', 'cpu', 1) == 'map'
-  assert parallel.resolve_seed_loop('auto', 'cpu', 2) == 'vmap'
-  assert parallel.resolve_seed_loop('auto', 'gpu', 1) == 'vmap'
-  assert parallel.resolve_seed_loop('vmap', 'cpu', 1) == 'vmap'
-  with pytest.raises(config_lib.ConfigError, match='seed_loop=map runs the seeds one after another'):
-    parallel.resolve_seed_loop('map', 'cpu', 2)
-  with pytest.raises(config_lib.ConfigError, match='seed_loop must be one of'):
-    parallel.resolve_seed_loop('scan', 'cpu', 1)
