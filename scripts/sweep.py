@@ -224,6 +224,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   paths = FLAGS.configs or blog_configs()
+  from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
+  config, _ = load_config(paths[0])
+  config = apply_overrides(config, [parse_override(o) for o in FLAGS.set])
+  config.num_seeds = FLAGS.seeds
+  cpu_backend.configure(config)  # cifar-jax's XLA:CPU settings, before JAX starts
   command = 'python scripts/sweep.py ' + ' '.join(sys.argv[1:])
   run_sweep(paths, FLAGS.seeds, FLAGS.set, FLAGS.workdir, FLAGS.train, command)
   print(os.path.join(FLAGS.workdir, 'sweep.md'))
