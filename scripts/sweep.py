@@ -31,12 +31,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list('configs', None, 'Config files (default: every blog experiment in configs/).')
-flags.DEFINE_integer('seeds', 3, 'Seeds per config (num_seeds): config.seed .. config.seed + seeds - 1.')
-flags.DEFINE_string('workdir', None, 'Where the runs, sweep.md and sweep.png go.')
-flags.DEFINE_multi_string('set', [], 'A config override FIELD=VALUE for every config (repeatable).')
-flags.DEFINE_bool('train', True, 'Train what is missing; False: only tabulate the runs that exist.')
-flags.mark_flag_as_required('workdir')
+
+
+def define_flags() -> None:
+  """The command line's flags; only when run as a script (importing this module defines none, so it
+  does not clash with cifar_jax.main's --workdir in one process, as in the test suite)."""
+  flags.DEFINE_list('configs', None, 'Config files (default: every blog experiment in configs/).')
+  flags.DEFINE_integer('seeds', 3, 'Seeds per config (num_seeds): config.seed .. config.seed + seeds - 1.')
+  flags.DEFINE_string('workdir', None, 'Where the runs, sweep.md and sweep.png go.')
+  flags.DEFINE_multi_string('set', [], 'A config override FIELD=VALUE for every config (repeatable).')
+  flags.DEFINE_bool('train', True, 'Train what is missing; False: only tabulate the runs that exist.')
+  flags.mark_flag_as_required('workdir')
+
 
 NOT_EXPERIMENTS = ('__init__.py', 'smoke.py')  # configs/ files that are not blog experiments
 BLOG_FIGURE = re.compile(r'Blog(?: figure)?: (\d+\.\d+) %')
@@ -236,4 +242,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)
