@@ -17,9 +17,8 @@ if cpu_backend.YNN_FLAG not in os.environ.get('XLA_FLAGS', ''):
   os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {cpu_backend.EIGEN_CONVOLUTIONS}".strip()
 
 
-@pytest.fixture
-def tiny_config():
-  """configs/smoke.py shrunk further: a ResNet9 of width 1/8 on 256 synthetic images."""
+def make_tiny_config():
+  """configs/smoke.py shrunk further: a ResNet9 of width 1/8 on 200 synthetic images."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
 
   config = smoke.get_config()
@@ -30,3 +29,9 @@ def tiny_config():
   config.eval_batch_size = 48
   config.progress_bar = False
   return config
+
+
+@pytest.fixture
+def tiny_config():
+  """A fresh `make_tiny_config()` for each test."""
+  return make_tiny_config()

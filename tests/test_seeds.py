@@ -46,17 +46,9 @@ def _seed(tree, i):
 
 
 def _tiny():
-  """tests/conftest.py's tiny_config, for the module-scoped run."""
-  from configs import smoke  # pylint: disable=g-import-not-at-top
-
-  config = smoke.get_config()
-  config.model.width_multiplier = 0.125
-  config.data.synthetic_train_size = 200
-  config.data.synthetic_eval_size = 64
-  config.batch_size = 64
-  config.eval_batch_size = 48
-  config.progress_bar = False
-  return config
+  """tests/conftest.py's tiny_config, for the module-scoped run and the two-device subprocess."""
+  from conftest import make_tiny_config  # pylint: disable=g-import-not-at-top
+  return make_tiny_config()
 
 
 @pytest.fixture(scope='module')
