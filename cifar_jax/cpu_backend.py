@@ -1,13 +1,12 @@
 """XLA:CPU settings that make the CPU train step fast; they must be set before JAX starts its backend.
 
-Measured on a 2-core Sapphire Rapids VM (BENCHMARKS.md, "JAX on the CPU: what was tried"):
-- XLA:CPU hands convolutions to YNNPACK by default; its weight-gradient convolution is 2-4x slower than
-  XLA's Eigen path (on one core, a 16-channel 3x3 layer at 32x32, batch 128: 32 vs 11 ms), so
-  convolutions go back to Eigen (`-individual_convolution`); YNNPACK keeps dots and the rest. The
-  ResNet18 train step runs 1.38x (widths 16-128) and 1.84x (64-512) faster.
+Measured on a 2-core Sapphire Rapids VM (BENCHMARKS.md, "JAX vs PyTorch on the CPU"):
+- XLA:CPU hands convolutions to YNNPACK by default; its weight-gradient convolution is 2.4-4.3x slower
+  than XLA's Eigen path (a 16-channel 3x3 layer at 32x32, batch 128: 24.7 vs 10.1 ms), so convolutions
+  go back to Eigen (`-individual_convolution`); YNNPACK keeps dots and the rest.
 - One virtual CPU device per core (`config.cpu_devices = 0`, the default), the batch sharded over them
-  (`parallelism='jit'`): each core works on its own part of the batch instead of splitting every op over
-  two threads; 1.12x (widths 64-512) and 1.05x (16-128) on 2 cores.
+  (`parallelism='jit'`): 1.06x at ResNet18 width 0.25; at width 1 within the noise (two runs: 0.94x and
+  1.12x).
 
 `cifar-jax` calls `configure` before anything touches a device; in a notebook, call it before the first
 JAX computation. Settings already in XLA_FLAGS are left as they are.

@@ -102,6 +102,16 @@ def _host_array(x) -> np.ndarray:
   return x.astype(jax.dtypes.canonicalize_dtype(x.dtype))  # a Python int step: int32, as jnp makes it
 
 
+def _put(tree, sharding: NamedSharding):
+  """Host values (or arrays) placed with `sharding`, each device taking its index of the whole value."""
+
+  def put(x):
+    x = _host_array(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+  return jax.tree.map(put, tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class Parallel:
   """How a run lays its arrays over the devices: `mode` ('jit' or 'pmap') over `mesh` (all devices)."""
@@ -159,23 +169,11 @@ class Parallel:
     return self._put_replicated(tree) if self.mode == 'jit' else self._put_stacked(tree)
 
   def _put_replicated(self, tree):
-    sharding = self.replicated
-
-    def put(x):
-      x = _host_array(x)
-      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, tree)
+    return _put(tree, self.replicated)
 
   def place_seeds(self, tree):
     """Host values with a leading axis of num_seeds, split over the mesh's 'seeds' axis."""
-    sharding = NamedSharding(self.mesh, P(SEED_AXIS))
-
-    def put(x):
-      x = _host_array(x)
-      return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-    return jax.tree.map(put, tree)
+    return _put(tree, NamedSharding(self.mesh, P(SEED_AXIS)))
 
   def _put_stacked(self, tree):
     sharding = NamedSharding(self._local_mesh, P(DATA_AXIS))

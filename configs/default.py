@@ -99,8 +99,8 @@ def get_config() -> ml_collections.ConfigDict:
   # its order, augmentation and BatchNorm statistics are the same on any number of devices.
   config.parallelism = 'jit'  # jit (one program over a device mesh) | pmap (per-device program)
   # JAX on the CPU: split it into this many virtual devices, the batch sharded over them
-  # (cifar_jax/cpu_backend.py); 0 = one per core (jit, one process, one seed, batch_size divides), which
-  # measured 1.05-1.12x faster on 2 cores than 1 (one device using every core). BENCHMARKS.md.
+  # (cifar_jax/cpu_backend.py); 0 = one per core (jit, one process, one seed, batch_size divides): on 2
+  # cores 1.06x one device at width 0.25, within the noise at width 1 (BENCHMARKS.md).
   config.cpu_devices = 0
   # num_seeds > 1 (jit only): a 2-D mesh ('seeds', 'data'); this many devices along 'seeds' (each trains
   # num_seeds / seed_devices models, no communication), the rest split each batch. 0 = the largest

@@ -38,9 +38,9 @@ def _jax_worker(args) -> None:
   for layer in args.layers.split(','):
     c, s = (int(v) for v in layer.split('x'))
     rng = np.random.default_rng(0)
-    x = jax.numpy.asarray(rng.standard_normal((args.batch, s, s, c), np.float32))
-    w = jax.numpy.asarray(rng.standard_normal((3, 3, c, c), np.float32) * 0.05)
-    dy = jax.numpy.asarray(rng.standard_normal((args.batch, s, s, c), np.float32))
+    x = jax.numpy.asarray(rng.standard_normal((args.batch, s, s, c)), args.dtype)
+    w = jax.numpy.asarray(rng.standard_normal((3, 3, c, c)) * 0.05, args.dtype)
+    dy = jax.numpy.asarray(rng.standard_normal((args.batch, s, s, c)), args.dtype)
 
     def conv(x, w):
       return jax.lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
@@ -91,6 +91,8 @@ def main() -> None:
                       help='comma-separated CHANNELSxSIZE (ResNet18 width 0.25 stages, then width 1)')
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--repeats', type=int, default=7)
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='the JAX layers\' dtype (torch stays float32)')
   parser.add_argument('--torch_threads', type=int, default=os.cpu_count())
   parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -102,6 +104,7 @@ def main() -> None:
   sys.path.insert(0, ROOT)
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
   common = [f'--layers={args.layers}', f'--batch={args.batch}', f'--repeats={args.repeats}',
+            f'--dtype={args.dtype}',
             f'--torch_threads={args.torch_threads}']
   base = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
   flags = {'eigen': cpu_backend.EIGEN_CONVOLUTIONS, 'ynn': ''}
@@ -112,7 +115,8 @@ def main() -> None:
                           env=env, capture_output=True, text=True, check=True)
     results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
 
-  print(f'batch {args.batch}, ms per call (median of {args.repeats}); {os.cpu_count()} CPUs\n')
+  print(f'batch {args.batch}, JAX {args.dtype}, torch float32, ms per call (median of {args.repeats}); '
+        f'{os.cpu_count()} CPUs\n')
   print('| layer (C x HxW) | XLA Eigen fwd / dx / dw | XLA YNNPACK fwd / dx / dw | torch fwd / fwd+bwd '
         '| torch channels_last fwd / fwd+bwd |')
   print('| --- | --- | --- | --- | --- |')

@@ -11,7 +11,6 @@ synthetic images, with no host synchronisation inside a window.
 """
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -31,33 +30,20 @@ def _worker(args) -> None:
   gpus = os.environ.get('CUDA_VISIBLE_DEVICES', ','.join(map(str, range(int(num_devices)))))
   os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(gpus.split(',')[:int(num_devices)])
   sys.path.insert(0, ROOT)
+  sys.path.insert(0, os.path.join(ROOT, 'scripts'))
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
+  import benchmark  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
-  from cifar_jax import input_pipeline, parallel, train  # pylint: disable=g-import-not-at-top
+  from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
   config.model.name, config.model.width_multiplier = args.model, args.width
   config.batch_size = args.batch_size
   par = parallel.create(mode)
   assert par.num_devices == int(num_devices), (par.num_devices, num_devices)
-  steps_per_epoch = 16
-  n = steps_per_epoch * args.batch_size
-  data = input_pipeline.make_synthetic(n, 1)
-  lr_fn, momentum_fn = train.create_schedules(config, steps_per_epoch)
-  init_key, data_key = train.run_keys(0)
-  model = train.create_model(config.model, axis_name=par.axis_name)
-  state = par.replicate(train.create_train_state(init_key, config, model, lr_fn, momentum_fn))
-  acc = par.replicate(train.init_train_metrics())
-  images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
-  perm = par.replicate(np.random.default_rng(0).permutation(n).astype(np.int32))
-  step = par.compile(
-      functools.partial(train.train_step_on_device_data, steps_per_epoch=steps_per_epoch,
-                        batch_size=args.batch_size, size=args.batch_size, augment=True,
-                        axis_name=par.axis_name, shard_batch=par.shard_batch),
-      state, acc, images, labels, perm, data_key, donate_argnums=(0, 1))
+  step, state, acc, data_args, _, _ = benchmark.synthetic_step(config, par, args.batch_size, 1)
   for _ in range(2):  # warm up
-    state, acc = step(state, acc, images, labels, perm, data_key)
+    state, acc = step(state, acc, *data_args)
   jax.block_until_ready(state)
   print(json.dumps({'ready': True, 'devices': [str(d) for d in jax.devices()]}), flush=True)
   for line in sys.stdin:
@@ -65,7 +51,7 @@ def _worker(args) -> None:
       break
     start = time.perf_counter()
     for _ in range(args.steps):
-      state, acc = step(state, acc, images, labels, perm, data_key)
+      state, acc = step(state, acc, *data_args)
     jax.block_until_ready((state, acc))
     seconds = time.perf_counter() - start
     print(json.dumps({'images_per_second': args.steps * args.batch_size / seconds}), flush=True)

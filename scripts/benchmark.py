@@ -98,6 +98,35 @@ def _serve(train_window, eval_window, memory) -> None:
       return
 
 
+def synthetic_step(config, par, batch: int, num_eval: int):
+  """The trainer's own train step over `par`, compiled as `train_and_evaluate` does, on synthetic data.
+
+  The data (STEPS_PER_EPOCH batches of uint8 images, and `num_eval` eval images) sits on the devices;
+  shuffling, crop and flip run inside the step. Returns (step, state, acc, data_args, data,
+  compile_seconds), to be called as `state, acc = step(state, acc, *data_args)`.
+  """
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from cifar_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+
+  n = STEPS_PER_EPOCH * batch
+  data = input_pipeline.make_synthetic(n, num_eval)
+  lr_fn, momentum_fn = train.create_schedules(config, STEPS_PER_EPOCH)
+  init_key, data_key = train.run_keys(0)
+  model = train.create_model(config.model, axis_name=par.axis_name)
+  state = par.replicate(train.create_train_state(init_key, config, model, lr_fn, momentum_fn))
+  acc = par.replicate(train.init_train_metrics())
+  images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
+  perm = par.replicate(np.random.default_rng(0).permutation(n).astype(np.int32))
+  data_args = (images, labels, perm, data_key)
+  start = time.perf_counter()
+  step = par.compile(
+      functools.partial(train.train_step_on_device_data, steps_per_epoch=STEPS_PER_EPOCH,
+                        batch_size=batch, size=batch, augment=True, axis_name=par.axis_name,
+                        shard_batch=par.shard_batch),
+      state, acc, *data_args, donate_argnums=(0, 1))
+  return step, state, acc, data_args, data, time.perf_counter() - start
+
+
 def _jax_worker(args, setting: str) -> None:
   """The trainer's step under `setting`: 'default' is what `cifar-jax` does (cpu_backend.configure)."""
   os.environ.setdefault('XLA_PYTHON_CLIENT_PREALLOCATE', 'false')  # share a GPU with the torch workers
@@ -111,43 +140,29 @@ def _jax_worker(args, setting: str) -> None:
   elif setting != 'plain':  # 'plain': XLA's own defaults on one device (before cpu_backend existed)
     raise ValueError(f'unknown JAX setting {setting!r}; choose from {list(JAX_SETTINGS)}')
   import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from cifar_jax import input_pipeline, parallel, train  # pylint: disable=g-import-not-at-top
+  from cifar_jax import parallel, train  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
   par = parallel.create(config.parallelism)  # every device, as train_and_evaluate
-  n = STEPS_PER_EPOCH * args.batch
-  data = input_pipeline.make_synthetic(n, args.steps * args.eval_batch)
-  lr_fn, momentum_fn = train.create_schedules(config, STEPS_PER_EPOCH)
-  init_key, data_key = train.run_keys(0)
-  model = train.create_model(config.model, axis_name=par.axis_name)
-  state = par.replicate(train.create_train_state(init_key, config, model, lr_fn, momentum_fn))
-  acc = par.replicate(train.init_train_metrics())
-  images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
-  perm = par.replicate(np.random.default_rng(0).permutation(n).astype(np.int32))
+  step, state, acc, data_args, data, compile_seconds = synthetic_step(
+      config, par, args.batch, args.steps * args.eval_batch)
   eval_arrays = par.shard_eval_arrays(train.batched_eval_arrays(
       data['x_test'], data['y_test'], args.eval_batch, par.eval_batch_multiple))
-
   start = time.perf_counter()
-  step = par.compile(
-      functools.partial(train.train_step_on_device_data, steps_per_epoch=STEPS_PER_EPOCH,
-                        batch_size=args.batch, size=args.batch, augment=True,
-                        axis_name=par.axis_name, shard_batch=par.shard_batch),
-      state, acc, images, labels, perm, data_key, donate_argnums=(0, 1))
   p_eval = par.compile(functools.partial(train.evaluate_on_device_data, axis_name=par.axis_name),
                        state, *eval_arrays)
-  compile_seconds = time.perf_counter() - start
+  compile_seconds += time.perf_counter() - start
 
   holder = {'state': state, 'acc': acc}
   for _ in range(2):  # warm up
-    holder['state'], holder['acc'] = step(holder['state'], holder['acc'], images, labels, perm, data_key)
+    holder['state'], holder['acc'] = step(holder['state'], holder['acc'], *data_args)
   jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
 
   def train_window():
     start = time.perf_counter()
     s, a = holder['state'], holder['acc']
     for _ in range(args.steps):
-      s, a = step(s, a, images, labels, perm, data_key)
+      s, a = step(s, a, *data_args)
     jax.block_until_ready((s, a))
     holder['state'], holder['acc'] = s, a
     return time.perf_counter() - start
