@@ -84,6 +84,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.model.name, 'model.name', sorted(models.STAGE_SIZES))
   _choice(config.model.norm, 'model.norm', ('batch', 'group_ws'))
   _choice(config.model.dtype, 'model.dtype', DTYPE_NAMES)
+  _choice(config.model.get('conv', 'auto'), 'model.conv', ('auto', 'xla', 'onednn'))
   _positive(config.model.width_multiplier, 'model.width_multiplier')
   if config.model.norm == 'group_ws':
     widths = models.ResNet(stage_sizes=(), width_multiplier=config.model.width_multiplier).widths()
@@ -269,7 +270,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
 # Fields added after runs were saved without them: their value then, for the comparison.
 ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
-                   'cpu_devices': 0}
+                   'cpu_devices': 0, 'model.conv': 'auto'}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
                       'swa.', 'parallelism')
 

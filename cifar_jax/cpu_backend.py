@@ -44,10 +44,19 @@ def auto_device_count(config, cores: int | None = None) -> int:
   processes = config.distributed.num_processes or int(os.environ.get('JAX_NUM_PROCESSES') or 0)
   if (config.get('parallelism', 'jit') != 'jit' or processes > 1 or config.get('num_seeds', 1) > 1):
     return 1
+  if uses_onednn(config):
+    return 1
   count = cores
   while count > 1 and config.batch_size % count:
     count -= 1
   return count
+
+
+def uses_onednn(config) -> bool:
+  """Whether `config.model.conv` will pick oneDNN's convolutions (one device; oneDNN uses every core)."""
+  from cifar_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+  choice = config.model.get('conv', 'auto') if 'model' in config else 'xla'
+  return choice == 'onednn' or (choice == 'auto' and onednn_conv.missing_build_requirement() is None)
 
 
 def configure(config) -> list[str]:

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cifar_jax import onednn_conv
+
 BN_MOMENTUM = 0.1  # torch convention: running = (1 - m) * running + m * batch_stat.
 NORM_EPSILON = 1e-5  # torch's default for BatchNorm and GroupNorm.
 WS_EPSILON = 1e-5  # added to the unbiased std, as in the blog's (and Qiao's) weight standardisation.
@@ -186,6 +188,8 @@ class ResNet(nn.Module):
   dtype: Any = jnp.float32
   bn_momentum: float = BN_MOMENTUM
   axis_name: str | None = None
+  # 'xla' (lax.conv_general_dilated) or 'onednn' (onednn_conv, XLA:CPU only); same params, same math.
+  conv_impl: str = 'xla'
 
   def widths(self) -> tuple[int, ...]:
     return tuple(max(1, int(round(w * self.width_multiplier))) for w in STAGE_WIDTHS)
@@ -203,7 +207,11 @@ class ResNet(nn.Module):
                                epsilon=NORM_EPSILON, use_fast_variance=False, dtype=self.dtype)
     else:
       raise ValueError(f"model.norm must be 'batch' or 'group_ws', got {self.norm!r}")
-    conv = functools.partial(conv_cls, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init)
+    if self.conv_impl not in ('xla', 'onednn'):
+      raise ValueError(f"conv_impl must be 'xla' or 'onednn', got {self.conv_impl!r}")
+    conv = functools.partial(conv_cls, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
+                             conv_general_dilated=(onednn_conv.conv_general_dilated
+                                                   if self.conv_impl == 'onednn' else None))
 
     widths = self.widths()
     x = x.astype(self.dtype)

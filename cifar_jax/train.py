@@ -23,6 +23,7 @@ from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
 from cifar_jax import models
+from cifar_jax import onednn_conv
 from cifar_jax import parallel
 from cifar_jax import preemption
 from cifar_jax import schedules
@@ -53,11 +54,36 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return init_key, data_key
 
 
-def create_model(model_config: ml_collections.ConfigDict, **kwargs) -> models.ResNet:
-  """The ResNet that `config.model` describes."""
+def conv_impl(model_config: ml_collections.ConfigDict, sharded: bool = False) -> str:
+  """The convolutions `model_config.conv` asks for: 'xla' or 'onednn'.
+
+  'auto' takes oneDNN's (`onednn_conv`, faster than XLA:CPU's own: BENCHMARKS.md) on the
+  CPU when they build, and XLA's on GPUs, under `sharded` (jit over several devices: XLA cannot split a
+  oneDNN call over them) and where oneDNN or a compiler is missing. 'onednn' insists, and says why not.
+  """
+  choice = model_config.get('conv', 'auto')
+  if choice == 'xla':
+    return 'xla'
+  if choice == 'onednn':
+    if sharded:
+      raise config_lib.ConfigError(
+          "model.conv='onednn' runs on one device under jit (or under pmap); set cpu_devices=1 or "
+          "model.conv='auto'")
+    try:
+      onednn_conv.load()
+    except RuntimeError as e:
+      raise config_lib.ConfigError(f"model.conv='onednn': {e}; use model.conv='auto' or 'xla'") from e
+    return 'onednn'
+  return 'onednn' if not sharded and onednn_conv.available() else 'xla'
+
+
+def create_model(model_config: ml_collections.ConfigDict, sharded: bool = False,
+                 **kwargs) -> models.ResNet:
+  """The ResNet that `config.model` describes (`sharded`: see `conv_impl`)."""
   return models.create_model(
       model_config.name, width_multiplier=model_config.width_multiplier, norm=model_config.norm,
-      zero_init_residual=model_config.zero_init_residual, dtype=DTYPES[model_config.dtype], **kwargs)
+      zero_init_residual=model_config.zero_init_residual, dtype=DTYPES[model_config.dtype],
+      conv_impl=conv_impl(model_config, sharded), **kwargs)
 
 
 def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
@@ -491,7 +517,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 for _ in range(num_seeds)]
     lr_fn = config.optimizer.lr  # a plain hyperparameter the host rewrites each epoch
 
-  model = create_model(config.model, axis_name=par.axis_name)
+  model = create_model(config.model, sharded=par.mode == 'jit' and par.num_devices > 1,
+                       axis_name=par.axis_name)
   # Checkpoints hold the state replicated over the devices, whatever their number: restoring onto this
   # run's devices is restoring into that layout; the steps then take it in theirs. With several seeds
   # every per-seed tree (state, metric sums, keys) has a leading seed axis, split over the mesh's 'seeds'.

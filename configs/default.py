@@ -26,6 +26,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.width_multiplier = 1.0  # stage widths 64/128/256/512 times this
   config.model.zero_init_residual = True
   config.model.dtype = 'float32'  # float32 | bfloat16 (compute dtype; params and BN stats stay float32)
+  # auto | xla | onednn: convolutions through oneDNN on a one-device CPU run (auto), or XLA's own
+  config.model.conv = 'auto'
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'  # tfds | npz | cifar10_python | synthetic

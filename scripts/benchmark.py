@@ -4,14 +4,16 @@
   python scripts/benchmark.py --torch_modes=eager,channels_last,compile --dtype=bfloat16 --width=1
 
 Variants, each in its own subprocess:
-  jax                  the trainer's own jitted step, with the settings `cifar-jax` uses
-                       (cifar_jax/cpu_backend.py; on CPU: Eigen convolutions, one virtual device per
-                       core with the batch sharded over them). --jax_settings=one_device,plain add, as
-                       variants jax_one_device and jax_plain, the same step on one CPU device (using
-                       every core), and with XLA's own settings (before cpu_backend existed). (`train.train_step_on_device_data`, compiled by
+  jax                  the trainer's own jitted step (`train.train_step_on_device_data`, compiled by
                        `parallel.Parallel.compile` with the state donated, exactly as `train_and_evaluate`
                        does) on on-device uint8 synthetic images (crop + flip drawn on device), and
-                       `train.evaluate_on_device_data` (one dispatch per window).
+                       `train.evaluate_on_device_data` (one dispatch per window), with the settings
+                       `cifar-jax` uses: on the CPU, oneDNN convolutions (cifar_jax/onednn_conv.py) on one
+                       device. --jax_settings adds variants: jax_xla, XLA's own convolutions with
+                       cpu_backend's settings (Eigen convolutions, one virtual device per core, the batch
+                       sharded over them; the default before oneDNN); jax_one_device, the default on one
+                       device; jax_plain, XLA's own settings and convolutions on one device (before
+                       cpu_backend existed).
   torch                `torch_reference.create_torch_model` (same model, width, init) with
                        `create_torch_optimizer` (SGD, coupled weight decay), eager, NCHW.
   torch_channels_last  the same, model and inputs in torch.channels_last.
@@ -24,7 +26,10 @@ Like scripts/bench_devices.py, every worker first compiles and warms up, then th
 window (--windows of --steps train steps, then of --steps eval batches), so a noisy or shared machine slows
 every variant alike; the median window is reported. The turn order rotates by one variant per window
 (use at least as many windows as variants): whichever variant runs first after the others measured up to
-20 % slower.
+20 % slower. Every window starts with --window_warmup untimed steps (and eval passes): on the development
+VM a worker's first step after its pause is slow for every variant (the kernel's DAMON pageout reclaims
+the idle worker's pages; the JAX step at width 0.25 took 0.41-0.45 s after a 2 s pause, 0.23-0.30 s
+otherwise), so what is timed is the steady state a training run is in.
 
   compile_seconds  jax: lower + compile of the train step and of the eval function.
                    torch: wall time of the first train step plus the first eval pass (for torch_compile
@@ -57,7 +62,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_MODES = ('eager', 'channels_last', 'compile')
-JAX_SETTINGS = ('default', 'one_device', 'plain')
+JAX_SETTINGS = ('default', 'xla', 'one_device', 'plain')
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
 
 
@@ -112,7 +117,8 @@ def synthetic_step(config, par, batch: int, num_eval: int):
   data = input_pipeline.make_synthetic(n, num_eval)
   lr_fn, momentum_fn = train.create_schedules(config, STEPS_PER_EPOCH)
   init_key, data_key = train.run_keys(0)
-  model = train.create_model(config.model, axis_name=par.axis_name)
+  model = train.create_model(config.model, sharded=par.mode == 'jit' and par.num_devices > 1,
+                             axis_name=par.axis_name)
   state = par.replicate(train.create_train_state(init_key, config, model, lr_fn, momentum_fn))
   acc = par.replicate(train.init_train_metrics())
   images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
@@ -134,10 +140,15 @@ def _jax_worker(args, setting: str) -> None:
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
   if setting == 'default':
     cpu_backend.configure(config)
+  elif setting == 'xla':  # XLA's own convolutions with cpu_backend's settings (before oneDNN's)
+    config.model.conv = 'xla'
+    cpu_backend.configure(config)
   elif setting == 'one_device':
     config.cpu_devices = 1
     cpu_backend.configure(config)
-  elif setting != 'plain':  # 'plain': XLA's own defaults on one device (before cpu_backend existed)
+  elif setting == 'plain':  # XLA's own defaults on one device (before cpu_backend existed)
+    config.model.conv = 'xla'
+  else:
     raise ValueError(f'unknown JAX setting {setting!r}; choose from {list(JAX_SETTINGS)}')
   import jax  # pylint: disable=g-import-not-at-top
   from cifar_jax import parallel, train  # pylint: disable=g-import-not-at-top
@@ -158,16 +169,22 @@ def _jax_worker(args, setting: str) -> None:
     holder['state'], holder['acc'] = step(holder['state'], holder['acc'], *data_args)
   jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
 
-  def train_window():
-    start = time.perf_counter()
+  def train_steps(n):
     s, a = holder['state'], holder['acc']
-    for _ in range(args.steps):
+    for _ in range(n):
       s, a = step(s, a, *data_args)
     jax.block_until_ready((s, a))
     holder['state'], holder['acc'] = s, a
+
+  def train_window():
+    train_steps(args.window_warmup)
+    start = time.perf_counter()
+    train_steps(args.steps)
     return time.perf_counter() - start
 
   def eval_window():
+    for _ in range(args.window_warmup):
+      jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
     start = time.perf_counter()
     jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
     return time.perf_counter() - start
@@ -283,6 +300,9 @@ def _torch_worker(args, mode: str) -> None:
     torch.cuda.reset_peak_memory_stats()  # keep the steady-state peak (compile peaks are not the model's)
 
   def train_window():
+    for _ in range(args.window_warmup):
+      train_step()
+    sync()
     start = time.perf_counter()
     for _ in range(args.steps):
       train_step()
@@ -290,6 +310,8 @@ def _torch_worker(args, mode: str) -> None:
     return time.perf_counter() - start
 
   def eval_window():
+    for _ in range(args.window_warmup):
+      eval_pass()[0].item()
     start = time.perf_counter()
     loss_sum, _ = eval_pass()
     loss_sum.item()
@@ -364,8 +386,12 @@ def main() -> None:
   parser.add_argument('--no_jax', action='store_true', help='torch variants only')
   parser.add_argument('--jax_settings', default='default',
                       help='comma-separated subset of ' + ','.join(JAX_SETTINGS) + ': default is what '
-                           'cifar-jax runs (cifar_jax/cpu_backend.py); one_device the same on one CPU device; '
-                           "plain XLA's own settings on one device")
+                           'cifar-jax runs (oneDNN convolutions on the CPU, cifar_jax/cpu_backend.py); xla the same '
+                           "with XLA's own convolutions; one_device default on one CPU device; "
+                           "plain XLA's own settings and convolutions on one device")
+  parser.add_argument('--window_warmup', type=int, default=1,
+                      help='untimed train steps (and eval passes) at the start of every window, for every '
+                           'variant: after its pause the first step runs slow (see the module docstring)')
   parser.add_argument('--end_to_end', type=int, default=0,
                       help='> 0: also run cifar-jax itself for this many epochs on synthetic data and '
                            "compare its per-epoch images/s with the bare step's")

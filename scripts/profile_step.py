@@ -30,13 +30,15 @@ def _jax_profile(args) -> None:
 
   config = default.get_config()
   config.cpu_devices = 1
+  config.model.conv = args.conv
   cpu_backend.configure(config)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cifar_jax import models  # pylint: disable=g-import-not-at-top
+  from cifar_jax import models, train  # pylint: disable=g-import-not-at-top
 
-  model = models.create_model(args.model, width_multiplier=args.width)
+  model = models.create_model(args.model, width_multiplier=args.width,
+                              conv_impl=train.conv_impl(config.model))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((args.batch, 32, 32, 3), np.float32))
   y = jnp.asarray(rng.integers(0, 10, args.batch))
@@ -64,7 +66,8 @@ def _jax_profile(args) -> None:
     kind = re.sub(r'\.\d+$', '', name)
     total[kind] += e['dur'] / 1e3 / args.steps  # us -> ms, per step
     count[kind] += 1 / args.steps
-  print(f'JAX {args.model} width {args.width}, batch {args.batch}: XLA ops, ms per gradient step')
+  print(f'JAX {args.model} width {args.width}, batch {args.batch}, {model.conv_impl} convolutions: '
+        'XLA ops, ms per gradient step')
   for kind, ms in total.most_common(args.top):
     print(f'  {ms:8.1f} ms  x{count[kind]:4.0f}  {kind}')
   print(f'  {sum(total.values()):8.1f} ms  all ops')
@@ -108,6 +111,7 @@ def main() -> None:
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--top', type=int, default=15)
+  parser.add_argument('--conv', default='auto', help="config.model.conv: auto | xla | onednn")
   parser.add_argument('--torch', action='store_true', help='also profile the torch reference')
   parser.add_argument('--torch_threads', type=int, default=1)
   args = parser.parse_args()

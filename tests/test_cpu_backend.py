@@ -6,13 +6,15 @@ import subprocess
 import sys
 
 from cifar_jax import cpu_backend
+from cifar_jax import onednn_conv
 from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _config(**fields):
+def _config(conv='xla', **fields):
   config = default.get_config()
+  config.model.conv = conv
   for name, value in fields.items():
     setattr(config, name, value)
   return config
@@ -34,6 +36,13 @@ def test_auto_device_count_keeps_one_device_for_pmap_processes_and_seeds():
   assert cpu_backend.auto_device_count(config, cores=2) == 1
 
 
+def test_auto_device_count_keeps_one_device_for_onednn_convolutions():
+  # oneDNN spreads each convolution over every core itself; auto uses it where it builds.
+  assert cpu_backend.auto_device_count(_config(conv='onednn'), cores=2) == 1
+  buildable = onednn_conv.missing_build_requirement() is None
+  assert cpu_backend.auto_device_count(_config(conv='auto'), cores=2) == (1 if buildable else 2)
+
+
 def test_an_explicit_count_wins():
   assert cpu_backend.auto_device_count(_config(cpu_devices=3, parallelism='pmap'), cores=2) == 3
   assert cpu_backend.auto_device_count(_config(cpu_devices=1), cores=8) == 1
@@ -43,6 +52,7 @@ PROBE = """
 import json, os, sys
 sys.path.insert(0, {root!r})
 from cifar_jax import cpu_backend
+from cifar_jax import onednn_conv
 from configs import default
 config = default.get_config()
 config.cpu_devices = {count}

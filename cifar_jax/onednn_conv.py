@@ -1,0 +1,207 @@
+"""oneDNN convolutions for XLA:CPU: `conv_general_dilated`, a drop-in for the `lax` one in `nn.Conv`.
+
+XLA:CPU's own convolutions (Eigen or YNNPACK) are slower than oneDNN's, the library PyTorch uses on the
+CPU, and XLA surrounds every weight-gradient convolution with transposes of its two operands (a quarter
+of a ResNet18 step, BENCHMARKS.md). `csrc/onednn_conv.cc` calls oneDNN's forward, backward-data and
+backward-weights convolutions on the NHWC activations where they lie, through XLA's FFI; this module
+builds it on first use (a C++ compiler and the `onednn-devel-cpu-gomp` headers, both checked), caches the
+library under ~/.cache/cifar_jax, registers the three handlers and gives them a `custom_vjp`.
+
+`available()` says whether it can be used here; `conv_general_dilated` falls back to nothing: callers
+pick it only when `available()` is true (`models.ResNet(conv_impl='onednn')`, chosen by
+`train.resolve_conv_impl`).
+"""
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+import threading
+
+from absl import logging
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'onednn_conv.cc')
+TARGETS = {
+    'forward': 'OnednnConvForward',
+    'backward_data': 'OnednnConvBackwardData',
+    'backward_weights': 'OnednnConvBackwardWeights',
+}
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+_lock = threading.Lock()
+_state = {'loaded': None, 'error': None}
+
+
+def _prefix() -> str:
+  # pip puts the onednn wheels' data files (include/, lib/) under the environment's prefix.
+  return sysconfig.get_paths()['data']
+
+
+def _compiler() -> str | None:
+  return shutil.which(os.environ.get('CXX', 'g++')) or shutil.which('c++')
+
+
+def _cache_dir() -> str:
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'cifar_jax')
+
+
+def _build_command(compiler: str, output: str) -> list[str]:
+  prefix = _prefix()
+  return [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+          f'-I{jax.ffi.include_dir()}', f'-I{os.path.join(prefix, "include")}', SOURCE,
+          '-o', output, f'-L{os.path.join(prefix, "lib")}', '-ldnnl',
+          f'-Wl,-rpath,{os.path.join(prefix, "lib")}']
+
+
+def _library_path(compiler: str) -> str:
+  """The cached library's path: keyed by the source, the build command and jaxlib's version."""
+  digest = hashlib.sha256()
+  with open(SOURCE, 'rb') as f:
+    digest.update(f.read())
+  digest.update(' '.join(_build_command(compiler, '')).encode())
+  digest.update(jax.lib.__version__.encode() if hasattr(jax.lib, '__version__') else b'')
+  digest.update(jax.__version__.encode())
+  return os.path.join(_cache_dir(), f'onednn_conv-{digest.hexdigest()[:16]}.so')
+
+
+def missing_build_requirement() -> str | None:
+  """What building the library needs and lacks here (headers, library, compiler), or None.
+
+  It does not start JAX's backend, so `cpu_backend` can ask it before XLA_FLAGS are final.
+  """
+  header = os.path.join(_prefix(), 'include', 'oneapi', 'dnnl', 'dnnl.hpp')
+  if not os.path.exists(header):
+    return f'no oneDNN headers at {header} (pip install onednn-devel-cpu-gomp)'
+  if not any(os.path.exists(os.path.join(_prefix(), 'lib', name))
+             for name in ('libdnnl.so', 'libdnnl.so.3')):
+    return f'no libdnnl.so under {os.path.join(_prefix(), "lib")} (pip install onednn-cpu-gomp)'
+  if _compiler() is None:
+    return 'no C++ compiler (g++ or $CXX) on the PATH'
+  return None
+
+
+def _build(compiler: str, path: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  # Several processes may build at once (tests, sweeps): each writes its own file, the rename is atomic.
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=os.path.dirname(path))
+  os.close(fd)
+  try:
+    result = subprocess.run(_build_command(compiler, tmp), capture_output=True, text=True,
+                            check=False)
+    if result.returncode:
+      raise RuntimeError(f'building {SOURCE} failed:\n{result.stderr[-4000:]}')
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+
+
+def load() -> None:
+  """Builds (once, cached) and registers the oneDNN handlers; raises RuntimeError when it cannot."""
+  with _lock:
+    if _state['loaded']:
+      return
+    if _state['error']:
+      raise RuntimeError(_state['error'])
+    try:
+      reason = (f'the JAX backend is {jax.default_backend()}, not cpu'
+                if jax.default_backend() != 'cpu' else missing_build_requirement())
+      if reason:
+        raise RuntimeError(f'oneDNN convolutions unavailable: {reason}')
+      compiler = _compiler()
+      path = _library_path(compiler)
+      if not os.path.exists(path):
+        logging.info('Building the oneDNN convolution library: %s', path)
+        _build(compiler, path)
+      import ctypes  # pylint: disable=g-import-not-at-top
+      library = ctypes.cdll.LoadLibrary(path)
+      for target, symbol in TARGETS.items():
+        jax.ffi.register_ffi_target(f'cifar_jax_onednn_conv_{target}',
+                                    jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
+    except (RuntimeError, OSError) as e:
+      _state['error'] = str(e)
+      raise RuntimeError(str(e)) from e
+    _state['loaded'] = path
+
+
+def available() -> bool:
+  """Whether the oneDNN convolutions can run here (building them on the first call)."""
+  try:
+    load()
+  except RuntimeError as e:
+    logging.log_first_n(logging.INFO, 'oneDNN convolutions not used: %s', 1, e)
+    return False
+  return True
+
+
+def _attrs(strides, padding) -> dict:
+  (pt, pb), (pl, pr) = padding
+  return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]), pad_top=np.int64(pt),
+              pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr))
+
+
+def _call(target: str, out_shape, a, b, strides, padding):
+  # 'sequential': under vmap (several seeds in one run) each seed's convolution is its own call.
+  return jax.ffi.ffi_call(f'cifar_jax_onednn_conv_{target}',
+                          jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method='sequential')(a, b, **_attrs(strides, padding))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_nhwc(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+  """A float32 NHWC x HWIO convolution with explicit padding, through oneDNN."""
+  out_shape = jax.eval_shape(
+      lambda a, b: lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_NHWC),
+      x, kernel).shape
+  return _call('forward', out_shape, x, kernel, strides, padding)
+
+
+def _conv_fwd(x, kernel, strides, padding):
+  return conv_nhwc(x, kernel, strides, padding), (x, kernel)
+
+
+def _conv_bwd(strides, padding, residuals, dy):
+  x, kernel = residuals
+  dx = _call('backward_data', x.shape, dy, kernel, strides, padding)
+  dkernel = _call('backward_weights', kernel.shape, x, dy, strides, padding)
+  return dx, dkernel
+
+
+conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
+
+
+def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+             feature_group_count, batch_group_count) -> bool:
+  """Whether this `lax.conv_general_dilated` call is one the oneDNN handlers cover."""
+  dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  return (lhs.ndim == 4 and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+          and dims == nhwc and feature_group_count == 1 and batch_group_count == 1
+          and all(d == 1 for d in (lhs_dilation or (1, 1)))
+          and all(d == 1 for d in (rhs_dilation or (1, 1)))
+          and (isinstance(padding, str) or all(p >= 0 for pair in padding for p in pair)))
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, batch_group_count=1,
+                         precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` through oneDNN where it applies (float32 NHWC 2-D), lax otherwise."""
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count, batch_group_count)
+  if preferred_element_type is not None or not supports(*args):
+    return lax.conv_general_dilated(*args[:7], feature_group_count=feature_group_count,
+                                    batch_group_count=batch_group_count, precision=precision,
+                                    preferred_element_type=preferred_element_type)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  return conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), padding)

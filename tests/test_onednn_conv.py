@@ -1,0 +1,121 @@
+"""cifar_jax/onednn_conv.py: oneDNN's convolutions equal lax's, forward and backward, in the model too."""
+
+import platform
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_jax import config_lib
+from cifar_jax import models
+from cifar_jax import onednn_conv
+from cifar_jax import train
+
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+# (batch, size, in, out, kernel, stride, padding): the ResNets' 3x3 and strided 1x1 convolutions, the
+# 3-channel stem, an odd size with asymmetric padding.
+CASES = [(4, 32, 3, 8, 3, 1, ((1, 1), (1, 1))), (4, 16, 8, 8, 3, 1, ((1, 1), (1, 1))),
+         (4, 16, 8, 16, 3, 2, ((1, 1), (1, 1))), (4, 16, 8, 16, 1, 2, ((0, 0), (0, 0))),
+         (3, 9, 5, 7, 3, 2, ((0, 1), (2, 1)))]
+
+
+def _conv_loss(conv, x, w, stride, padding):
+  y = conv(x, w, (stride, stride), padding, dimension_numbers=NHWC)
+  return jnp.sum(jnp.sin(y)), y
+
+
+@pytest.fixture(scope='module', autouse=True)
+def _require_onednn():
+  if not onednn_conv.available():
+    pytest.skip(f'oneDNN convolutions unavailable: {onednn_conv._state["error"]}')  # pylint: disable=protected-access
+
+
+def test_builds_on_this_platform():
+  # The default path on Linux x86-64, where pyproject.toml installs oneDNN: it must build, not fall back.
+  if platform.system() == 'Linux' and platform.machine() == 'x86_64':
+    assert onednn_conv.missing_build_requirement() is None
+    assert onednn_conv.available()
+
+
+@pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', CASES)
+def test_forward_and_gradients_equal_lax(n, size, cin, cout, k, stride, padding):
+  rng = np.random.default_rng(size * cin + cout)
+  x = jnp.asarray(rng.normal(size=(n, size, size, cin)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+  grad = lambda conv: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
+      lambda x, w: _conv_loss(conv, x, w, stride, padding), argnums=(0, 1), has_aux=True))
+  (loss_ref, y_ref), (dx_ref, dw_ref) = grad(lax.conv_general_dilated)(x, w)
+  (loss, y), (dx, dw) = grad(onednn_conv.conv_general_dilated)(x, w)
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_string_padding_and_vmap_over_kernels():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
+  ws = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 6)), jnp.float32)  # three kernels, as under num_seeds=3
+  for conv_fn in (onednn_conv.conv_general_dilated, lax.conv_general_dilated):
+    assert conv_fn(x, ws[0], (2, 2), 'SAME', dimension_numbers=NHWC).shape == (2, 4, 4, 6)
+  f = lambda conv: jax.vmap(lambda w: conv(x, w, (1, 1), 'SAME', dimension_numbers=NHWC))(ws)  # pylint: disable=g-long-lambda
+  np.testing.assert_allclose(f(onednn_conv.conv_general_dilated), f(lax.conv_general_dilated),
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_other_convolutions_fall_back_to_lax():
+  x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
+  w = jnp.ones((3, 3, 4, 4), jnp.bfloat16)
+  args = ((1, 1), ((1, 1), (1, 1)))
+  assert not onednn_conv.supports(x, w, *args, None, None, NHWC, 1, 1)  # bfloat16
+  x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
+  assert onednn_conv.supports(x32, w32, *args, None, None, NHWC, 1, 1)
+  assert not onednn_conv.supports(x32, w32, *args, None, (2, 2), NHWC, 1, 1)  # dilation
+  assert not onednn_conv.supports(x32, w32, (1, 1), ((-1, 0), (0, 0)), None, None, NHWC, 1, 1)
+  hlo = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, *args, dimension_numbers=NHWC)
+                ).lower(x, w).as_text()
+  assert 'custom_call' not in hlo and 'convolution' in hlo
+  hlo = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, *args, dimension_numbers=NHWC)
+                ).lower(x32, w32).as_text()
+  assert 'cifar_jax_onednn_conv_forward' in hlo
+
+
+@pytest.mark.parametrize('norm', ['batch', 'group_ws'])
+def test_resnet_with_onednn_equals_resnet_with_xla(norm):
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 32, 32, 3)), jnp.float32)
+  y = jnp.arange(8) % 10
+  kwargs = dict(width_multiplier=0.125, norm=norm)
+  ref_model = models.create_model('resnet9', conv_impl='xla', **kwargs)
+  model = models.create_model('resnet9', conv_impl='onednn', **kwargs)
+  variables = ref_model.init(jax.random.key(0), x[:1], train=False)
+
+  def loss(m, params):
+    logits, _ = m.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+  loss_ref, grads_ref = jax.jit(jax.value_and_grad(lambda p: loss(ref_model, p)))(variables['params'])
+  value, grads = jax.jit(jax.value_and_grad(lambda p: loss(model, p)))(variables['params'])
+  np.testing.assert_allclose(value, loss_ref, rtol=1e-5)
+  for g, g_ref in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(g, g_ref, rtol=2e-3, atol=2e-5)
+  # The same params either way: checkpoints move freely between the two.
+  assert jax.tree.structure(model.init(jax.random.key(0), x[:1], train=False)) == \
+      jax.tree.structure(variables)
+
+
+def test_conv_impl_choice(tiny_config):
+  model_config = tiny_config.model
+  assert model_config.conv == 'auto'
+  assert train.conv_impl(model_config) == 'onednn'  # one CPU device, oneDNN built
+  assert train.conv_impl(model_config, sharded=True) == 'xla'  # jit over several devices
+  model_config.conv = 'xla'
+  assert train.conv_impl(model_config) == 'xla'
+  model_config.conv = 'onednn'
+  assert train.conv_impl(model_config) == 'onednn'
+  with pytest.raises(config_lib.ConfigError, match='one device'):
+    train.conv_impl(model_config, sharded=True)
+  with pytest.raises(ValueError, match='conv_impl'):
+    models.create_model('resnet9', conv_impl='cudnn').init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
