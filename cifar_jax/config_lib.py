@@ -119,6 +119,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int_at_least(config.checkpoint_every_steps, 'checkpoint_every_steps', 0, ' (0 = every epoch)')
   _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
   _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
+  _int_at_least(config.get('steps_per_dispatch', 0), 'steps_per_dispatch', 0, ' (0 = auto)')
 
 
 def _validate_seeds(config: ml_collections.ConfigDict) -> None:
@@ -270,7 +271,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
 # Fields added after runs were saved without them: their value then, for the comparison.
 ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
-                   'cpu_devices': 0, 'model.conv': 'auto'}
+                   'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
                       'swa.', 'parallelism')
 

@@ -1,12 +1,15 @@
 """XLA:CPU settings that make the CPU train step fast; they must be set before JAX starts its backend.
 
 Measured on a 2-core Sapphire Rapids VM (BENCHMARKS.md, "JAX vs PyTorch on the CPU"):
-- XLA:CPU hands convolutions to YNNPACK by default; its weight-gradient convolution is 2.4-4.3x slower
-  than XLA's Eigen path (a 16-channel 3x3 layer at 32x32, batch 128: 24.7 vs 10.1 ms), so convolutions
-  go back to Eigen (`-individual_convolution`); YNNPACK keeps dots and the rest.
-- One virtual CPU device per core (`config.cpu_devices = 0`, the default), the batch sharded over them
-  (`parallelism='jit'`): 1.06x at ResNet18 width 0.25; at width 1 within the noise (two runs: 0.94x and
-  1.12x).
+- Convolutions go to oneDNN (`cifar_jax/onednn_conv.py`, `config.model.conv='auto'`) where it builds;
+  then the run keeps one CPU device, since every oneDNN call spreads over all the cores itself.
+- XLA:CPU hands its own convolutions (`model.conv='xla'`, or where oneDNN is missing) to YNNPACK by
+  default; its weight-gradient convolution is 2.4-4.3x slower than XLA's Eigen path (a 16-channel 3x3
+  layer at 32x32, batch 128: 24.7 vs 10.1 ms), so convolutions go back to Eigen
+  (`-individual_convolution`); YNNPACK keeps dots and the rest.
+- With XLA's convolutions, one virtual CPU device per core (`config.cpu_devices = 0`, the default), the
+  batch sharded over them (`parallelism='jit'`): 1.06x at ResNet18 width 0.25; at width 1 within the
+  noise (two runs: 0.94x and 1.12x).
 
 `cifar-jax` calls `configure` before anything touches a device; in a notebook, call it before the first
 JAX computation. Settings already in XLA_FLAGS are left as they are.
@@ -35,8 +38,8 @@ def auto_device_count(config, cores: int | None = None) -> int:
 
   Auto keeps one device for pmap, for multi-process runs (their processes share the host's cores), for
   several seeds in one run (their CPU throughput in BENCHMARKS.md is measured on one device; set
-  cpu_devices to split them) and when the batch does not split; otherwise it takes the largest count up to
-  the cores that divides `batch_size`.
+  cpu_devices to split them), for oneDNN's convolutions (`uses_onednn`) and when the batch does not
+  split; otherwise it takes the largest count up to the cores that divides `batch_size`.
   """
   if config.get('cpu_devices', 0) > 0:
     return config.cpu_devices

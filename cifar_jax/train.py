@@ -33,6 +33,8 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Folded into the data key for the SWA BatchNorm pass, so its order differs from every training epoch's.
 RECALIBRATION_SALT = 0x5BA
 METRIC_KEYS = ('loss_sum', 'correct', 'count')
+# Auto `steps_per_dispatch` on the CPU (scripts/bench_dispatch.py, BENCHMARKS.md).
+CPU_STEPS_PER_DISPATCH = 8
 
 
 class TrainState(train_state.TrainState):
@@ -54,18 +56,19 @@ def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
   return init_key, data_key
 
 
-def conv_impl(model_config: ml_collections.ConfigDict, sharded: bool = False) -> str:
-  """The convolutions `model_config.conv` asks for: 'xla' or 'onednn'.
+def conv_impl(model_config: ml_collections.ConfigDict, num_devices: int = 1, mode: str = 'jit') -> str:
+  """The convolutions `model_config.conv` asks for, 'xla' or 'onednn', in a run over `num_devices`.
 
-  'auto' takes oneDNN's (`onednn_conv`, faster than XLA:CPU's own: BENCHMARKS.md) on the
-  CPU when they build, and XLA's on GPUs, under `sharded` (jit over several devices: XLA cannot split a
-  oneDNN call over them) and where oneDNN or a compiler is missing. 'onednn' insists, and says why not.
+  'auto' takes oneDNN's (`onednn_conv`, faster than XLA:CPU's own: BENCHMARKS.md) on a one-device CPU
+  run where they build, and XLA's on GPUs, over several devices (every oneDNN call already uses all the
+  cores) and where oneDNN or a compiler is missing. 'onednn' insists, and says why it cannot: jit cannot
+  split a oneDNN call over several devices (pmap runs one per device).
   """
   choice = model_config.get('conv', 'auto')
   if choice == 'xla':
     return 'xla'
   if choice == 'onednn':
-    if sharded:
+    if mode == 'jit' and num_devices > 1:
       raise config_lib.ConfigError(
           "model.conv='onednn' runs on one device under jit (or under pmap); set cpu_devices=1 or "
           "model.conv='auto'")
@@ -74,16 +77,16 @@ def conv_impl(model_config: ml_collections.ConfigDict, sharded: bool = False) ->
     except RuntimeError as e:
       raise config_lib.ConfigError(f"model.conv='onednn': {e}; use model.conv='auto' or 'xla'") from e
     return 'onednn'
-  return 'onednn' if not sharded and onednn_conv.available() else 'xla'
+  return 'onednn' if num_devices == 1 and onednn_conv.available() else 'xla'
 
 
-def create_model(model_config: ml_collections.ConfigDict, sharded: bool = False,
+def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, mode: str = 'jit',
                  **kwargs) -> models.ResNet:
-  """The ResNet that `config.model` describes (`sharded`: see `conv_impl`)."""
+  """The ResNet that `config.model` describes, for a run over `num_devices` (see `conv_impl`)."""
   return models.create_model(
       model_config.name, width_multiplier=model_config.width_multiplier, norm=model_config.norm,
       zero_init_residual=model_config.zero_init_residual, dtype=DTYPES[model_config.dtype],
-      conv_impl=conv_impl(model_config, sharded), **kwargs)
+      conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
 
 
 def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
@@ -316,6 +319,39 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
   return state, accumulate(acc, metrics, step)
 
 
+def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, data_key, num_steps, *,
+                               steps_per_epoch: int, batch_size: int, size: int, augment: bool,
+                               axis_name: str | None = None, shard_batch=whole_batch):
+  """`num_steps` (traced: one compilation for any count) `train_step_on_device_data` steps in one call.
+
+  XLA:CPU allocates a call's temporary buffers afresh on every call and the kernel zero-fills their pages
+  (hundreds of MB a step for ResNet18); the steps of one call share them (`config.steps_per_dispatch`,
+  BENCHMARKS.md). The steps are the same as one call each: the loop body is the step.
+  """
+  def body(_, carry):
+    return train_step_on_device_data(
+        *carry, images, labels, perm, data_key, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+        size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch)
+
+  return jax.lax.fori_loop(0, num_steps, body, (state, acc))
+
+
+def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
+  """`config.steps_per_dispatch`, or (0, auto) 8 on the CPU and 1 on accelerators."""
+  if config.get('steps_per_dispatch', 0) > 0:
+    return config.steps_per_dispatch
+  return CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' else 1
+
+
+def steps_in_call(done: int, limit: int, max_steps: int, host_acts_after) -> int:
+  """The steps of the call that follows `done` steps of the epoch: at most `max_steps`, and it stops at
+  `limit` steps done or at the first count `j` with `host_acts_after(j)` (a log, checkpoint, SWA update)."""
+  k = 1
+  while k < max_steps and done + k < limit and not host_acts_after(done + k):
+    k += 1
+  return k
+
+
 def recalibration_step_on_device_data(params, running, images, labels, perm, data_key, epoch, index, *,
                                       model, batch_size: int, size: int, augment: bool,
                                       shard_batch=whole_batch):
@@ -517,8 +553,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                 for _ in range(num_seeds)]
     lr_fn = config.optimizer.lr  # a plain hyperparameter the host rewrites each epoch
 
-  model = create_model(config.model, sharded=par.mode == 'jit' and par.num_devices > 1,
-                       axis_name=par.axis_name)
+  model = create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
   # Checkpoints hold the state replicated over the devices, whatever their number: restoring onto this
   # run's devices is restoring into that layout; the steps then take it in theirs. With several seeds
   # every per-seed tree (state, metric sums, keys) has a leading seed axis, split over the mesh's 'seeds'.
@@ -580,13 +615,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                    in_axes=(0, None)),
                         data_key, 0, in_axes=(0, None))
   first_perm = perm_fn(data_key, 0)
-  step_fn = functools.partial(train_step_on_device_data, steps_per_epoch=spe,
+  step_fn = functools.partial(train_steps_on_device_data, steps_per_epoch=spe,
                               batch_size=config.batch_size, augment=config.data.augment,
                               axis_name=par.axis_name, shard_batch=par.shard_batch)
+  max_steps_per_call = steps_per_dispatch(config)
   p_train = {size: par.compile(par.seeded(functools.partial(step_fn, size=size),
-                                          in_axes=(0, 0, None, None, 0, 0)),
+                                          in_axes=(0, 0, None, None, 0, 0, None)),
                                state, acc, train_images, train_labels, first_perm, data_key,
-                               donate_argnums=(0, 1))
+                               np.int32(1), donate_argnums=(0, 1), in_axes=(0,) * 6 + (None,))
              for size in sizes}
   eval_axes = (0, None, None, None)
   p_eval = par.compile(par.seeded(functools.partial(evaluate_on_device_data, axis_name=par.axis_name),
@@ -626,9 +662,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
       bar = metrics_writer.ProgressBar(spe, first, epoch, config.num_epochs,
                                        config.batch_size * num_seeds,
                                        config.progress_bar and par.is_main_process)
-      for i in range(first, spe):
+      full_batches = n // config.batch_size  # a last partial batch runs in a call of its own
+      def host_acts_after(done, epoch=epoch):  # `done` steps of the epoch; the host acts after it
+        step = epoch * spe + done
+        return bool(
+            (swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
+             and (step - swa_start_step) % swa_config.update_every_steps == 0)
+            or (config.log_every_steps and done % config.log_every_steps == 0)
+            or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
+      i = first
+      while i < spe:
         size = min(config.batch_size, n - i * config.batch_size)
-        state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key)
+        k = 1 if i >= full_batches else steps_in_call(i, full_batches, max_steps_per_call,
+                                                      host_acts_after)
+        state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key, np.int32(k))
+        i += k - 1  # `i` is now the call's last step, as in a loop of one step per call
         step = epoch * spe + i + 1
         if stop.signum is not None and i + 1 < spe:  # at an epoch's end, the epoch finishes first
           _check_finite(par.host(acc), config, spe)
@@ -646,6 +694,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
           _check_finite(par.host(acc), config, spe)
           save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
                           _extra(plateaus, run_start))
+        i += 1
       host_acc = par.host(acc)
       train = _per_seed_summaries(host_acc, num_seeds)
       _check_finite(host_acc, config, spe)

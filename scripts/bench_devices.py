@@ -39,19 +39,19 @@ def _worker(args) -> None:
   config = default.get_config()
   config.model.name, config.model.width_multiplier = args.model, args.width
   config.batch_size = args.batch_size
+  config.model.conv = 'xla'  # XLA's convolutions on every device count (oneDNN's run on one device)
+  config.steps_per_dispatch = 1
   par = parallel.create(mode)
   assert par.num_devices == int(num_devices), (par.num_devices, num_devices)
-  step, state, acc, data_args, _, _ = benchmark.synthetic_step(config, par, args.batch_size, 1)
-  for _ in range(2):  # warm up
-    state, acc = step(state, acc, *data_args)
+  run, state, acc, _, _, _ = benchmark.synthetic_step(config, par, args.batch_size, 1)
+  state, acc = run(state, acc, 2)  # warm up
   jax.block_until_ready(state)
   print(json.dumps({'ready': True, 'devices': [str(d) for d in jax.devices()]}), flush=True)
   for line in sys.stdin:
     if line.strip() != 'go':
       break
     start = time.perf_counter()
-    for _ in range(args.steps):
-      state, acc = step(state, acc, *data_args)
+    state, acc = run(state, acc, args.steps)
     jax.block_until_ready((state, acc))
     seconds = time.perf_counter() - start
     print(json.dumps({'images_per_second': args.steps * args.batch_size / seconds}), flush=True)

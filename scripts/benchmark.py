@@ -9,11 +9,12 @@ Variants, each in its own subprocess:
                        does) on on-device uint8 synthetic images (crop + flip drawn on device), and
                        `train.evaluate_on_device_data` (one dispatch per window), with the settings
                        `cifar-jax` uses: on the CPU, oneDNN convolutions (cifar_jax/onednn_conv.py) on one
-                       device. --jax_settings adds variants: jax_xla, XLA's own convolutions with
-                       cpu_backend's settings (Eigen convolutions, one virtual device per core, the batch
-                       sharded over them; the default before oneDNN); jax_one_device, the default on one
-                       device; jax_plain, XLA's own settings and convolutions on one device (before
-                       cpu_backend existed).
+                       device, up to 8 steps per call (`train.steps_per_dispatch`). --jax_settings adds
+                       variants: jax_xla, XLA's own convolutions with cpu_backend's settings (Eigen
+                       convolutions, one virtual device per core, the batch sharded over them) and one
+                       step per call: the default before oneDNN; jax_one_step, the default with one step
+                       per call; jax_one_device, the default on one device; jax_plain, XLA's own settings
+                       and convolutions on one device, one step per call (before issue 7).
   torch                `torch_reference.create_torch_model` (same model, width, init) with
                        `create_torch_optimizer` (SGD, coupled weight decay), eager, NCHW.
   torch_channels_last  the same, model and inputs in torch.channels_last.
@@ -62,7 +63,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_MODES = ('eager', 'channels_last', 'compile')
-JAX_SETTINGS = ('default', 'xla', 'one_device', 'plain')
+JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain')
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
 
 
@@ -104,11 +105,12 @@ def _serve(train_window, eval_window, memory) -> None:
 
 
 def synthetic_step(config, par, batch: int, num_eval: int):
-  """The trainer's own train step over `par`, compiled as `train_and_evaluate` does, on synthetic data.
+  """The trainer's own train steps over `par`, compiled as `train_and_evaluate` does, on synthetic data.
 
   The data (STEPS_PER_EPOCH batches of uint8 images, and `num_eval` eval images) sits on the devices;
-  shuffling, crop and flip run inside the step. Returns (step, state, acc, data_args, data,
-  compile_seconds), to be called as `state, acc = step(state, acc, *data_args)`.
+  shuffling, crop and flip run inside the step. Returns (run, state, acc, data_args, data,
+  compile_seconds): `state, acc = run(state, acc, n)` runs n steps in calls of up to
+  `train.steps_per_dispatch(config)` steps, as the trainer does; `data_args` are the data arguments.
   """
   import numpy as np  # pylint: disable=g-import-not-at-top
   from cifar_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
@@ -117,20 +119,28 @@ def synthetic_step(config, par, batch: int, num_eval: int):
   data = input_pipeline.make_synthetic(n, num_eval)
   lr_fn, momentum_fn = train.create_schedules(config, STEPS_PER_EPOCH)
   init_key, data_key = train.run_keys(0)
-  model = train.create_model(config.model, sharded=par.mode == 'jit' and par.num_devices > 1,
-                             axis_name=par.axis_name)
+  model = train.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
   state = par.replicate(train.create_train_state(init_key, config, model, lr_fn, momentum_fn))
   acc = par.replicate(train.init_train_metrics())
   images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
   perm = par.replicate(np.random.default_rng(0).permutation(n).astype(np.int32))
   data_args = (images, labels, perm, data_key)
   start = time.perf_counter()
-  step = par.compile(
-      functools.partial(train.train_step_on_device_data, steps_per_epoch=STEPS_PER_EPOCH,
+  steps = par.compile(
+      functools.partial(train.train_steps_on_device_data, steps_per_epoch=STEPS_PER_EPOCH,
                         batch_size=batch, size=batch, augment=True, axis_name=par.axis_name,
                         shard_batch=par.shard_batch),
-      state, acc, *data_args, donate_argnums=(0, 1))
-  return step, state, acc, data_args, data, time.perf_counter() - start
+      state, acc, *data_args, np.int32(1), donate_argnums=(0, 1), in_axes=(0,) * 6 + (None,))
+  per_call = train.steps_per_dispatch(config)
+
+  def run(state, acc, num_steps: int):
+    while num_steps > 0:
+      k = min(per_call, num_steps)
+      state, acc = steps(state, acc, *data_args, np.int32(k))
+      num_steps -= k
+    return state, acc
+
+  return run, state, acc, data_args, data, time.perf_counter() - start
 
 
 def _jax_worker(args, setting: str) -> None:
@@ -140,14 +150,17 @@ def _jax_worker(args, setting: str) -> None:
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
   if setting == 'default':
     cpu_backend.configure(config)
-  elif setting == 'xla':  # XLA's own convolutions with cpu_backend's settings (before oneDNN's)
-    config.model.conv = 'xla'
+  elif setting == 'xla':  # the default before oneDNN: XLA's convolutions, cpu_backend's settings
+    config.model.conv, config.steps_per_dispatch = 'xla', 1
+    cpu_backend.configure(config)
+  elif setting == 'one_step':  # the default, one step per call
+    config.steps_per_dispatch = 1
     cpu_backend.configure(config)
   elif setting == 'one_device':
     config.cpu_devices = 1
     cpu_backend.configure(config)
-  elif setting == 'plain':  # XLA's own defaults on one device (before cpu_backend existed)
-    config.model.conv = 'xla'
+  elif setting == 'plain':  # XLA's own settings and convolutions, one step per call (before issue 7)
+    config.model.conv, config.steps_per_dispatch = 'xla', 1
   else:
     raise ValueError(f'unknown JAX setting {setting!r}; choose from {list(JAX_SETTINGS)}')
   import jax  # pylint: disable=g-import-not-at-top
@@ -155,7 +168,7 @@ def _jax_worker(args, setting: str) -> None:
 
   device = jax.devices()[0]
   par = parallel.create(config.parallelism)  # every device, as train_and_evaluate
-  step, state, acc, data_args, data, compile_seconds = synthetic_step(
+  run, state, acc, data_args, data, compile_seconds = synthetic_step(
       config, par, args.batch, args.steps * args.eval_batch)
   eval_arrays = par.shard_eval_arrays(train.batched_eval_arrays(
       data['x_test'], data['y_test'], args.eval_batch, par.eval_batch_multiple))
@@ -165,16 +178,12 @@ def _jax_worker(args, setting: str) -> None:
   compile_seconds += time.perf_counter() - start
 
   holder = {'state': state, 'acc': acc}
-  for _ in range(2):  # warm up
-    holder['state'], holder['acc'] = step(holder['state'], holder['acc'], *data_args)
+  holder['state'], holder['acc'] = run(holder['state'], holder['acc'], 2)  # warm up
   jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
 
   def train_steps(n):
-    s, a = holder['state'], holder['acc']
-    for _ in range(n):
-      s, a = step(s, a, *data_args)
-    jax.block_until_ready((s, a))
-    holder['state'], holder['acc'] = s, a
+    holder['state'], holder['acc'] = run(holder['state'], holder['acc'], n)
+    jax.block_until_ready((holder['state'], holder['acc']))
 
   def train_window():
     train_steps(args.window_warmup)
@@ -386,9 +395,7 @@ def main() -> None:
   parser.add_argument('--no_jax', action='store_true', help='torch variants only')
   parser.add_argument('--jax_settings', default='default',
                       help='comma-separated subset of ' + ','.join(JAX_SETTINGS) + ': default is what '
-                           'cifar-jax runs (oneDNN convolutions on the CPU, cifar_jax/cpu_backend.py); xla the same '
-                           "with XLA's own convolutions; one_device default on one CPU device; "
-                           "plain XLA's own settings and convolutions on one device")
+                           'cifar-jax runs; see the module docstring for the others')
   parser.add_argument('--window_warmup', type=int, default=1,
                       help='untimed train steps (and eval passes) at the start of every window, for every '
                            'variant: after its pause the first step runs slow (see the module docstring)')

@@ -110,12 +110,14 @@ def test_conv_impl_choice(tiny_config):
   model_config = tiny_config.model
   assert model_config.conv == 'auto'
   assert train.conv_impl(model_config) == 'onednn'  # one CPU device, oneDNN built
-  assert train.conv_impl(model_config, sharded=True) == 'xla'  # jit over several devices
+  assert train.conv_impl(model_config, 2, 'jit') == 'xla'  # several devices
+  assert train.conv_impl(model_config, 2, 'pmap') == 'xla'
   model_config.conv = 'xla'
   assert train.conv_impl(model_config) == 'xla'
   model_config.conv = 'onednn'
   assert train.conv_impl(model_config) == 'onednn'
+  assert train.conv_impl(model_config, 2, 'pmap') == 'onednn'  # one call per device
   with pytest.raises(config_lib.ConfigError, match='one device'):
-    train.conv_impl(model_config, sharded=True)
+    train.conv_impl(model_config, 2, 'jit')
   with pytest.raises(ValueError, match='conv_impl'):
     models.create_model('resnet9', conv_impl='cudnn').init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
