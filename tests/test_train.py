@@ -148,3 +148,50 @@ def test_cli_overrides_and_user_errors(tmp_path):
                 '--config.model.name=resnet50')
   assert result.returncode == 2
   assert 'model.name' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_steps_in_call_stops_where_the_host_acts():
+  every_4 = lambda done: done % 4 == 0
+  assert train.steps_in_call(0, limit=10, max_steps=8, host_acts_after=every_4) == 4
+  assert train.steps_in_call(4, limit=10, max_steps=8, host_acts_after=every_4) == 4
+  assert train.steps_in_call(8, limit=10, max_steps=8, host_acts_after=every_4) == 2  # the limit
+  assert train.steps_in_call(1, limit=10, max_steps=2, host_acts_after=lambda done: False) == 2
+  assert train.steps_in_call(5, limit=10, max_steps=1, host_acts_after=lambda done: False) == 1
+
+
+def test_several_steps_per_call_equal_one_step_per_call(tiny_config, tmp_path, monkeypatch):
+  """K steps per call run the same steps: the same params, metrics and checkpoints as one per call."""
+  tiny_config.num_epochs = 2  # 4 steps an epoch, the last one a partial batch
+  tiny_config.steps_per_dispatch = 1
+  one = train.train_and_evaluate(tiny_config, str(tmp_path / 'one'))
+  calls = []
+  original = train.train_steps_on_device_data
+
+  def counting(*args, **kwargs):
+    calls.append(args[6])  # num_steps, traced: counts traces, not calls
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(train, 'train_steps_on_device_data', counting)
+  tiny_config.steps_per_dispatch = 8
+  several = train.train_and_evaluate(tiny_config, str(tmp_path / 'several'))
+  assert len(calls) == 2  # one compilation per batch size (full and partial), for any step count
+  chex.assert_trees_all_close(several.params, one.params, rtol=1e-6, atol=1e-7)
+  chex.assert_trees_all_close(several.batch_stats, one.batch_stats, rtol=1e-6, atol=1e-7)
+  assert int(several.step) == int(one.step) == 8
+  strip = lambda rs: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rs]
+  for a, b in zip(strip(metrics_writer.read_metrics(str(tmp_path / 'several'))),
+                  strip(metrics_writer.read_metrics(str(tmp_path / 'one')))):
+    assert a.keys() == b.keys()
+    for k in a:
+      if isinstance(a[k], float):
+        assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), k
+      else:
+        assert a[k] == b[k], k
+
+
+def test_auto_steps_per_dispatch(tiny_config):
+  assert tiny_config.steps_per_dispatch == 0
+  assert train.steps_per_dispatch(tiny_config) == (
+      train.CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' else 1)
+  tiny_config.steps_per_dispatch = 3
+  assert train.steps_per_dispatch(tiny_config) == 3
