@@ -336,11 +336,26 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
   return jax.lax.fori_loop(0, num_steps, body, (state, acc))
 
 
-def steps_per_dispatch(config: ml_collections.ConfigDict) -> int:
-  """`config.steps_per_dispatch`, or (0, auto) 8 on the CPU and 1 on accelerators."""
+def one_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, num_steps, **kwargs):
+  """`train_step_on_device_data` with `train_steps_on_device_data`'s arguments (`num_steps` is 1)."""
+  del num_steps
+  return train_step_on_device_data(state, acc, images, labels, perm, data_key, **kwargs)
+
+
+def steps_per_dispatch(config: ml_collections.ConfigDict, num_devices: int = 1) -> int:
+  """`config.steps_per_dispatch`, or (0, auto) 8 on a one-device CPU run and 1 otherwise.
+
+  Several devices keep one step per call: under jit over 2 virtual CPU devices the loop measured 40x
+  slower than the plain step (BENCHMARKS.md); on accelerators it is not measured.
+  """
   if config.get('steps_per_dispatch', 0) > 0:
     return config.steps_per_dispatch
-  return CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' else 1
+  return CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' and num_devices == 1 else 1
+
+
+def dispatch_fn(max_steps_per_call: int):
+  """The compiled call's function: the loop of `train_steps_on_device_data`, or one plain step."""
+  return train_steps_on_device_data if max_steps_per_call > 1 else one_step_on_device_data
 
 
 def steps_in_call(done: int, limit: int, max_steps: int, host_acts_after) -> int:
@@ -615,10 +630,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                    in_axes=(0, None)),
                         data_key, 0, in_axes=(0, None))
   first_perm = perm_fn(data_key, 0)
-  step_fn = functools.partial(train_steps_on_device_data, steps_per_epoch=spe,
+  max_steps_per_call = steps_per_dispatch(config, par.num_devices)
+  step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
                               batch_size=config.batch_size, augment=config.data.augment,
                               axis_name=par.axis_name, shard_batch=par.shard_batch)
-  max_steps_per_call = steps_per_dispatch(config)
   p_train = {size: par.compile(par.seeded(functools.partial(step_fn, size=size),
                                           in_axes=(0, 0, None, None, 0, 0, None)),
                                state, acc, train_images, train_labels, first_perm, data_key,

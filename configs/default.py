@@ -117,8 +117,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.checkpoint_every_steps = 0  # > 0: also checkpoint every this many steps (else every epoch)
   config.keep_checkpoints = 3
-  # Train steps per call of the compiled step (a loop on the device); 0 = auto: 8 on the CPU, where each
-  # call pays for fresh temporary buffers, 1 elsewhere. Logs, checkpoints and SWA updates cut calls short.
+  # Train steps per call of the compiled step (a loop on the device); 0 = auto: 8 on a one-device CPU run,
+  # where each call pays for fresh temporary buffers, else 1. Logs, checkpoints, SWA updates end a call.
   config.steps_per_dispatch = 0
   config.log_every_steps = 50  # progress bar refresh (a host sync); metrics are per epoch
   config.progress_bar = True

@@ -125,13 +125,13 @@ def synthetic_step(config, par, batch: int, num_eval: int):
   images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
   perm = par.replicate(np.random.default_rng(0).permutation(n).astype(np.int32))
   data_args = (images, labels, perm, data_key)
+  per_call = train.steps_per_dispatch(config, par.num_devices)
   start = time.perf_counter()
   steps = par.compile(
-      functools.partial(train.train_steps_on_device_data, steps_per_epoch=STEPS_PER_EPOCH,
+      functools.partial(train.dispatch_fn(per_call), steps_per_epoch=STEPS_PER_EPOCH,
                         batch_size=batch, size=batch, augment=True, axis_name=par.axis_name,
                         shard_batch=par.shard_batch),
       state, acc, *data_args, np.int32(1), donate_argnums=(0, 1), in_axes=(0,) * 6 + (None,))
-  per_call = train.steps_per_dispatch(config)
 
   def run(state, acc, num_steps: int):
     while num_steps > 0:

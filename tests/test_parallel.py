@@ -106,7 +106,8 @@ def _run_one(run: dict) -> dict:
 
   def compile_and_inspect(self, fn, *args, **kwargs):
     compiled = original_compile(self, fn, *args, **kwargs)
-    if self.mode == 'jit' and getattr(fn, 'func', None) is train.train_steps_on_device_data:
+    if self.mode == 'jit' and getattr(fn, 'func', None) in (train.train_steps_on_device_data,
+                                                            train.one_step_on_device_data):
       # The batch sizes the stem convolution (8 channels at 32 x 32) sees on each device.
       conv_batches[fn.keywords['size']] = sorted(
           {int(b) for b in re.findall(r'f32\[(\d+),32,32,8\]', compiled.as_text())})

@@ -193,5 +193,7 @@ def test_auto_steps_per_dispatch(tiny_config):
   assert tiny_config.steps_per_dispatch == 0
   assert train.steps_per_dispatch(tiny_config) == (
       train.CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' else 1)
+  assert train.steps_per_dispatch(tiny_config, num_devices=2) == 1
+  assert train.dispatch_fn(1) is train.one_step_on_device_data
   tiny_config.steps_per_dispatch = 3
   assert train.steps_per_dispatch(tiny_config) == 3
