@@ -26,10 +26,8 @@ def _conv_loss(conv, x, w, stride, padding):
   return jnp.sum(jnp.sin(y)), y
 
 
-@pytest.fixture(scope='module', autouse=True)
-def _require_onednn():
-  if not onednn_conv.available():
-    pytest.skip(f'oneDNN convolutions unavailable: {onednn_conv._state["error"]}')  # pylint: disable=protected-access
+requires_onednn = pytest.mark.skipif(
+    not onednn_conv.available(), reason=f'oneDNN convolutions unavailable: {onednn_conv._state["error"]}')  # pylint: disable=protected-access
 
 
 def test_builds_on_this_platform():
@@ -39,6 +37,7 @@ def test_builds_on_this_platform():
     assert onednn_conv.available()
 
 
+@requires_onednn
 @pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', CASES)
 def test_forward_and_gradients_equal_lax(n, size, cin, cout, k, stride, padding):
   rng = np.random.default_rng(size * cin + cout)
@@ -55,6 +54,7 @@ def test_forward_and_gradients_equal_lax(n, size, cin, cout, k, stride, padding)
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
 
 
+@requires_onednn
 def test_string_padding_and_vmap_over_kernels():
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 8, 8, 4)), jnp.float32)
@@ -66,6 +66,7 @@ def test_string_padding_and_vmap_over_kernels():
                              rtol=1e-5, atol=1e-5)
 
 
+@requires_onednn
 def test_other_convolutions_fall_back_to_lax():
   x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
   w = jnp.ones((3, 3, 4, 4), jnp.bfloat16)
@@ -83,6 +84,7 @@ def test_other_convolutions_fall_back_to_lax():
   assert 'cifar_jax_onednn_conv_forward' in hlo
 
 
+@requires_onednn
 @pytest.mark.parametrize('norm', ['batch', 'group_ws'])
 def test_resnet_with_onednn_equals_resnet_with_xla(norm):
   x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 32, 32, 3)), jnp.float32)
@@ -106,6 +108,7 @@ def test_resnet_with_onednn_equals_resnet_with_xla(norm):
       jax.tree.structure(variables)
 
 
+@requires_onednn
 def test_conv_impl_choice(tiny_config):
   model_config = tiny_config.model
   assert model_config.conv == 'auto'
