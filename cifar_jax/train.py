@@ -631,6 +631,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                         data_key, 0, in_axes=(0, None))
   first_perm = perm_fn(data_key, 0)
   max_steps_per_call = steps_per_dispatch(config, par.num_devices)
+  logging.info('Convolutions: %s (model.conv=%s); up to %d train steps per call.', model.conv_impl,
+               config.model.get('conv', 'auto'), max_steps_per_call)
   step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
                               batch_size=config.batch_size, augment=config.data.augment,
                               axis_name=par.axis_name, shard_batch=par.shard_batch)
