@@ -58,7 +58,7 @@ def auto_device_count(config, cores: int | None = None) -> int:
 def uses_onednn(config) -> bool:
   """Whether `config.model.conv` will pick oneDNN's convolutions (one device; oneDNN uses every core)."""
   from cifar_jax import onednn_conv  # pylint: disable=g-import-not-at-top
-  choice = config.model.get('conv', 'auto') if 'model' in config else 'xla'
+  choice = config.model.get('conv', 'auto')
   return choice == 'onednn' or (choice == 'auto' and onednn_conv.missing_build_requirement() is None)
 
 

@@ -12,6 +12,7 @@ pick it only when `available()` is true (`models.ResNet(conv_impl='onednn')`, ch
 `train.resolve_conv_impl`).
 """
 
+import ctypes
 import functools
 import hashlib
 import os
@@ -121,7 +122,6 @@ def load() -> None:
       if not os.path.exists(path):
         logging.info('Building the oneDNN convolution library: %s', path)
         _build(compiler, path)
-      import ctypes  # pylint: disable=g-import-not-at-top
       library = ctypes.cdll.LoadLibrary(path)
       for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(f'cifar_jax_onednn_conv_{target}',

@@ -668,6 +668,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   compile_seconds = time.perf_counter() - compile_start
   logging.info('Compiled in %.1f s (batch sizes %s).', compile_seconds, sizes)
 
+  # After which steps the host acts (a call of several steps ends there).
+  def swa_update_due(step):
+    return bool(swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
+                and (step - swa_start_step) % swa_config.update_every_steps == 0)
+
+  def log_due(done_in_epoch):
+    return bool(config.log_every_steps and done_in_epoch % config.log_every_steps == 0)
+
+  def checkpoint_due(step):
+    return bool(config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0)
+
   stop = preemption.StopRequest()
   with stop:
     run_start = time.perf_counter() - float(extra.get('elapsed_seconds', 0.0))
@@ -680,38 +691,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                        config.batch_size * num_seeds,
                                        config.progress_bar and par.is_main_process)
       full_batches = n // config.batch_size  # a last partial batch runs in a call of its own
-      def host_acts_after(done, epoch=epoch):  # `done` steps of the epoch; the host acts after it
-        step = epoch * spe + done
-        return bool(
-            (swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
-             and (step - swa_start_step) % swa_config.update_every_steps == 0)
-            or (config.log_every_steps and done % config.log_every_steps == 0)
-            or (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0))
-      i = first
-      while i < spe:
-        size = min(config.batch_size, n - i * config.batch_size)
-        k = 1 if i >= full_batches else steps_in_call(i, full_batches, max_steps_per_call,
-                                                      host_acts_after)
+      done = first  # steps of this epoch done
+      while done < spe:
+        size = min(config.batch_size, n - done * config.batch_size)
+        k = 1 if done >= full_batches else steps_in_call(
+            done, full_batches, max_steps_per_call,
+            lambda j, epoch=epoch: bool(swa_update_due(epoch * spe + j) or log_due(j)
+                                        or checkpoint_due(epoch * spe + j)))
         state, acc = p_train[size](state, acc, train_images, train_labels, perm, data_key, np.int32(k))
-        i += k - 1  # `i` is now the call's last step, as in a loop of one step per call
-        step = epoch * spe + i + 1
-        if stop.signum is not None and i + 1 < spe:  # at an epoch's end, the epoch finishes first
+        done += k
+        step = epoch * spe + done
+        if stop.signum is not None and done < spe:  # at an epoch's end, the epoch finishes first
           _check_finite(par.host(acc), config, spe)
           save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
                           _extra(plateaus, run_start))
           raise preemption.Preempted(stop.signum, step, workdir)
-        if (swa_config.enabled and swa_config.update_every_steps and step > swa_start_step
-            and (step - swa_start_step) % swa_config.update_every_steps == 0):
+        if swa_update_due(step):
           state = p_swa_update(state)
-        if config.log_every_steps and (i + 1) % config.log_every_steps == 0 and i + 1 < spe:
+        if log_due(done) and done < spe:
           _check_finite(par.host(acc), config, spe)
-          bar.update(_summary(par.host(acc), num_seeds), i + 1, time.perf_counter() - epoch_start)
-        if (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0
-            and step % spe != 0):
+          bar.update(_summary(par.host(acc), num_seeds), done, time.perf_counter() - epoch_start)
+        if checkpoint_due(step) and step % spe != 0:
           _check_finite(par.host(acc), config, spe)
           save_checkpoint(manager, par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc),
                           _extra(plateaus, run_start))
-        i += 1
       host_acc = par.host(acc)
       train = _per_seed_summaries(host_acc, num_seeds)
       _check_finite(host_acc, config, spe)

@@ -172,9 +172,14 @@ def test_several_steps_per_call_equal_one_step_per_call(tiny_config, tmp_path, m
     return original(*args, **kwargs)
 
   monkeypatch.setattr(train, 'train_steps_on_device_data', counting)
+  call_sizes = []
+  original_steps_in_call = train.steps_in_call
+  monkeypatch.setattr(train, 'steps_in_call',
+                      lambda *a: call_sizes.append(original_steps_in_call(*a)) or call_sizes[-1])
   tiny_config.steps_per_dispatch = 8
   several = train.train_and_evaluate(tiny_config, str(tmp_path / 'several'))
   assert len(calls) == 2  # one compilation per batch size (full and partial), for any step count
+  assert call_sizes == [3, 3]  # each epoch: its 3 full batches in one call, then the partial one alone
   chex.assert_trees_all_close(several.params, one.params, rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(several.batch_stats, one.batch_stats, rtol=1e-6, atol=1e-7)
   assert int(several.step) == int(one.step) == 8
