@@ -44,12 +44,12 @@ def define_flags() -> None:
   flags.mark_flag_as_required('workdir')
 
 
-NOT_EXPERIMENTS = ('__init__.py', 'smoke.py')  # configs/ files that are not blog experiments
+NOT_EXPERIMENTS = ('__init__.py', 'smoke.py', 'tiny.py')  # configs/ files that are not blog experiments
 BLOG_FIGURE = re.compile(r'Blog(?: figure)?: (\d+\.\d+) %')
 
 
 def blog_configs() -> list[str]:
-  """Every experiment config of configs/ (not the smoke test), by name."""
+  """Every experiment config of configs/ (not the smoke and test configs), by name."""
   return sorted(p for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
                 if os.path.basename(p) not in NOT_EXPERIMENTS)
 
@@ -189,7 +189,8 @@ def device_name() -> str:
 def run_sweep(config_paths: list[str], seeds: int, overrides: list[str], workdir: str,
               train: bool = True, command: str = '') -> list[dict]:
   """Trains (unless `train` is False) and tabulates every config; writes sweep.md and sweep.png."""
-  from cifar_jax import config_lib, input_pipeline  # pylint: disable=g-import-not-at-top
+  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   parsed = [parse_override(o) for o in overrides]
   rows = []
   for path in config_paths:

@@ -1,0 +1,59 @@
+"""Golden outputs recorded with the trainer before the Program/actions redesign (scripts/golden_outputs.py):
+the redesigned trainer reproduces them bitwise, and resumes the checkpoint that code wrote.
+
+Float bits depend on the CPU's instruction set (it picks the kernels), so bitwise comparisons run where
+the machine matches the one that recorded them (tests/fixtures/golden_pre_redesign.json names it);
+elsewhere the fixture still has to resume, to a state close to a fresh uninterrupted run.
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from cifar_jax import metrics_writer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import golden_outputs  # noqa: E402
+
+FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
+with open(os.path.join(FIXTURES, 'golden_pre_redesign.json')) as f:
+  GOLDEN = json.load(f)
+SAME_MACHINE = GOLDEN['machine'] == golden_outputs.machine_fingerprint()
+HASHED = ('step', 'params', 'batch_stats', 'opt_state', 'swa_params', 'swa_batch_stats', 'swa_count',
+          'metrics')
+
+
+def test_pre_redesign_checkpoint_resumes(tmp_path):
+  """The checkpoint at step 6 written by the old code (mid epoch 2) resumes to the end of the run."""
+  fixture = os.path.join(FIXTURES, 'pre_redesign_checkpoint')
+  resumed = golden_outputs.run_case('fixture_resume', str(tmp_path / 'resumed'), fixture)
+  records = metrics_writer.read_metrics(str(tmp_path / 'resumed'))
+  assert [r['step'] for r in records] == [4, 8]  # epoch 1's record kept, epoch 2's written again
+  assert records[0] == metrics_writer.read_metrics(fixture)[0]
+  if SAME_MACHINE:
+    assert {k: resumed[k] for k in HASHED} == {k: GOLDEN['default'][k] for k in HASHED}
+  else:  # other float bits: the same run up to rounding
+    fresh = golden_outputs.run_case('default', str(tmp_path / 'fresh'), None)
+    for a, b in zip(resumed['metrics_records'], fresh['metrics_records']):
+      assert a.keys() == b.keys()
+      for key in ('train_loss', 'eval_loss', 'learning_rate'):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SAME_MACHINE, reason=f"golden hashes were recorded on {GOLDEN['machine']}")
+def test_golden_outputs_are_bitwise_unchanged(tmp_path):
+  """Every recorded case (default, SWA per epoch and per step, plateau, 2 seeds, 4 devices under jit
+  and under pmap, the fixture's resume) ends with the same bits as before the redesign."""
+  out = tmp_path / 'now.json'
+  result = golden_outputs.subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'golden_outputs.py'), f'--out={out}',
+       f"--fixture={os.path.join(FIXTURES, 'pre_redesign_checkpoint')}",
+       f"--compare={os.path.join(FIXTURES, 'golden_pre_redesign.json')}"],
+      capture_output=True, text=True, timeout=1800)
+  assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+  assert 'bitwise equal' in result.stdout
