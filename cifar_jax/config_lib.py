@@ -1,4 +1,4 @@
-"""Config checks that run before anything is compiled, and the config saved beside a run."""
+"""Config checks that run before anything is compiled (the saved config.json: cifar_jax/checkpointing.py)."""
 
 import difflib
 import os
@@ -7,20 +7,14 @@ import shutil
 from absl import logging
 import ml_collections
 
+from cifar_jax import builders
 from cifar_jax import input_pipeline
 from cifar_jax import models
+from cifar_jax import parallel
+from cifar_jax.errors import ConfigError
 
-DTYPE_NAMES = ('float32', 'bfloat16')
-SCHEDULE_NAMES = ('multistep', 'step', 'cosine', 'warm_restarts', 'cyclic', 'one_cycle', 'constant',
-                  'plateau')
-PARALLELISM_NAMES = ('jit', 'pmap')
-CONFIG_FILE = 'config.json'
 # The free space a run needs on its workdir's filesystem before it starts (checkpoints, metrics), in MB.
 MIN_FREE_DISK_MB = 100
-
-
-class ConfigError(ValueError):
-  """A config field with an invalid value; the message names the field and what would be valid."""
 
 
 def _require(ok: bool, message: str) -> None:
@@ -83,7 +77,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field whose validity does not depend on the data; raises ConfigError."""
   _choice(config.model.name, 'model.name', sorted(models.STAGE_SIZES))
   _choice(config.model.norm, 'model.norm', ('batch', 'group_ws'))
-  _choice(config.model.dtype, 'model.dtype', DTYPE_NAMES)
+  _choice(config.model.dtype, 'model.dtype', tuple(builders.DTYPES))
   _choice(config.model.get('conv', 'auto'), 'model.conv', ('auto', 'xla', 'onednn'))
   _positive(config.model.width_multiplier, 'model.width_multiplier')
   if config.model.norm == 'group_ws':
@@ -105,7 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_seeds(config)
   _positive(config.batch_size, 'batch_size', integer=True)
   _positive(config.eval_batch_size, 'eval_batch_size', integer=True)
-  _choice(config.get('parallelism', 'jit'), 'parallelism', PARALLELISM_NAMES)
+  _choice(config.get('parallelism', 'jit'), 'parallelism', parallel.MODES)
   _require(config.get('cpu_devices', 0) >= 0,
            f"cpu_devices must be 0 (one per core) or a device count, got {config.get('cpu_devices')}")
   _positive(config.optimizer.lr, 'optimizer.lr')
@@ -137,7 +131,7 @@ def _validate_seeds(config: ml_collections.ConfigDict) -> None:
 
 def _validate_schedule(s: ml_collections.ConfigDict) -> None:
   """The schedule's fields, with the checks torch's scheduler constructors would make."""
-  _choice(s.name, 'schedule.name', SCHEDULE_NAMES)
+  _choice(s.name, 'schedule.name', builders.SCHEDULE_NAMES)
   _choice(s.step_every, 'schedule.step_every', ('', 'epoch', 'batch'))
   if s.name == 'multistep':
     milestones = list(s.milestones)
@@ -198,21 +192,13 @@ def _validate_swa(config: ml_collections.ConfigDict) -> None:
 def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:
   """Checks, before the data loads, that the batch splits evenly over `device_count` devices.
 
-  The same check as `parallel.check_batch_sizes` (which also checks the last batch of an epoch). With
-  num_seeds > 1 the batch splits over the mesh's 'data' axis only.
+  With num_seeds > 1 the batch splits over the mesh's 'data' axis only. The last batch of an epoch is
+  checked once the data is loaded (`parallel.check_batch_sizes`).
   """
-  from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
-
-  batch_size, n = config.batch_size, device_count
+  n = device_count
   if config.get('num_seeds', 1) > 1:
     n = parallel.seed_mesh_shape(config.num_seeds, config.get('seed_devices', 0), device_count)[1]
-  if n > 1 and batch_size % n:
-    lower, upper = (batch_size // n) * n, (batch_size // n + 1) * n
-    options = f'{lower} or {upper}' if lower else f'{upper}'
-    raise ConfigError(
-        f'batch_size={batch_size} does not split evenly over the {n} devices '
-        f"(parallelism={config.get('parallelism', 'jit')}); use a multiple of {n} such as {options}, "
-        'or fewer devices (CUDA_VISIBLE_DEVICES)')
+  parallel.check_batch_split(config.batch_size, n, config.get('parallelism', 'jit'))
 
 
 def check_workdir(workdir: str, min_free_mb: float = MIN_FREE_DISK_MB) -> None:
@@ -239,12 +225,10 @@ def check_workdir(workdir: str, min_free_mb: float = MIN_FREE_DISK_MB) -> None:
 
 def validate_against_run(config: ml_collections.ConfigDict, steps_per_epoch: int) -> None:
   """Checks the fields that depend on the run's length (known once the data is loaded)."""
-  from cifar_jax import train  # pylint: disable=g-import-not-at-top
-
   s = config.schedule
-  per_epoch = train.step_every(s) == 'epoch'
+  per_epoch = builders.step_every(s) == 'epoch'
   unit = 'epochs' if per_epoch else 'steps'
-  epochs = train.main_schedule_epochs(config)
+  epochs = builders.main_schedule_epochs(config)
   length = epochs if per_epoch else epochs * steps_per_epoch
   if s.name == 'multistep':
     # A warning, not an error: `--config.num_epochs=2` on a 50-epoch config is a common quick check.
@@ -256,72 +240,3 @@ def validate_against_run(config: ml_collections.ConfigDict, steps_per_epoch: int
     _require(s.total_steps >= length,
              f'schedule.total_steps={s.total_steps} is shorter than the run ({length} {unit}); torch '
              'would raise when stepped past it (use -1 for the run length)')
-
-
-def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes the config used to `workdir/config.json`."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(path + '.tmp', path)
-
-
-# Fields whose change makes a checkpoint unusable (its arrays would not fit), and fields whose change a
-# resumed run should announce (it continues, but no longer as the run that was started).
-STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
-# Fields added after runs were saved without them: their value then, for the comparison.
-ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
-                   'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0}
-ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
-                      'swa.', 'parallelism')
-
-
-def _flatten(d: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in d.items():
-    name = f'{prefix}{key}'
-    if isinstance(value, dict):
-      out.update(_flatten(value, name + '.'))
-    else:
-      out[name] = tuple(value) if isinstance(value, list) else value
-  return out
-
-
-def saved_config(workdir: str) -> dict | None:
-  """The config a run in `workdir` was started with (config.json), or None."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    return None
-  import json  # pylint: disable=g-import-not-at-top
-  with open(path) as f:
-    return json.load(f)
-
-
-def compare_with_saved(config: ml_collections.ConfigDict, saved: dict) -> tuple[list[str], list[str]]:
-  """(structural differences, other differences that matter) between `config` and a saved config."""
-  import json  # pylint: disable=g-import-not-at-top
-  new = {**ABSENT_DEFAULTS, **_flatten(json.loads(config.to_json_best_effort()))}
-  old = {**ABSENT_DEFAULTS, **_flatten(saved)}
-  structural, announced = [], []
-  for name in sorted(set(new) | set(old)):
-    if new.get(name) == old.get(name):
-      continue
-    change = f'{name}: {old.get(name, "(absent)")!r} -> {new.get(name, "(absent)")!r}'
-    if name in STRUCTURAL_FIELDS:
-      structural.append(change)
-    elif name.startswith(ANNOUNCED_PREFIXES):
-      announced.append(change)
-  return structural, announced
-
-
-def check_resume(config: ml_collections.ConfigDict, workdir: str, has_checkpoint: bool) -> list[str]:
-  """Refuses a checkpoint of an incompatible config; returns the other changed fields to announce."""
-  saved = saved_config(workdir)
-  if saved is None or not has_checkpoint:
-    return []
-  structural, announced = compare_with_saved(config, saved)
-  if structural:
-    raise ConfigError(
-        f'--workdir={workdir} holds a checkpoint of another model ({"; ".join(structural)}); use a new '
-        'workdir, or the config it was trained with')
-  return announced

@@ -19,6 +19,13 @@ import os
 
 from absl import logging
 
+from cifar_jax import onednn_conv
+
+try:
+  from jax._src import xla_bridge
+except ImportError:  # a JAX that moved it: `backend_started` then assumes the flags still count
+  xla_bridge = None
+
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 EIGEN_CONVOLUTIONS = f'{YNN_FLAG}=-individual_convolution'
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
@@ -26,11 +33,8 @@ DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 def backend_started() -> bool:
   """Whether JAX has already created its backends (XLA_FLAGS are read then, and only then)."""
-  try:
-    from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-    return xla_bridge.backends_are_initialized()
-  except (ImportError, AttributeError):  # a JAX without this function: assume the flags still count
-    return False
+  started = getattr(xla_bridge, 'backends_are_initialized', None)
+  return bool(started and started())  # a JAX without this function: assume the flags still count
 
 
 def auto_device_count(config, cores: int | None = None) -> int:
@@ -57,7 +61,6 @@ def auto_device_count(config, cores: int | None = None) -> int:
 
 def uses_onednn(config) -> bool:
   """Whether `config.model.conv` will pick oneDNN's convolutions (one device; oneDNN uses every core)."""
-  from cifar_jax import onednn_conv  # pylint: disable=g-import-not-at-top
   choice = config.model.get('conv', 'auto')
   return choice == 'onednn' or (choice == 'auto' and onednn_conv.missing_build_requirement() is None)
 

@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifar_jax.errors import DataError
+
 # Normalisation constants of the blog's transforms (on images scaled to [0, 1]).
 MEAN_RGB = (0.4914, 0.4822, 0.4465)
 STD_RGB = (0.2023, 0.1994, 0.2010)
@@ -25,10 +27,6 @@ SOURCES = ('tfds', 'npz', 'cifar10_python', 'synthetic')
 # The archive TFDS's cifar10 builder downloads (its checksum is registered in tensorflow-datasets).
 CIFAR10_BINARY_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
 NETWORK_PROBE_TIMEOUT_S = 5.0
-
-
-class DataError(ValueError):
-  """A data source that is missing, unreachable or malformed; the message says what would be valid."""
 
 
 @dataclasses.dataclass

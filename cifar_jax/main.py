@@ -21,6 +21,16 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from cifar_jax import config_lib
+from cifar_jax import cpu_backend
+from cifar_jax import parallel
+from cifar_jax import preemption
+from cifar_jax import torch_reference
+from cifar_jax import train
+from cifar_jax.errors import ConfigError
+from cifar_jax.errors import DataError
+from cifar_jax.errors import NonFiniteLossError
+
 FLAGS = flags.FLAGS
 USER_ERROR_STATUS = 2
 NONFINITE_LOSS_STATUS = 3
@@ -104,36 +114,32 @@ def _debug_requested(argv) -> bool:
 
 def _load_config(arg: str) -> ml_collections.ConfigDict:
   """The config that `--config=arg` names, or ConfigError saying why it cannot be loaded."""
-  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
-
   if not arg:
-    raise config_lib.ConfigError(f'--config is required: {CONFIG_EXAMPLE}')
+    raise ConfigError(f'--config is required: {CONFIG_EXAMPLE}')
   path = arg.split(':', 1)[0]
   if not os.path.isfile(path):
-    raise config_lib.ConfigError(f'--config={arg}: no such file; give {CONFIG_EXAMPLE}')
+    raise ConfigError(f'--config={arg}: no such file; give {CONFIG_EXAMPLE}')
   try:  # what config_flags does with the file, here so that a failure can be one line
     spec = importlib.util.spec_from_file_location('cifar_jax_checked_config', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     config = module.get_config(*arg.split(':', 1)[1:])
   except Exception as e:  # pylint: disable=broad-except
-    raise config_lib.ConfigError(f'--config={arg}: cannot load it ({type(e).__name__}: {e})') from e
+    raise ConfigError(f'--config={arg}: cannot load it ({type(e).__name__}: {e})') from e
   if not isinstance(config, ml_collections.ConfigDict):
-    raise config_lib.ConfigError(f'--config={arg}: get_config() returned a {type(config).__name__}, '
+    raise ConfigError(f'--config={arg}: get_config() returned a {type(config).__name__}, '
                                  'not an ml_collections.ConfigDict')
   return config
 
 
 def _check_command_line(argv) -> ml_collections.ConfigDict:
   """Loads the config and checks the --config.FIELD names before absl does (its errors are tracebacks)."""
-  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
-
   argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # expands --flagfile=FILE
   config = _load_config(_flag_value(argv, 'config'))
   overrides = [m.group(2) for m in (re.match(r'-{1,2}(no)?config\.([^=\[]+)', a) for a in argv[1:]) if m]
   config_lib.check_field_names(overrides, config)
   if not _flag_value(argv, 'workdir'):
-    raise config_lib.ConfigError('--workdir is required: the folder for checkpoints, metrics and '
+    raise ConfigError('--workdir is required: the folder for checkpoints, metrics and '
                                  'config.json (created if missing)')
   return config
 
@@ -144,8 +150,6 @@ def _flag_error_message(error: flags.Error, config) -> str:
   m = re.match(r'flag --config\.([\w.]+)=(.*?): (.*)', message, re.S)
   if m is None or config is None:
     return message
-  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
-
   field, value, reason = m.groups()
   try:
     current = config_lib.field_value(config, field)
@@ -158,15 +162,13 @@ def _flag_error_message(error: flags.Error, config) -> str:
 
 def parse_flags(argv, flag_values: flags.FlagValues = FLAGS) -> list[str]:
   """absl's flags parser for `app.run`, with command-line mistakes as one line and exit status 2."""
-  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
-
   debug = _debug_requested(argv)
   config = None
   try:
     if not any(arg.split('=', 1)[0] in HELP_FLAGS for arg in argv[1:]):
       config = _check_command_line(argv)
     return flag_values(argv)
-  except config_lib.ConfigError as e:
+  except ConfigError as e:
     if debug:
       raise
     _exit_with_error(e, USER_ERROR_STATUS)
@@ -177,12 +179,10 @@ def parse_flags(argv, flag_values: flags.FlagValues = FLAGS) -> list[str]:
 
 
 def main(argv, flag_values: flags.FlagValues = FLAGS):
-  from cifar_jax import config_lib, cpu_backend, input_pipeline, parallel, preemption, train  # pylint: disable=g-import-not-at-top
-
   config, workdir, mode = flag_values.config, flag_values.workdir, flag_values.mode
   try:
     if len(argv) > 1:
-      raise config_lib.ConfigError(f'unexpected arguments {argv[1:]}; every option is --flag=value')
+      raise ConfigError(f'unexpected arguments {argv[1:]}; every option is --flag=value')
     # Everything checkable without the data is checked before anything is logged or compiled.
     config_lib.validate(config)
     cpu_flags = cpu_backend.configure(config)  # before anything touches a device
@@ -191,8 +191,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
       config_lib.validate_devices(config, jax.device_count())
       config_lib.check_workdir(workdir)
     elif not os.path.isdir(workdir):
-      raise config_lib.ConfigError(f'--workdir={workdir}: no such folder; --mode={mode} needs the '
-                                   'workdir of a training run')
+      raise ConfigError(f'--workdir={workdir}: no such folder; --mode={mode} needs the '
+                        'workdir of a training run')
     logging.get_absl_handler().addFilter(_QuietLibraries())
     logging.info('JAX %s, process %d/%d, devices: %s (XLA:CPU settings added: %s)', jax.__version__,
                  jax.process_index(), jax.process_count(), jax.devices(), cpu_flags or 'none')
@@ -202,11 +202,11 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
       print(json.dumps(train.evaluate_checkpoint(config, workdir)))
     else:
       _export(config, workdir, flag_values.export_path, flag_values.export_model)
-  except (config_lib.ConfigError, input_pipeline.DataError) as e:
+  except (ConfigError, DataError) as e:
     if flag_values.debug:
       raise
     _exit_with_error(e, USER_ERROR_STATUS)
-  except train.NonFiniteLossError as e:
+  except NonFiniteLossError as e:
     if flag_values.debug:
       raise
     _exit_with_error(e, NONFINITE_LOSS_STATUS)
@@ -222,21 +222,18 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
 
 def _export(config, workdir: str, path: str | None, which: str) -> None:
   """Writes the latest checkpoint's weights to `path` (.npz, or .pt for torch)."""
-  from cifar_jax import config_lib, train  # pylint: disable=g-import-not-at-top
-
   if not path or not path.endswith(('.npz', '.pt')):
-    raise config_lib.ConfigError(f'--export_path must end in .npz or .pt, got {path!r}')
+    raise ConfigError(f'--export_path must end in .npz or .pt, got {path!r}')
   if which == 'auto':
     try:
       variables = train.export_variables(config, workdir, use_swa=True)
       which = 'swa'
-    except config_lib.ConfigError:
+    except ConfigError:
       variables, which = train.export_variables(config, workdir, use_swa=False), 'running'
   else:
     variables = train.export_variables(config, workdir, use_swa=which == 'swa')
   if path.endswith('.pt'):
     import torch  # pylint: disable=g-import-not-at-top
-    from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
     torch.save(torch_reference.flax_to_torch(variables), path)
   else:
     flat = {'/'.join(str(getattr(k, 'key', k)) for k in key_path): value

@@ -7,9 +7,9 @@ backward-weights convolutions on the NHWC activations where they lie, through XL
 builds it on first use (a C++ compiler and the `onednn-devel-cpu-gomp` headers, both checked), caches the
 library under ~/.cache/cifar_jax, registers the three handlers and gives them a `custom_vjp`.
 
-`available()` says whether it can be used here; `conv_general_dilated` falls back to nothing: callers
-pick it only when `available()` is true (`models.ResNet(conv_impl='onednn')`, chosen by
-`train.resolve_conv_impl`).
+`available()` says whether it can be used here; `conv_general_dilated` hands every convolution it does not
+support (`supports`) to lax; callers pick it only when `available()` is true
+(`models.ResNet(conv_impl='onednn')`, chosen by `builders.conv_impl`).
 """
 
 import ctypes

@@ -37,7 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from cifar_jax import config_lib
+from cifar_jax.errors import ConfigError
 
 DATA_AXIS = 'data'  # the mesh axis (jit) and the pmap axis_name that the batch is split over
 SEED_AXIS = 'seeds'  # num_seeds > 1: the mesh axis the independent models are split over
@@ -55,7 +55,7 @@ def _env_int(name: str, default: int) -> int:
   try:
     return int(value)
   except ValueError:
-    raise config_lib.ConfigError(f'{name}={value!r} must be an integer') from None
+    raise ConfigError(f'{name}={value!r} must be an integer') from None
 
 
 def initialize_distributed(distributed_config) -> bool:
@@ -80,7 +80,7 @@ def initialize_distributed(distributed_config) -> bool:
   if num_processes == 1:
     return False
   if num_processes > 1 and process_id >= num_processes:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'distributed.process_id={process_id} must be in 0..{num_processes - 1} '
         f'(distributed.num_processes={num_processes})')
   try:
@@ -88,12 +88,12 @@ def initialize_distributed(distributed_config) -> bool:
                                num_processes=num_processes if num_processes > 0 else None,
                                process_id=process_id if process_id >= 0 else None)
   except (ValueError, TypeError) as e:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'distributed: cannot start a multi-process run ({e}); set distributed.coordinator_address '
         '(host:port of process 0), distributed.num_processes and distributed.process_id, or '
         f'{ENV_COORDINATOR_ADDRESS}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}') from e
   except RuntimeError as e:  # JAX was used before
-    raise config_lib.ConfigError(f'distributed: {e}') from e
+    raise ConfigError(f'distributed: {e}') from e
   return True
 
 
@@ -174,6 +174,10 @@ class Parallel:
   def place_seeds(self, tree):
     """Host values with a leading axis of num_seeds, split over the mesh's 'seeds' axis."""
     return _put(tree, NamedSharding(self.mesh, P(SEED_AXIS)))
+
+  def place_per_seed(self, tree):
+    """A tree of every seed (`steps.per_seed`) placed for the steps: split over 'seeds', or replicated."""
+    return self.replicate(tree) if self.num_seeds == 1 else self.place_seeds(tree)
 
   def _put_stacked(self, tree):
     sharding = NamedSharding(self._local_mesh, P(DATA_AXIS))
@@ -261,12 +265,12 @@ class Parallel:
 def create(parallelism: str, devices=None, num_seeds: int = 1, seed_devices: int = 0) -> Parallel:
   """The layout of a run over `devices` (default: all devices of all processes)."""
   if parallelism not in MODES:
-    raise config_lib.ConfigError(f'parallelism must be one of {list(MODES)}, got {parallelism!r}')
+    raise ConfigError(f'parallelism must be one of {list(MODES)}, got {parallelism!r}')
   devices = jax.devices() if devices is None else devices
   if num_seeds == 1:
     return Parallel(parallelism, Mesh(np.array(devices), (DATA_AXIS,)))
   if parallelism != 'jit':
-    raise config_lib.ConfigError(f'num_seeds={num_seeds} needs parallelism=jit, got {parallelism!r}')
+    raise ConfigError(f'num_seeds={num_seeds} needs parallelism=jit, got {parallelism!r}')
   shape = seed_mesh_shape(num_seeds, seed_devices, len(devices))
   return Parallel(parallelism, Mesh(np.array(devices).reshape(shape), (SEED_AXIS, DATA_AXIS)), num_seeds)
 
@@ -275,26 +279,32 @@ def seed_mesh_shape(num_seeds: int, seed_devices: int, num_devices: int) -> tupl
   """(devices along 'seeds', devices along 'data'); `seed_devices` 0 = gcd(num_seeds, num_devices)."""
   s = seed_devices or np.gcd(num_seeds, num_devices)
   if num_seeds % s or num_devices % s:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'seed_devices={seed_devices} must divide both num_seeds={num_seeds} and the device count '
         f'{num_devices}; use 0 (automatic: {np.gcd(num_seeds, num_devices)})')
   return int(s), num_devices // int(s)
 
 
-def check_batch_sizes(mode: str, num_devices: int, batch_size: int, num_examples: int,
-                      drop_remainder: bool) -> None:
+def check_batch_split(batch_size: int, num_devices: int, mode: str) -> None:
   """The global batch must split evenly over the devices; raises ConfigError naming the fix."""
   n = num_devices
   if n > 1 and batch_size % n:
     lower, upper = (batch_size // n) * n, (batch_size // n + 1) * n
     options = f'{lower} or {upper}' if lower else f'{upper}'
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'batch_size={batch_size} does not split evenly over the {n} devices '
         f'(parallelism={mode}); use a multiple of {n} such as {options}, or fewer devices '
         '(CUDA_VISIBLE_DEVICES)')
+
+
+def check_batch_sizes(mode: str, num_devices: int, batch_size: int, num_examples: int,
+                      drop_remainder: bool) -> None:
+  """`check_batch_split`, and under pmap the last partial batch of an epoch must split too."""
+  n = num_devices
+  check_batch_split(batch_size, n, mode)
   last = num_examples % batch_size
   if mode == 'pmap' and last and not drop_remainder and last % n:
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f'the last batch of each epoch has {num_examples} % {batch_size} = {last} examples, which '
         f'do not split over the {n} devices under parallelism=pmap; set data.drop_remainder=True, '
         f'or parallelism=jit (which runs that batch unsharded)')

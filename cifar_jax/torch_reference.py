@@ -18,16 +18,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifar_jax import builders
 from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
 from cifar_jax import models
+from cifar_jax import steps
 
 WS_EPSILON = models.WS_EPSILON  # added to the unbiased std of each output channel's weights
 NORM_EPSILON = models.NORM_EPSILON
 GROUP_SIZE = models.GROUP_SIZE  # nn.GroupNorm(C // 4, C)
 DATA_MODES = ('identical', 'native')
-SCHEDULES = config_lib.SCHEDULE_NAMES
+SCHEDULES = builders.SCHEDULE_NAMES
 
 # Flax leaf name -> torch leaf name, by collection; conv and dense kernels are transposed on the way.
 _PARAM_TO_TORCH = {'kernel': 'weight', 'scale': 'weight', 'bias': 'bias'}
@@ -261,8 +263,7 @@ def flax_to_torch(variables, num_batches_tracked: int = 0) -> dict:
 
 def jax_data_key(seed: int) -> jax.Array:
   """The data key `train.train_and_evaluate` derives from `config.seed` (batch order and augmentation)."""
-  from cifar_jax import train  # pylint: disable=g-import-not-at-top
-  return train.run_keys(seed)[1]
+  return builders.run_keys(seed)[1]
 
 
 def native_generator_seed(seed: int, epoch: int) -> int:
@@ -312,7 +313,7 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
     config: the full config (seed, batch_size, data.augment, data.drop_remainder).
     epoch: the epoch, 0-based as in the JAX trainer.
     mode: 'identical' gives the JAX trainer's batches: its permutation, crop offsets and flips exactly,
-      from `input_pipeline.get_train_batch` run eagerly on the CPU (the trainer's jitted step may round
+      from `steps.draw_batch` run eagerly on the CPU (the trainer's jitted step may round
       the normalisation differently, by at most one float32 ULP); 'native' shuffles and augments in
       torch with a torch.Generator seeded from (seed, epoch), like the blog's DataLoader.
     data_key: 'identical' only; the JAX trainer's data key (default `jax_data_key(config.seed)`).
@@ -325,11 +326,11 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
       key = jax_data_key(config.seed) if data_key is None else data_key
       jax_images, jax_labels = jnp.asarray(images), jnp.asarray(labels)
       perm = input_pipeline.epoch_permutation(key, epoch, n)
-      for step, start, size in _batch_bounds(n, batch_size, drop):
+      for step, _, size in _batch_bounds(n, batch_size, drop):
         # Eager, not jitted: XLA's fusion of the normalisation moves ~30 % of values by one float32
         # ULP, so only the eager call is reproducible here; order, crops and flips are exact either way.
-        x, y = input_pipeline.get_train_batch(jax_images, jax_labels, perm, start, size,
-                                              input_pipeline.batch_key(key, epoch, step), augment)
+        x, y = steps.draw_batch(jax_images, jax_labels, perm, key, epoch, step, batch_size=batch_size,
+                                size=size, augment=augment)
         yield _nchw_tensors(x, y)
   elif mode == 'native':
     torch = _torch()
@@ -360,12 +361,11 @@ def torch_eval_batches(dataset, batch_size: int):
 
 def schedule_step_every(schedule_config) -> str:
   """'epoch' or 'batch': the config's `step_every`, or where the blog stepped this scheduler."""
-  from cifar_jax import train  # pylint: disable=g-import-not-at-top
 
   name = schedule_config.name
   if name not in SCHEDULES:
     raise config_lib.ConfigError(f'schedule.name must be one of {list(SCHEDULES)}, got {name!r}')
-  every = train.step_every(schedule_config)
+  every = builders.step_every(schedule_config)
   if every not in ('epoch', 'batch'):
     raise config_lib.ConfigError(f"schedule.step_every must be 'epoch', 'batch' or '', got {every!r}")
   if name == 'plateau' and every != 'epoch':
@@ -385,7 +385,7 @@ def create_torch_scheduler(optimizer, schedule_config, num_epochs: int, steps_pe
   """The torch.optim.lr_scheduler for `config.schedule`; its step() is called per `step_every` unit.
 
   Lengths <= 0 (T_max, total_steps) mean the run's length in scheduler steps, warm-up included, and
-  step_size_down <= 0 means step_size_up, as in `train.create_schedules`.
+  step_size_down <= 0 means step_size_up, as in `builders.create_schedules`.
   """
   sched = _torch().optim.lr_scheduler
   c = schedule_config
@@ -459,9 +459,8 @@ def torch_schedule_table(config, steps_per_epoch: int) -> tuple[np.ndarray, np.n
   torch = _torch()
   if config.schedule.name == 'plateau':
     raise ValueError('schedule.name=plateau depends on eval losses; it has no fixed table')
-  from cifar_jax import train as jax_train  # pylint: disable=g-import-not-at-top
   optimizer = create_torch_optimizer([torch.nn.Parameter(torch.zeros(()))], config.optimizer)
-  scheduler = create_torch_scheduler(optimizer, config.schedule, jax_train.main_schedule_epochs(config),
+  scheduler = create_torch_scheduler(optimizer, config.schedule, builders.main_schedule_epochs(config),
                                      steps_per_epoch)
   after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
   lrs, momenta = [], []
@@ -604,8 +603,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   torch.manual_seed(config.seed)
   model = create_torch_model(config.model).to(device)
   optimizer = create_torch_optimizer(model.parameters(), config.optimizer)
-  from cifar_jax import train as jax_train  # pylint: disable=g-import-not-at-top
-  main_epochs = jax_train.main_schedule_epochs(config)
+  main_epochs = builders.main_schedule_epochs(config)
   scheduler = create_torch_scheduler(optimizer, config.schedule, main_epochs, steps_per_epoch)
   after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
   swa_config = config.swa
@@ -640,7 +638,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
       if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
         recal_config = config.copy_and_resolve_references()
         recal_config.data.augment = swa_config.recalibration_augment
-        recal_key = jax.random.fold_in(jax_data_key(config.seed), jax_train.RECALIBRATION_SALT)
+        recal_key = jax.random.fold_in(jax_data_key(config.seed), steps.RECALIBRATION_SALT)
         loader = torch_batches(dataset, recal_config, epoch if data_mode == 'identical' else
                                config.num_epochs + epoch, data_mode, data_key=recal_key)
         _update_bn(loader, swa_model, device)

@@ -1,4 +1,5 @@
-"""The blog's Part-1 baseline: ResNet18, BatchNorm, batch 128, SGD lr 0.05, MultiStepLR([25, 40], 0.1), 50 epochs.
+"""The blog's Part-1 baseline: ResNet18, BatchNorm, batch 128, SGD lr 0.05, MultiStepLR([25, 40], 0.1),
+50 epochs.
 
 Every field the trainer reads is defined here; experiment files import this one and change what differs.
 Blog figure: 93.42 % test accuracy after 50 epochs (Part 1, fixed baseline, zero_init_residual=True).

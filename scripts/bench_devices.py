@@ -6,7 +6,7 @@ Each run (device count and parallelism) is a subprocess, since JAX fixes the dev
 N virtual CPU devices (--xla_force_host_platform_device_count) on CPU, the first N GPUs on GPU. They all
 compile first, then take turns: one timed window of --steps train steps each, --windows times over, so a
 noisy or shared machine slows every run alike. Prints each window and the median global images per second.
-The step is the trainer's own (`train.train_step_on_device_data` wrapped by `parallel.Parallel`), fed
+The step is the trainer's own (`steps.train_step_on_device_data` wrapped by `parallel.Parallel`), fed
 synthetic images, with no host synchronisation inside a window.
 """
 
@@ -31,10 +31,11 @@ def _worker(args) -> None:
   os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(gpus.split(',')[:int(num_devices)])
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-  import jax  # pylint: disable=g-import-not-at-top
   import benchmark  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+
   from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
   config.model.name, config.model.width_multiplier = args.model, args.width
@@ -43,7 +44,7 @@ def _worker(args) -> None:
   config.steps_per_dispatch = 1
   par = parallel.create(mode)
   assert par.num_devices == int(num_devices), (par.num_devices, num_devices)
-  run, state, acc, _, _, _ = benchmark.synthetic_step(config, par, args.batch_size, 1)
+  run, state, acc, _ = benchmark.synthetic_step(config, par, args.batch_size, 1)
   state, acc = run(state, acc, 2)  # warm up
   jax.block_until_ready(state)
   print(json.dumps({'ready': True, 'devices': [str(d) for d in jax.devices()]}), flush=True)

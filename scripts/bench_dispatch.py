@@ -1,4 +1,4 @@
-"""Several train steps per dispatch: the trainer's step inside `lax.fori_loop`, K steps per call.
+"""Several train steps per dispatch: the trainer's own call (`program.Program`) of K steps.
 
   JAX_PLATFORMS=cpu python scripts/bench_dispatch.py --width=0.25 --steps_per_call=1,4,8
 
@@ -10,7 +10,6 @@ reuses them. Each K runs in its own process, one after the other (a noisy machin
 """
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -24,39 +23,30 @@ sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 
 
 def _measure(args) -> dict:
-  from configs import default  # pylint: disable=g-import-not-at-top
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
   config = default.get_config()
   config.model.width_multiplier, config.cpu_devices = args.width, 1
   cpu_backend.configure(config)
-  import jax  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from cifar_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  config.steps_per_dispatch = args.worker
   import benchmark  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
 
-  k, batch, spe = args.worker, args.batch, benchmark.STEPS_PER_EPOCH
-  data = input_pipeline.make_synthetic(spe * batch, batch)
-  lr_fn, momentum_fn = train.create_schedules(config, spe)
-  init_key, data_key = train.run_keys(0)
-  state = train.create_train_state(init_key, config, train.create_model(config.model), lr_fn,
-                                   momentum_fn)
-  acc = train.init_train_metrics()
-  images, labels = jax.device_put(data['x_train']), jax.device_put(data['y_train'])
-  perm = jax.device_put(np.random.default_rng(0).permutation(spe * batch).astype(np.int32))
-  one = functools.partial(train.train_step_on_device_data, steps_per_epoch=spe, batch_size=batch,
-                          size=batch, augment=True)
+  from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
 
-  def several(state, acc, images, labels, perm, key):
-    return jax.lax.fori_loop(0, k, lambda i, c: one(*c, images, labels, perm, key), (state, acc))
+  k = args.worker
+  run, state, acc, _ = benchmark.synthetic_step(config, parallel.create('jit'), args.batch, args.batch)
 
-  call = jax.jit(several, donate_argnums=(0, 1))
+  def call(state, acc):
+    return run(state, acc, k)
+
   for _ in range(2):
-    state, acc = call(state, acc, images, labels, perm, data_key)
+    state, acc = call(state, acc)
   jax.block_until_ready(state)
   calls = max(1, args.steps // k)
   before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
   for _ in range(calls):
-    state, acc = call(state, acc, images, labels, perm, data_key)
+    state, acc = call(state, acc)
   jax.block_until_ready(state)
   seconds, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
   n = calls * k

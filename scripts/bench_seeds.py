@@ -27,6 +27,7 @@ def main():
   parser.add_argument('--workdir', default='/tmp/bench_seeds')
   args = parser.parse_args()
   import sweep  # pylint: disable=g-import-not-at-top
+
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
 
   seeds = [int(x) for x in args.seeds.split(',')]
@@ -36,7 +37,8 @@ def main():
   config = sweep.apply_overrides(config, [sweep.parse_override(o) for o in args.set])
   config.num_seeds = max(seeds)
   cpu_backend.configure(config)
-  from cifar_jax import metrics_writer, train  # pylint: disable=g-import-not-at-top
+  from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+  from cifar_jax import train  # pylint: disable=g-import-not-at-top
 
   rows = []
   for k in seeds:

@@ -4,12 +4,12 @@
   python scripts/benchmark.py --torch_modes=eager,channels_last,compile --dtype=bfloat16 --width=1
 
 Variants, each in its own subprocess:
-  jax                  the trainer's own jitted step (`train.train_step_on_device_data`, compiled by
+  jax                  the trainer's own jitted step (`steps.train_step_on_device_data`, compiled by
                        `parallel.Parallel.compile` with the state donated, exactly as `train_and_evaluate`
                        does) on on-device uint8 synthetic images (crop + flip drawn on device), and
-                       `train.evaluate_on_device_data` (one dispatch per window), with the settings
+                       `steps.evaluate_on_device_data` (one dispatch per window), with the settings
                        `cifar-jax` uses: on the CPU, oneDNN convolutions (cifar_jax/onednn_conv.py) on one
-                       device, up to 8 steps per call (`train.steps_per_dispatch`). --jax_settings adds
+                       device, up to 8 steps per call (`program.steps_per_dispatch`). --jax_settings adds
                        variants: jax_xla, XLA's own convolutions with cpu_backend's settings (Eigen
                        convolutions, one virtual device per core, the batch sharded over them) and one
                        step per call: the default before oneDNN; jax_one_step, the default with one step
@@ -32,7 +32,7 @@ VM a worker's first step after its pause is slow for every variant (the kernel's
 the idle worker's pages; the JAX step at width 0.25 took 0.41-0.45 s after a 2 s pause, 0.23-0.30 s
 otherwise), so what is timed is the steady state a training run is in.
 
-  compile_seconds  jax: lower + compile of the train step and of the eval function.
+  compile_seconds  jax: lower + compile of the run's Program (train step, eval, epoch permutation).
                    torch: wall time of the first train step plus the first eval pass (for torch_compile
                    that is where dynamo/inductor compile; for eager it is only first-call overhead).
   peak_memory_mb   on GPU: jax memory_stats()['peak_bytes_in_use'], torch.cuda.max_memory_allocated();
@@ -88,6 +88,7 @@ def _config(args):
   config.model.name, config.model.width_multiplier = args.model, args.width
   config.model.dtype = args.dtype
   config.batch_size = args.batch
+  config.eval_batch_size = args.eval_batch
   return config
 
 
@@ -105,42 +106,38 @@ def _serve(train_window, eval_window, memory) -> None:
 
 
 def synthetic_step(config, par, batch: int, num_eval: int):
-  """The trainer's own train steps over `par`, compiled as `train_and_evaluate` does, on synthetic data.
+  """The trainer's own compiled train and eval calls over `par` (`program.Program`), on synthetic data.
 
   The data (STEPS_PER_EPOCH batches of uint8 images, and `num_eval` eval images) sits on the devices;
-  shuffling, crop and flip run inside the step. Returns (run, state, acc, data_args, data,
-  compile_seconds): `state, acc = run(state, acc, n)` runs n steps in calls of up to
-  `train.steps_per_dispatch(config)` steps, as the trainer does; `data_args` are the data arguments.
+  shuffling, crop and flip run inside the step. Returns (run, state, acc, program): `state, acc =
+  run(state, acc, n)` runs n steps in calls of up to `program.max_steps_per_call` steps, as the trainer
+  does; `program.evaluate(state)` is the trainer's eval and `program.compile_seconds` its compile time.
   """
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from cifar_jax import input_pipeline, train  # pylint: disable=g-import-not-at-top
+  from cifar_jax import builders  # pylint: disable=g-import-not-at-top
+  from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cifar_jax import program  # pylint: disable=g-import-not-at-top
 
-  n = STEPS_PER_EPOCH * batch
-  data = input_pipeline.make_synthetic(n, num_eval)
-  lr_fn, momentum_fn = train.create_schedules(config, STEPS_PER_EPOCH)
-  init_key, data_key = train.run_keys(0)
-  model = train.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
-  state = par.replicate(train.create_train_state(init_key, config, model, lr_fn, momentum_fn))
-  acc = par.replicate(train.init_train_metrics())
-  images, labels, data_key = par.replicate((data['x_train'], data['y_train'], data_key))
-  perm = par.replicate(np.random.default_rng(0).permutation(n).astype(np.int32))
-  data_args = (images, labels, perm, data_key)
-  per_call = train.steps_per_dispatch(config, par.num_devices)
-  start = time.perf_counter()
-  steps = par.compile(
-      functools.partial(train.dispatch_fn(per_call), steps_per_epoch=STEPS_PER_EPOCH,
-                        batch_size=batch, size=batch, augment=True, axis_name=par.axis_name,
-                        shard_batch=par.shard_batch),
-      state, acc, *data_args, np.int32(1), donate_argnums=(0, 1), in_axes=(0,) * 6 + (None,))
+  config = config.copy_and_resolve_references()
+  config.batch_size, config.data.augment = batch, True
+  data = input_pipeline.make_synthetic(STEPS_PER_EPOCH * batch, num_eval)
+  dataset = input_pipeline.Dataset(data['x_train'], data['y_train'], data['x_test'], data['y_test'],
+                                   'test')
+  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
+  state, acc = par.place_per_seed(builders.create_initial_state(
+      config, model, builders.create_run_schedules(config, STEPS_PER_EPOCH)))
+  compiled = program.Program.compile(config, model, par, dataset, state, acc,
+                                     *builders.seed_data_keys(config))
+  perm = compiled.epoch_permutation(0)
+  done = {'steps': 0}
 
   def run(state, acc, num_steps: int):
-    while num_steps > 0:
-      k = min(per_call, num_steps)
-      state, acc = steps(state, acc, *data_args, np.int32(k))
-      num_steps -= k
+    end = done['steps'] + num_steps
+    while done['steps'] < end:  # no host action: calls end at the epoch's end (or at `end`)
+      state, acc, k = compiled.train_call(state, acc, perm, done['steps'], lambda step: step >= end)
+      done['steps'] += k
     return state, acc
 
-  return run, state, acc, data_args, data, time.perf_counter() - start
+  return run, state, acc, compiled
 
 
 def _jax_worker(args, setting: str) -> None:
@@ -164,22 +161,18 @@ def _jax_worker(args, setting: str) -> None:
   else:
     raise ValueError(f'unknown JAX setting {setting!r}; choose from {list(JAX_SETTINGS)}')
   import jax  # pylint: disable=g-import-not-at-top
-  from cifar_jax import parallel, train  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
 
   device = jax.devices()[0]
   par = parallel.create(config.parallelism)  # every device, as train_and_evaluate
-  run, state, acc, data_args, data, compile_seconds = synthetic_step(
-      config, par, args.batch, args.steps * args.eval_batch)
-  eval_arrays = par.shard_eval_arrays(train.batched_eval_arrays(
-      data['x_test'], data['y_test'], args.eval_batch, par.eval_batch_multiple))
-  start = time.perf_counter()
-  p_eval = par.compile(functools.partial(train.evaluate_on_device_data, axis_name=par.axis_name),
-                       state, *eval_arrays)
-  compile_seconds += time.perf_counter() - start
+  run, state, acc, compiled = synthetic_step(config, par, args.batch, args.steps * args.eval_batch)
+  compile_seconds = compiled.compile_seconds
+  p_eval = compiled.evaluate
 
   holder = {'state': state, 'acc': acc}
   holder['state'], holder['acc'] = run(holder['state'], holder['acc'], 2)  # warm up
-  jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
+  jax.block_until_ready(p_eval(holder['state']))
 
   def train_steps(n):
     holder['state'], holder['acc'] = run(holder['state'], holder['acc'], n)
@@ -193,9 +186,9 @@ def _jax_worker(args, setting: str) -> None:
 
   def eval_window():
     for _ in range(args.window_warmup):
-      jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
+      jax.block_until_ready(p_eval(holder['state']))
     start = time.perf_counter()
-    jax.block_until_ready(p_eval(holder['state'], *eval_arrays))
+    jax.block_until_ready(p_eval(holder['state']))
     return time.perf_counter() - start
 
   def memory():
@@ -222,7 +215,9 @@ def _torch_worker(args, mode: str) -> None:
   config = _config(args)
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  from cifar_jax import input_pipeline, torch_reference  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.torch_threads)
   torch.manual_seed(0)
@@ -463,12 +458,13 @@ def main() -> None:
     end_to_end = None
     if args.end_to_end and 'jax:default' in variants:
       end_to_end = _end_to_end(args)
-      print(f'end to end: cifar-jax epochs at {", ".join(f"{x:.0f}" for x in end_to_end["epoch_images_per_second"])} '
-            'img/s', flush=True)
+      epochs = ', '.join(f'{x:.0f}' for x in end_to_end['epoch_images_per_second'])
+      print(f'end to end: cifar-jax epochs at {epochs} img/s', flush=True)
       for _ in range(args.windows):  # the bare step again, right after, on the same machine state
-        rates['jax:default']['train'].append(args.steps * args.batch / ask('jax:default', 'train')['seconds'])
-      print('bare step again: ' + ', '.join(f'{x:.0f}' for x in rates['jax:default']['train'][-args.windows:]),
-            flush=True)
+        seconds = ask('jax:default', 'train')['seconds']
+        rates['jax:default']['train'].append(args.steps * args.batch / seconds)
+      again = rates['jax:default']['train'][-args.windows:]
+      print('bare step again: ' + ', '.join(f'{x:.0f}' for x in again), flush=True)
     memory = {v: ask(v, 'done') for v in variants}
   finally:
     for proc in procs.values():

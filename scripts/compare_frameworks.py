@@ -55,7 +55,8 @@ def train_one(framework: str, config, path: str, data_mode: str, torch_device) -
     from cifar_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, path)
   else:
-    from cifar_jax import metrics_writer, torch_reference  # pylint: disable=g-import-not-at-top
+    from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top
+    from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
     if os.path.exists(os.path.join(path, metrics_writer.METRICS_FILE)):
       os.remove(os.path.join(path, metrics_writer.METRICS_FILE))  # restart an unfinished torch run
     torch_reference.train_and_evaluate_torch(config, path, data_mode=data_mode, device=torch_device)
@@ -67,6 +68,7 @@ def device_name(framework: str, torch_device) -> str:
     d = jax.devices()[0]
     return f'JAX {jax.__version__} {d.platform} ({d.device_kind}) x{jax.device_count()}'
   import torch  # pylint: disable=g-import-not-at-top
+
   from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
   dev = torch_device or torch_reference.default_device()
   kind = torch.cuda.get_device_name() if dev.startswith('cuda') else platform.processor() or 'cpu'
@@ -107,7 +109,8 @@ def write_markdown(path: str, summary: dict, config, command: str, devices: dict
       f'data {config.data.source} (validation_size {config.data.validation_size}), torch data: '
       f'{FLAGS.data_mode}.', '',
       f'Command: `{command}`', '',
-      '| framework | seeds | final accuracy (%) | best accuracy (%) | wall time (s) | images/s (median epoch) | device |',
+      '| framework | seeds | final accuracy (%) | best accuracy (%) | wall time (s) '
+      '| images/s (median epoch) | device |',
       '| --- | --- | --- | --- | --- | --- | --- |',
   ]
   for framework in FRAMEWORKS:

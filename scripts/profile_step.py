@@ -25,8 +25,8 @@ sys.path.insert(0, ROOT)
 
 
 def _jax_profile(args) -> None:
-  from configs import default  # pylint: disable=g-import-not-at-top
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
   config.cpu_devices = 1
@@ -35,10 +35,12 @@ def _jax_profile(args) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  from cifar_jax import models, train  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import builders  # pylint: disable=g-import-not-at-top
+  from cifar_jax import models  # pylint: disable=g-import-not-at-top
 
   model = models.create_model(args.model, width_multiplier=args.width,
-                              conv_impl=train.conv_impl(config.model))
+                              conv_impl=builders.conv_impl(config.model))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((args.batch, 32, 32, 3), np.float32))
   y = jnp.asarray(rng.integers(0, 10, args.batch))
@@ -75,8 +77,9 @@ def _jax_profile(args) -> None:
 
 def _torch_profile(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
+
   from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
 
   torch.set_num_threads(args.torch_threads)
   config = default.get_config()

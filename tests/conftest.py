@@ -18,20 +18,48 @@ if cpu_backend.YNN_FLAG not in os.environ.get('XLA_FLAGS', ''):
 
 
 def make_tiny_config():
-  """configs/smoke.py shrunk further: a ResNet9 of width 1/8 on 200 synthetic images."""
-  from configs import smoke  # pylint: disable=g-import-not-at-top
+  """configs/tiny.py: a ResNet9 of width 1/8 on 200 synthetic images."""
+  from configs import tiny  # pylint: disable=g-import-not-at-top
 
-  config = smoke.get_config()
-  config.model.width_multiplier = 0.125
-  config.data.synthetic_train_size = 200
-  config.data.synthetic_eval_size = 64
-  config.batch_size = 64
-  config.eval_batch_size = 48
-  config.progress_bar = False
-  return config
+  return tiny.get_config()
 
 
 @pytest.fixture
 def tiny_config():
   """A fresh `make_tiny_config()` for each test."""
   return make_tiny_config()
+
+
+# Hooks into a run through train_and_evaluate(..., actions=[...]) ----------------------------------------
+
+from cifar_jax import loop  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+class Crash(Exception):
+  """A run stopped by `StopAfter`."""
+
+
+class StopAfter(loop.Action):
+  """Ends a run with Crash once the actions of step `step` have run (its checkpoint written), as a kill
+  right after that checkpoint would."""
+
+  def __init__(self, step: int):
+    self.step = step
+
+  def due(self, step: int) -> bool:
+    return step == self.step
+
+  def __call__(self, run) -> None:
+    raise Crash(run.step)
+
+
+class KeepProgram(loop.Action):
+  """Keeps the run's Program (its compiled functions, trace counts and call sizes) for the test."""
+
+  program = None
+
+  def start(self, run) -> None:
+    self.program = run.program
+
+  def due(self, step: int) -> bool:
+    return False

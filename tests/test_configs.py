@@ -10,6 +10,7 @@ from cifar_jax import metrics_writer
 from cifar_jax import train
 
 torch = pytest.importorskip('torch')
+from cifar_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # The default run trains the four that cover every code path (BN and GN, per-epoch and per-batch
@@ -57,7 +58,7 @@ def test_every_step_uses_torch_lr_and_momentum(name):
   if config.swa.enabled:
     config.swa.start_epoch = 2
   spe = 3
-  lr_fn, momentum_fn = train.create_schedules(config, spe)
+  lr_fn, momentum_fn = builders.create_schedules(config, spe)
   lrs, momenta = torch_reference.torch_schedule_table(config, spe)
   np.testing.assert_array_equal(np.asarray(lr_fn(np.arange(3 * spe))), lrs.astype(np.float32))
   if momentum_fn is not None:

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cifar_jax import builders
 from cifar_jax import config_lib
 from cifar_jax import models
 from cifar_jax import onednn_conv
-from cifar_jax import train
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 # (batch, size, in, out, kernel, stride, padding): the ResNets' 3x3 and strided 1x1 convolutions, the
@@ -112,15 +112,15 @@ def test_resnet_with_onednn_equals_resnet_with_xla(norm):
 def test_conv_impl_choice(tiny_config):
   model_config = tiny_config.model
   assert model_config.conv == 'auto'
-  assert train.conv_impl(model_config) == 'onednn'  # one CPU device, oneDNN built
-  assert train.conv_impl(model_config, 2, 'jit') == 'xla'  # several devices
-  assert train.conv_impl(model_config, 2, 'pmap') == 'xla'
+  assert builders.conv_impl(model_config) == 'onednn'  # one CPU device, oneDNN built
+  assert builders.conv_impl(model_config, 2, 'jit') == 'xla'  # several devices
+  assert builders.conv_impl(model_config, 2, 'pmap') == 'xla'
   model_config.conv = 'xla'
-  assert train.conv_impl(model_config) == 'xla'
+  assert builders.conv_impl(model_config) == 'xla'
   model_config.conv = 'onednn'
-  assert train.conv_impl(model_config) == 'onednn'
-  assert train.conv_impl(model_config, 2, 'pmap') == 'onednn'  # one call per device
+  assert builders.conv_impl(model_config) == 'onednn'
+  assert builders.conv_impl(model_config, 2, 'pmap') == 'onednn'  # one call per device
   with pytest.raises(config_lib.ConfigError, match='one device'):
-    train.conv_impl(model_config, 2, 'jit')
+    builders.conv_impl(model_config, 2, 'jit')
   with pytest.raises(ValueError, match='conv_impl'):
     models.create_model('resnet9', conv_impl='cudnn').init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))

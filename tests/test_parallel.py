@@ -71,107 +71,81 @@ class _Stop(Exception):
   """Ends a run right after its checkpoint at STOP_AT_STEP, as a preempted job would end."""
 
 
-_COMPILES = {'total': 0}  # XLA compilations requested in this process (cache hits included)
+# XLA compilations in this process (cache hits included): (the run's phase, the function's name).
+_COMPILES = {'phase': 'setup', 'log': []}
 
 
-def _count_compiles(event, *unused_args, **unused_kwargs):
+def _count_compiles(event, *unused_args, fun_name='', **unused_kwargs):
   if event == '/jax/core/compile/backend_compile_duration':
-    _COMPILES['total'] += 1
+    _COMPILES['log'].append((_COMPILES['phase'], fun_name))
+
+
+def _run_actions(run_spec: dict) -> list:
+  """An action that watches a run: training begins (phase 'first_save': the first checkpoint is yet to
+  be written), each checkpoint is written (phase 'after_first_save'), and the optional stop."""
+  from cifar_jax import loop  # pylint: disable=g-import-not-at-top
+
+  class Watch(loop.Action):
+    program = None
+
+    def start(self, run):
+      self.program = run.program
+      _COMPILES['phase'] = 'first_save'
+
+    def due(self, step):  # where the run checkpoints (make_config: every 3 steps and every epoch)
+      return step % 3 == 0 or step % self.program.steps_per_epoch == 0
+
+    def __call__(self, run):  # after the checkpoint of this step (the default actions run first)
+      _COMPILES['phase'] = 'after_first_save'
+      if run_spec.get('stop') and run.step == STOP_AT_STEP:
+        raise _Stop()
+
+  return [Watch()]
 
 
 def _run_one(run: dict) -> dict:
   """Trains one run of a spec; returns its errors, compilation count and final state file."""
   import jax  # pylint: disable=g-import-not-at-top
-  from cifar_jax import swa, train  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import train  # pylint: disable=g-import-not-at-top
 
   config = make_config(**run['config'])
   for field, value in run.get('distributed', {}).items():
     setattr(config.distributed, field, value)
   if run.get('resume_from'):
     shutil.copytree(run['resume_from'], run['workdir'])
-  at_epoch_start, in_saves, conv_batches = [], [], {}
-  # chex.assert_max_traces, counting: a function traced again would be compiled again.
-  traces = {'train_step': 0, 'eval_step': 0, 'recalibration_step': 0}
-  originals = {'train_step': train.train_step, 'eval_step': train.eval_step,
-               'recalibration_step': swa.recalibration_step}
-
-  def counted(name):
-    def fn(*args, **kwargs):
-      traces[name] += 1
-      return originals[name](*args, **kwargs)
-    return fn
-
-  original_bar, original_save = metrics_writer.ProgressBar.__init__, train.save_checkpoint
-  original_compile = parallel.Parallel.compile
-
-  def compile_and_inspect(self, fn, *args, **kwargs):
-    compiled = original_compile(self, fn, *args, **kwargs)
-    if self.mode == 'jit' and getattr(fn, 'func', None) in (train.train_steps_on_device_data,
-                                                            train.one_step_on_device_data):
-      # The batch sizes the stem convolution (8 channels at 32 x 32) sees on each device.
-      conv_batches[fn.keywords['size']] = sorted(
-          {int(b) for b in re.findall(r'f32\[(\d+),32,32,8\]', compiled.as_text())})
-    return compiled
-
-  def bar_init(self, *args, **kwargs):
-    at_epoch_start.append(_COMPILES['total'] - sum(in_saves))
-    original_bar(self, *args, **kwargs)
-
-  def save_checkpoint(manager, state, acc, extra):
-    before = _COMPILES['total']
-    original_save(manager, state, acc, extra)
-    in_saves.append(_COMPILES['total'] - before)
-    if run.get('stop') and train._scalar(state.step) == STOP_AT_STEP:  # pylint: disable=protected-access
-      raise _Stop()
-
-  metrics_writer.ProgressBar.__init__, train.save_checkpoint = bar_init, save_checkpoint
-  parallel.Parallel.compile = compile_and_inspect
-  train.train_step, train.eval_step = counted('train_step'), counted('eval_step')
-  swa.recalibration_step = counted('recalibration_step')
+  _COMPILES.update(phase='setup', log=[])
+  actions = _run_actions(run)
   result = {'error': None, 'stopped': False}
   try:
-    state = train.train_and_evaluate(config, run['workdir'])
+    state = train.train_and_evaluate(config, run['workdir'], actions=actions)
   except config_lib.ConfigError as e:
     result['error'] = str(e)
     return result
   except _Stop:
     result['stopped'] = True
     return result
-  finally:
-    metrics_writer.ProgressBar.__init__, train.save_checkpoint = original_bar, original_save
-    parallel.Parallel.compile = original_compile
-    train.train_step, train.eval_step = originals['train_step'], originals['eval_step']
-    swa.recalibration_step = originals['recalibration_step']
-  # Orbax's first save of arrays replicated over several devices compiles its slicing, once.
-  end = _COMPILES['total'] - sum(in_saves)
-  result['compiles_while_training'] = end - at_epoch_start[0]
-  result['compiles_in_later_saves'] = sum(in_saves[1:])
-  result['conv_batches'] = conv_batches
-  result['traces'] = traces
+  program = actions[0].program
+  # Orbax's first save of arrays replicated over several devices compiles its slicing ('jit(slice)',
+  # once per array shape); nothing else may compile once training runs, and nothing after that save.
+  first = [name for phase, name in _COMPILES['log'] if phase == 'first_save']
+  later = [name for phase, name in _COMPILES['log'] if phase == 'after_first_save']
+  result['compiles_while_training'] = sum(name != 'jit(slice)' for name in first) + len(later)
+  result['compiles_in_later_saves'] = len(later)
+  result['compiled_while_training'] = sorted(set(first + later))
+  if program.par.mode == 'jit':
+    # The batch sizes the stem convolution (8 channels at 32 x 32) sees on each device.
+    result['conv_batches'] = {
+        size: sorted({int(b) for b in re.findall(r'f32\[(\d+),32,32,8\]', compiled.as_text())})
+        for size, compiled in program.train.items()}
+  result['traces'] = dict(program.traces)
   arrays = {'params': state.params, 'batch_stats': state.batch_stats, 'swa_params': state.swa_params,
             'swa_batch_stats': state.swa_batch_stats, 'momentum': state.opt_state.inner_state[1].trace}
-  if run.get('check_recalibration'):  # on one device: the reference pass of cifar_jax/swa.py
-    arrays['reference_swa_batch_stats'] = _reference_recalibration(config, state)
   host = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), arrays)
   flat = {jax.tree_util.keystr(path): value for path, value in jax.tree_util.tree_leaves_with_path(host)}
   result['final'] = os.path.join(run['workdir'], f'final_{jax.process_index()}.npz')
   np.savez(result['final'], **flat)
   return result
-
-
-def _reference_recalibration(config, state):
-  """swa.recalibrate_batch_stats over the last epoch, as the trainer's recalibration should be."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from cifar_jax import input_pipeline, swa, train  # pylint: disable=g-import-not-at-top
-
-  dataset = input_pipeline.load_dataset(config.data, config.seed)
-  data_key = train.run_keys(config.seed)[1]
-  return swa.recalibrate_batch_stats(
-      train.create_model(config.model), state.swa_params, state.batch_stats,
-      jax.device_put(dataset.train_images), jax.device_put(dataset.train_labels),
-      jax.random.fold_in(data_key, train.RECALIBRATION_SALT), epoch=config.num_epochs - 1,
-      batch_size=config.batch_size, drop_remainder=config.data.drop_remainder,
-      augment=config.swa.recalibration_augment)
 
 
 def _worker(spec_path: str) -> None:
@@ -238,7 +212,7 @@ def runs(tmp_path_factory):
   # Two rounds of two concurrent processes; the second round resumes the first round's checkpoints.
   one, four = _wait(
       _spawn([
-          {'name': 'one', 'workdir': wd('one'), 'config': swa('jit'), 'check_recalibration': True},
+          {'name': 'one', 'workdir': wd('one'), 'config': swa('jit')},
           {'name': 'one_202', 'workdir': wd('one_202'), 'config': uneven},
           {'name': 'one_202_stopped', 'workdir': wd('one_202_stopped'), 'config': uneven,
            'stop': True},
@@ -261,17 +235,10 @@ def runs(tmp_path_factory):
   return results
 
 
-REFERENCE = "['reference_swa_batch_stats']"
-
-
-def _final(result, reference: bool = False) -> dict:
-  """The final state's arrays by key path; or (`reference`) the reference recalibration's."""
+def _final(result) -> dict:
+  """The final state's arrays by key path."""
   with np.load(result['final']) as f:
-    arrays = dict(f)
-  if reference:
-    return {k.replace(REFERENCE, "['swa_batch_stats']"): v for k, v in arrays.items()
-            if k.startswith(REFERENCE)}
-  return {k: v for k, v in arrays.items() if not k.startswith(REFERENCE)}
+    return dict(f)
 
 
 def _assert_states_close(actual, expected):
@@ -312,12 +279,12 @@ def test_jit_splits_each_batch_over_the_devices(runs):
   assert uneven['64'] == [16] and uneven['10'] == [10]
 
 
-def test_trainer_recalibration_is_swa_recalibrate_batch_stats(runs):
-  """The trainer's compiled, sharded BatchNorm pass equals cifar_jax/swa.py's reference pass."""
-  one, reference = _final(runs['one']), _final(runs['one'], reference=True)
-  assert len(reference) == 24  # mean and var of 12 BatchNorms
-  for key, value in reference.items():
-    np.testing.assert_allclose(one[key], value, err_msg=key, **TOLERANCE)
+def _expected_traces(swa_enabled: bool) -> dict:
+  """Traced once per batch size (64 and the last), eval once (and the SWA eval), nothing more."""
+  traces = {'permutation': 1, 'train': 2, 'eval': 1 + swa_enabled}
+  if swa_enabled:
+    traces.update(swa_update=1, recalibrate=2)
+  return traces
 
 
 def test_no_compilation_once_training_runs(runs):
@@ -330,9 +297,7 @@ def test_no_compilation_once_training_runs(runs):
     assert runs[name]['compiles_while_training'] == 0, name
     assert runs[name]['compiles_in_later_saves'] == 0, name
     swa_enabled = name in ('one', 'jit', 'pmap', 'pmap_resumed_on_one')
-    # Traced once per batch size (64 and the last), eval once (and the SWA eval), nothing more.
-    assert runs[name]['traces'] == {'train_step': 2, 'eval_step': 1 + swa_enabled,
-                                    'recalibration_step': 2 * swa_enabled}, name
+    assert runs[name]['traces'] == _expected_traces(swa_enabled), name
 
 
 def test_checkpoint_from_4_devices_continues_on_1(runs):
@@ -435,8 +400,7 @@ def test_two_processes_match_one_process(runs, tmp_path, config, reference):
   assert checkpoints(workdir) == checkpoints(runs[reference]['workdir'])
   swa_enabled = config.get('swa', False)
   for result in results:
-    assert result['traces'] == {'train_step': 2, 'eval_step': 1 + swa_enabled,
-                                'recalibration_step': 2 * swa_enabled}
+    assert result['traces'] == _expected_traces(swa_enabled)
     assert result['compiles_in_later_saves'] == 0
     # Across processes pmap cannot lower ahead: each function compiles at its first call, once.
     if config.get('parallelism') != 'pmap':

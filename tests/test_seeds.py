@@ -1,9 +1,10 @@
 """Many seeds in one run: k vmap-ed models equal k single-seed runs, differ from each other, resume exactly.
 
 Tolerance: seed i of a k = 3 run and the single run of `seed + i` draw the same batches from the same keys;
-only the float rounding of the vmap-ed (batched) convolutions differs. Measured after 8 SGD steps (200 images, 2 epochs) of the
-tiny ResNet9 the largest differences are 1.2e-7 on params and 2.4e-7 on BatchNorm statistics; the checks
-allow rtol 1e-5 + atol 1e-5, while a wrong key, batch or BatchNorm axis moves values by 1e-3 or more.
+only the float rounding of the vmap-ed (batched) convolutions differs. Measured after 8 SGD steps (200
+images, 2 epochs) of the tiny ResNet9 the largest differences are 1.2e-7 on params and 2.4e-7 on
+BatchNorm statistics; the checks allow rtol 1e-5 + atol 1e-5, while a wrong key, batch or BatchNorm
+axis moves values by 1e-3 or more.
 """
 
 import os
@@ -20,10 +21,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # also run as a script: the two-device subprocess
   sys.path.insert(0, ROOT)
 
+import conftest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from cifar_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import checkpointing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 K = 3
@@ -53,22 +59,12 @@ def _tiny():
 
 @pytest.fixture(scope='module')
 def k_run(tmp_path_factory):
-  """A k = 3 run (seeds 0, 1, 2), with the number of times train_step was traced."""
+  """A k = 3 run (seeds 0, 1, 2), with the number of times its train call was traced."""
   config = _config(_tiny(), K)
   workdir = str(tmp_path_factory.mktemp('seeds') / 'k3')
-  traces = []
-  original = train.train_step
-
-  def counted(*args, **kwargs):
-    traces.append(1)
-    return original(*args, **kwargs)
-
-  train.train_step = counted
-  try:
-    state = train.train_and_evaluate(config, workdir)
-  finally:
-    train.train_step = original
-  return {'config': config, 'workdir': workdir, 'state': state, 'traces': len(traces)}
+  keep = conftest.KeepProgram()
+  state = train.train_and_evaluate(config, workdir, actions=[keep])
+  return {'config': config, 'workdir': workdir, 'state': state, 'traces': keep.program.traces['train']}
 
 
 def test_k_seeds_equal_k_single_runs(k_run, tiny_config, tmp_path):
@@ -93,17 +89,17 @@ def test_k_seeds_equal_k_single_runs(k_run, tiny_config, tmp_path):
 
 def test_seeds_differ_in_init_and_data_order(k_run):
   config = k_run['config']
-  lr_fn, momentum_fn = train.create_schedules(config, 4)
-  initial = train.create_seed_states(config, train.create_model(config.model), lr_fn, momentum_fn)
+  lr_fn, momentum_fn = builders.create_schedules(config, 4)
+  initial = builders.create_seed_states(config, builders.create_model(config.model), lr_fn, momentum_fn)
   kernels = np.asarray(initial.params['conv1']['kernel'])
   final = np.asarray(k_run['state'].params['conv1']['kernel'])
-  perms = [np.asarray(input_pipeline.epoch_permutation(train.run_keys(i)[1], 0, 192)) for i in range(K)]
+  perms = [np.asarray(input_pipeline.epoch_permutation(builders.run_keys(i)[1], 0, 192)) for i in range(K)]
   for a in range(K):
     for b in range(a + 1, K):
       assert not np.allclose(kernels[a], kernels[b]) and not np.allclose(final[a], final[b])
       assert not np.array_equal(perms[a], perms[b])
   # Seed i's initialisation is the single run's: init from run_keys(seed + i).
-  single = train.create_train_state(train.run_keys(1)[0], config, train.create_model(config.model),
+  single = builders.create_train_state(builders.run_keys(1)[0], config, builders.create_model(config.model),
                                     lr_fn, momentum_fn)
   np.testing.assert_array_equal(kernels[1], single.params['conv1']['kernel'])
 
@@ -121,24 +117,12 @@ def test_metrics_hold_each_seed_mean_and_sample_std(k_run):
   assert records[0]['learning_rate'] == pytest.approx(0.1)
 
 
-def test_resume_mid_epoch_is_exact_and_refuses_another_num_seeds(k_run, tmp_path, monkeypatch):
+def test_resume_mid_epoch_is_exact_and_refuses_another_num_seeds(k_run, tmp_path):
   """Stopped after the mid-epoch checkpoint at step 4 and resumed: bitwise the uninterrupted k-run."""
-  original = train.save_checkpoint
-
-  class Crash(Exception):
-    pass
-
-  def save_then_crash(manager, state, acc, extra):
-    original(manager, state, acc, extra)
-    if train._scalar(state.step) == 4:  # pylint: disable=protected-access
-      raise Crash()
-
   config = k_run['config']
   workdir = str(tmp_path / 'crashed')
-  monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
-  with pytest.raises(Crash):
-    train.train_and_evaluate(config, workdir)
-  monkeypatch.setattr(train, 'save_checkpoint', original)
+  with pytest.raises(conftest.Crash):
+    train.train_and_evaluate(config, workdir, actions=[conftest.StopAfter(4)])
 
   other = config.copy_and_resolve_references()
   other.num_seeds = 2
@@ -160,17 +144,17 @@ def test_resume_mid_epoch_is_exact_and_refuses_another_num_seeds(k_run, tmp_path
 def test_vmapped_train_step_traces_once_and_is_each_seeds_step(tiny_config):
   """train_step vmap-ed over stacked states and per-seed batches: one trace, seed i's own step."""
   tiny_config.num_seeds = K
-  model = train.create_model(tiny_config.model)
-  lr_fn, momentum_fn = train.create_schedules(tiny_config, 4)
-  states = train.create_seed_states(tiny_config, model, lr_fn, momentum_fn)
+  model = builders.create_model(tiny_config.model)
+  lr_fn, momentum_fn = builders.create_schedules(tiny_config, 4)
+  states = builders.create_seed_states(tiny_config, model, lr_fn, momentum_fn)
   images = jax.random.normal(jax.random.PRNGKey(1), (K, 8, 32, 32, 3))
   labels = jnp.arange(K * 8).reshape(K, 8) % 10
-  step = jax.jit(jax.vmap(chex.assert_max_traces(train.train_step, n=1)))
+  step = jax.jit(jax.vmap(chex.assert_max_traces(steps.train_step, n=1)))
   for _ in range(2):
     states, _ = step(states, (images, labels))  # no retrace
-  single = train.create_train_state(train.run_keys(2)[0], tiny_config, model, lr_fn, momentum_fn)
+  single = builders.create_train_state(builders.run_keys(2)[0], tiny_config, model, lr_fn, momentum_fn)
   for _ in range(2):
-    single, _ = jax.jit(train.train_step)(single, (images[2], labels[2]))
+    single, _ = jax.jit(steps.train_step)(single, (images[2], labels[2]))
   chex.assert_trees_all_close(_seed(states.params, 2), single.params, **TOLERANCE)
   chex.assert_trees_all_close(_seed(states.batch_stats, 2), single.batch_stats, **TOLERANCE)
 
@@ -193,14 +177,14 @@ def test_unsupported_layouts_are_one_line_errors(tiny_config):
 
 def test_resuming_an_old_single_seed_run_is_not_a_change(tmp_path, tiny_config):
   """config.json of runs from before num_seeds existed: the absent fields count as their defaults."""
-  config_lib.save_config(tiny_config, str(tmp_path))
-  old = config_lib.saved_config(str(tmp_path))
+  checkpointing.save_config(tiny_config, str(tmp_path))
+  old = checkpointing.saved_config(str(tmp_path))
   for key in ('num_seeds', 'seed_devices'):
     del old[key]
   del old['data']['synthetic_seed']
-  assert config_lib.compare_with_saved(tiny_config, old) == ([], [])
+  assert checkpointing.compare_with_saved(tiny_config, old) == ([], [])
   tiny_config.num_seeds = 2
-  structural, _ = config_lib.compare_with_saved(tiny_config, old)
+  structural, _ = checkpointing.compare_with_saved(tiny_config, old)
   assert structural == ['num_seeds: 1 -> 2']
 
 

@@ -11,6 +11,7 @@ import functools
 import warnings
 
 import chex
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,19 +19,23 @@ import pytest
 
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
+from cifar_jax import program
 from cifar_jax import swa
 from cifar_jax import train
 
 torch = pytest.importorskip('torch')
-from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from cifar_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _models(tiny_config, seed=0):
   torch.manual_seed(seed)
   torch_model = torch_reference.create_torch_model(tiny_config.model)
   variables = torch_reference.torch_to_flax(torch_model.state_dict())
-  return torch_model, train.create_model(tiny_config.model), variables
+  return torch_model, builders.create_model(tiny_config.model), variables
 
 
 def _batches(n, size=8, seed=0):
@@ -94,7 +99,7 @@ def test_recalibrate_batch_stats_over_training_batches(tiny_config):
   torch_model, model, variables = _models(tiny_config)
   data = input_pipeline.load_dataset(tiny_config.data, 0)
   key = jax.random.PRNGKey(3)
-  stats = swa.recalibrate_batch_stats(
+  stats = program.recalibrate_batch_stats(
       model, variables['params'], variables['batch_stats'], jnp.asarray(data.train_images),
       jnp.asarray(data.train_labels), key, epoch=5, batch_size=64)
   # The same batches, made with the same functions on the host side.
@@ -110,7 +115,7 @@ def test_recalibrate_batch_stats_over_training_batches(tiny_config):
   expected = torch_reference.torch_to_flax(torch_model.state_dict())['batch_stats']
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), stats, expected)
   # GroupNorm models have nothing to recalibrate.
-  assert swa.recalibrate_batch_stats(model, variables['params'], {}, None, jnp.zeros(4), key,
+  assert program.recalibrate_batch_stats(model, variables['params'], {}, None, jnp.zeros(4), key,
                                      epoch=0, batch_size=2) == {}
 
 
@@ -120,8 +125,8 @@ def test_sgd_with_averaging_matches_torch(tiny_config):
   averaged = swa_utils.AveragedModel(torch_model)
   state = swa.init_swa(train.TrainState.create(
       apply_fn=model.apply, params=variables['params'], batch_stats=variables['batch_stats'],
-      tx=train.sgd(0.05, 0.9, 5e-4)))
-  step = jax.jit(train.train_step)
+      tx=builders.sgd(0.05, 0.9, 5e-4)))
+  step = jax.jit(steps.train_step)
   torch_model.train()
   for i, (x, y) in enumerate(_batches(6, seed=2)):
     opt.zero_grad()
@@ -147,7 +152,7 @@ def test_trainer_swa_lr_equals_torch_swalr(tiny_config, main):
   tiny_config.num_epochs = epochs
   tiny_config.schedule.name = main
   tiny_config.swa.update(enabled=True, start_epoch=start, schedule='swa_lr', lr=0.01, anneal_epochs=2)
-  lr_fn, _ = train.create_schedules(tiny_config, spe)
+  lr_fn, _ = builders.create_schedules(tiny_config, spe)
   param = torch.nn.Parameter(torch.zeros(1))
   opt = torch.optim.SGD([param], lr=tiny_config.optimizer.lr, momentum=0.9)
   if main == 'cosine':
@@ -179,11 +184,7 @@ def _swa_config(tiny_config):
   return tiny_config
 
 
-class _Crash(Exception):
-  pass
-
-
-def test_swa_run_resumes_mid_swa_exactly(tiny_config, tmp_path, monkeypatch):
+def test_swa_run_resumes_mid_swa_exactly(tiny_config, tmp_path):
   config = _swa_config(tiny_config)
   config.checkpoint_every_steps = 3
   straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
@@ -196,17 +197,8 @@ def test_swa_run_resumes_mid_swa_exactly(tiny_config, tmp_path, monkeypatch):
   assert evaluated['swa_eval_accuracy'] == records[-1]['swa_eval_accuracy']
   assert evaluated['swa_eval_loss'] == records[-1]['swa_eval_loss']
 
-  original = train.save_checkpoint
-
-  def save_then_crash(manager, state, acc, extra):
-    original(manager, state, acc, extra)
-    if int(state.step) == 15:  # mid epoch 4 (4 steps per epoch), after one SWA update
-      raise _Crash()
-
-  monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
-  with pytest.raises(_Crash):
-    train.train_and_evaluate(config, str(tmp_path / 'crashed'))
-  monkeypatch.setattr(train, 'save_checkpoint', original)
+  with pytest.raises(conftest.Crash):  # mid epoch 4 (4 steps per epoch), after one SWA update
+    train.train_and_evaluate(config, str(tmp_path / 'crashed'), actions=[conftest.StopAfter(15)])
   resumed = train.train_and_evaluate(config, str(tmp_path / 'crashed'))
   for field in ('params', 'swa_params', 'swa_batch_stats', 'swa_count', 'opt_state'):
     chex.assert_trees_all_equal(getattr(resumed, field), getattr(straight, field))

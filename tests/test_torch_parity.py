@@ -21,8 +21,10 @@ import pytest
 
 torch = pytest.importorskip('torch')
 
+from cifar_jax import builders
 from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from cifar_jax import models
+from cifar_jax import steps
 from cifar_jax import torch_reference
 from configs import smoke
 
@@ -398,14 +400,14 @@ SCHEDULE_CASES = {
 @pytest.mark.parametrize('case', sorted(SCHEDULE_CASES))
 def test_torch_schedulers_match_the_jax_schedules(case):
   """torch's lr (and momentum) at every optimizer step equals the JAX trainer's, cast to float32."""
-  from cifar_jax import train  # pylint: disable=g-import-not-at-top
+
 
   config = smoke.get_config()
   config.num_epochs, spe = 10, 7
   config.schedule.name = case
   config.schedule.update(SCHEDULE_CASES[case])
   lrs, momenta = torch_reference.torch_schedule_table(config, spe)
-  lr_fn, momentum_fn = train.create_schedules(config, spe)
+  lr_fn, momentum_fn = builders.create_schedules(config, spe)
   num_steps = config.num_epochs * spe
   np.testing.assert_array_equal(lrs.astype(np.float32), lr_fn.table(num_steps))
   if momentum_fn is None:
@@ -423,7 +425,7 @@ TRAJECTORY_RTOL = 1e-4
 def test_jax_train_steps_follow_torch_identical_mode():
   """20 steps of the trainer's jitted step, same initial weights and 'identical' batches, one-cycle lr
   and momentum changing every step: loss at every step, params and BN statistics at the end."""
-  from cifar_jax import train  # pylint: disable=g-import-not-at-top
+
 
   config = smoke.get_config()
   config.num_epochs, config.batch_size = 4, 8
@@ -440,21 +442,21 @@ def test_jax_train_steps_follow_torch_identical_mode():
   scheduler = torch_reference.create_torch_scheduler(optimizer, config.schedule, config.num_epochs, spe)
   after_batch, after_epoch = torch_reference.scheduler_hooks(scheduler, config.schedule, spe)
 
-  lr_fn, momentum_fn = train.create_schedules(config, spe)
-  state = train.create_train_state(jax.random.key(0), config, train.create_model(config.model), lr_fn,
-                                   momentum_fn)
+  lr_fn, momentum_fn = builders.create_schedules(config, spe)
+  state = builders.create_train_state(jax.random.key(0), config, builders.create_model(config.model),
+                                      lr_fn, momentum_fn)
   state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
   data_key = torch_reference.jax_data_key(config.seed)
-  step_fn = functools.partial(train.train_step_on_device_data, steps_per_epoch=spe,
+  step_fn = functools.partial(steps.train_step_on_device_data, steps_per_epoch=spe,
                               batch_size=config.batch_size, augment=True)
   jitted = {size: jax.jit(functools.partial(step_fn, size=size)) for size in (8, 4)}
-  steps = 0
+  taken = 0
   for epoch in range(config.num_epochs):
     perm = input_pipeline.epoch_permutation(data_key, epoch, n)
     batches = torch_reference.torch_batches(dataset, config, epoch, 'identical')
     for i, (x, y) in enumerate(batches):
       size = min(config.batch_size, n - i * config.batch_size)
-      acc = train.init_train_metrics()
+      acc = steps.init_train_metrics()
       state, acc = jitted[size](state, acc, dataset.train_images, dataset.train_labels, perm, data_key)
       model.train()
       loss = torch.nn.functional.cross_entropy(model(x), y)
@@ -463,9 +465,9 @@ def test_jax_train_steps_follow_torch_identical_mode():
       optimizer.step()
       after_batch(epoch, i)
       assert rel_err(float(acc['loss_sum']) / size, loss.item()) < TRAJECTORY_RTOL
-      steps += 1
+      taken += 1
     after_epoch(None)
-  assert steps == 20
+  assert taken == 20
   want = torch_reference.torch_to_flax(model.state_dict())
   # Per element: relative 1e-4, plus 1e-5 absolute for tensors that stay near zero (BN biases start at 0,
   # and a tensor of size 1e-3 makes any relative measure of its rounding noise large).

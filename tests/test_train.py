@@ -6,13 +6,17 @@ import subprocess
 import sys
 
 import chex
+import conftest
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cifar_jax import builders
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
+from cifar_jax import program
+from cifar_jax import steps
 from cifar_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,9 +24,9 @@ TIMING_KEYS = ('images_per_second', 'elapsed_seconds', 'compile_seconds')
 
 
 def _state(config, steps_per_epoch=4):
-  model = train.create_model(config.model)
-  lr_fn, momentum_fn = train.create_schedules(config, steps_per_epoch)
-  return train.create_train_state(jax.random.PRNGKey(0), config, model, lr_fn, momentum_fn)
+  model = builders.create_model(config.model)
+  lr_fn, momentum_fn = builders.create_schedules(config, steps_per_epoch)
+  return builders.create_train_state(jax.random.PRNGKey(0), config, model, lr_fn, momentum_fn)
 
 
 def test_train_step_updates_params_and_batch_stats(tiny_config):
@@ -32,7 +36,7 @@ def test_train_step_updates_params_and_batch_stats(tiny_config):
   assert sum(x.size for x in jax.tree.leaves(state.params)) == 78_002
   x = jax.random.normal(jax.random.PRNGKey(1), (8, 32, 32, 3))
   y = jnp.arange(8) % 10
-  step = jax.jit(chex.assert_max_traces(train.train_step, n=1))
+  step = jax.jit(chex.assert_max_traces(steps.train_step, n=1))
   new_state, metrics = step(state, (x, y))
   new_state, metrics = step(new_state, (x, y))  # no retrace
   assert int(new_state.step) == 2
@@ -46,7 +50,7 @@ def test_train_step_updates_params_and_batch_stats(tiny_config):
 
 def test_sgd_is_torch_sgd_with_coupled_weight_decay():
   """p -= lr * buf, buf = mu * buf + (g + wd * p): torch's SGD algebra, by hand."""
-  tx = train.sgd(learning_rate=0.1, momentum=0.9, weight_decay=0.01)
+  tx = builders.sgd(learning_rate=0.1, momentum=0.9, weight_decay=0.01)
   p = {'w': jnp.asarray([1.0, -2.0])}
   opt_state = tx.init(p)
   buf = np.zeros(2)
@@ -62,7 +66,7 @@ def test_sgd_is_torch_sgd_with_coupled_weight_decay():
 def test_eval_masks_padding():
   images = np.zeros((5, 32, 32, 3), np.uint8)
   labels = np.arange(5, dtype=np.int32)
-  x, y, m = train.batched_eval_arrays(images, labels, 2)
+  x, y, m = steps.batched_eval_arrays(images, labels, 2)
   assert x.shape == (3, 2, 32, 32, 3) and m.sum() == 5 and m[-1, -1] == 0
 
 
@@ -89,27 +93,13 @@ def test_end_to_end_writes_metrics_checkpoints_and_resumes(tiny_config, tmp_path
   assert len(metrics_writer.read_metrics(workdir)) == 2
 
 
-class _Crash(Exception):
-  pass
-
-
-def test_resume_mid_epoch_is_exact(tiny_config, tmp_path, monkeypatch):
+def test_resume_mid_epoch_is_exact(tiny_config, tmp_path):
   """A run stopped after a mid-epoch checkpoint ends bitwise equal to an uninterrupted one."""
   tiny_config.checkpoint_every_steps = 3
   straight = train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
-
-  original = train.save_checkpoint
-
-  def save_then_crash(manager, state, acc, extra):
-    original(manager, state, acc, extra)
-    if int(state.step) == 6:  # mid epoch 2 (4 steps per epoch)
-      raise _Crash()
-
-  monkeypatch.setattr(train, 'save_checkpoint', save_then_crash)
   workdir = str(tmp_path / 'crashed')
-  with pytest.raises(_Crash):
-    train.train_and_evaluate(tiny_config, workdir)
-  monkeypatch.setattr(train, 'save_checkpoint', original)
+  with pytest.raises(conftest.Crash):
+    train.train_and_evaluate(tiny_config, workdir, actions=[conftest.StopAfter(6)])  # mid epoch 2
   resumed = train.train_and_evaluate(tiny_config, workdir)
   chex.assert_trees_all_equal(resumed.params, straight.params)
   chex.assert_trees_all_equal(resumed.batch_stats, straight.batch_stats)
@@ -152,34 +142,25 @@ def test_cli_overrides_and_user_errors(tmp_path):
 
 def test_steps_in_call_stops_where_the_host_acts():
   every_4 = lambda done: done % 4 == 0
-  assert train.steps_in_call(0, limit=10, max_steps=8, host_acts_after=every_4) == 4
-  assert train.steps_in_call(4, limit=10, max_steps=8, host_acts_after=every_4) == 4
-  assert train.steps_in_call(8, limit=10, max_steps=8, host_acts_after=every_4) == 2  # the limit
-  assert train.steps_in_call(1, limit=10, max_steps=2, host_acts_after=lambda done: False) == 2
-  assert train.steps_in_call(5, limit=10, max_steps=1, host_acts_after=lambda done: False) == 1
+  assert program.steps_in_call(0, limit=10, max_steps=8, host_acts_after=every_4) == 4
+  assert program.steps_in_call(4, limit=10, max_steps=8, host_acts_after=every_4) == 4
+  assert program.steps_in_call(8, limit=10, max_steps=8, host_acts_after=every_4) == 2  # the limit
+  assert program.steps_in_call(1, limit=10, max_steps=2, host_acts_after=lambda done: False) == 2
+  assert program.steps_in_call(5, limit=10, max_steps=1, host_acts_after=lambda done: False) == 1
 
 
-def test_several_steps_per_call_equal_one_step_per_call(tiny_config, tmp_path, monkeypatch):
+def test_several_steps_per_call_equal_one_step_per_call(tiny_config, tmp_path):
   """K steps per call run the same steps: the same params, metrics and checkpoints as one per call."""
   tiny_config.num_epochs = 2  # 4 steps an epoch, the last one a partial batch
   tiny_config.steps_per_dispatch = 1
   one = train.train_and_evaluate(tiny_config, str(tmp_path / 'one'))
-  calls = []
-  original = train.train_steps_on_device_data
-
-  def counting(*args, **kwargs):
-    calls.append(args[6])  # num_steps, traced: counts traces, not calls
-    return original(*args, **kwargs)
-
-  monkeypatch.setattr(train, 'train_steps_on_device_data', counting)
-  call_sizes = []
-  original_steps_in_call = train.steps_in_call
-  monkeypatch.setattr(train, 'steps_in_call',
-                      lambda *a: call_sizes.append(original_steps_in_call(*a)) or call_sizes[-1])
   tiny_config.steps_per_dispatch = 8
-  several = train.train_and_evaluate(tiny_config, str(tmp_path / 'several'))
-  assert len(calls) == 2  # one compilation per batch size (full and partial), for any step count
-  assert call_sizes == [3, 3]  # each epoch: its 3 full batches in one call, then the partial one alone
+  keep = conftest.KeepProgram()
+  several = train.train_and_evaluate(tiny_config, str(tmp_path / 'several'), actions=[keep])
+  # one compilation per batch size (full and partial), for any step count
+  assert keep.program.traces['train'] == 2
+  # each epoch: its 3 full batches in one call, then the partial one alone
+  assert keep.program.calls == [3, 1, 3, 1]
   chex.assert_trees_all_close(several.params, one.params, rtol=1e-6, atol=1e-7)
   chex.assert_trees_all_close(several.batch_stats, one.batch_stats, rtol=1e-6, atol=1e-7)
   assert int(several.step) == int(one.step) == 8
@@ -196,9 +177,9 @@ def test_several_steps_per_call_equal_one_step_per_call(tiny_config, tmp_path, m
 
 def test_auto_steps_per_dispatch(tiny_config):
   assert tiny_config.steps_per_dispatch == 0
-  assert train.steps_per_dispatch(tiny_config) == (
-      train.CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' else 1)
-  assert train.steps_per_dispatch(tiny_config, num_devices=2) == 1
-  assert train.dispatch_fn(1) is train.one_step_on_device_data
+  assert program.steps_per_dispatch(tiny_config) == (
+      program.CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' else 1)
+  assert program.steps_per_dispatch(tiny_config, num_devices=2) == 1
+  assert program.dispatch_fn(1) is steps.one_step_on_device_data
   tiny_config.steps_per_dispatch = 3
-  assert train.steps_per_dispatch(tiny_config) == 3
+  assert program.steps_per_dispatch(tiny_config) == 3

@@ -1,0 +1,291 @@
+"""Config -> objects: the run's keys, model, optimizer, schedules (one registry), plateau controllers and
+the initial train state of every seed.
+
+Nothing here is compiled; `program.Program` compiles the steps over what these build.
+"""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from cifar_jax import models
+from cifar_jax import onednn_conv
+from cifar_jax import schedules
+from cifar_jax import steps
+from cifar_jax import swa
+from cifar_jax.errors import ConfigError
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init_key, data_key) of a run: the params' initialisation, and every batch's order and augmentation."""
+  init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+  return init_key, data_key
+
+
+def seed_data_keys(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
+  """(data_key, recalibration_key) of each seed, per seed (`steps.per_seed`): seed i uses seed + i."""
+  data_keys = [run_keys(config.seed + i)[1] for i in range(config.num_seeds)]
+  return (steps.per_seed(data_keys),
+          steps.per_seed([jax.random.fold_in(k, steps.RECALIBRATION_SALT) for k in data_keys]))
+
+
+# The model ----------------------------------------------------------------------------------------------
+
+
+def conv_impl(model_config: ml_collections.ConfigDict, num_devices: int = 1, mode: str = 'jit') -> str:
+  """The convolutions `model_config.conv` asks for, 'xla' or 'onednn', in a run over `num_devices`.
+
+  'auto' takes oneDNN's (`onednn_conv`, faster than XLA:CPU's own: BENCHMARKS.md) on a one-device CPU
+  run where they build, and XLA's on GPUs, over several devices (every oneDNN call already uses all the
+  cores) and where oneDNN or a compiler is missing. 'onednn' insists, and says why it cannot: jit cannot
+  split a oneDNN call over several devices (pmap runs one per device).
+  """
+  choice = model_config.get('conv', 'auto')
+  if choice == 'xla':
+    return 'xla'
+  if choice == 'onednn':
+    if mode == 'jit' and num_devices > 1:
+      raise ConfigError(
+          "model.conv='onednn' runs on one device under jit (or under pmap); set cpu_devices=1 or "
+          "model.conv='auto'")
+    try:
+      onednn_conv.load()
+    except RuntimeError as e:
+      raise ConfigError(f"model.conv='onednn': {e}; use model.conv='auto' or 'xla'") from e
+    return 'onednn'
+  return 'onednn' if num_devices == 1 and onednn_conv.available() else 'xla'
+
+
+def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, mode: str = 'jit',
+                 **kwargs) -> models.ResNet:
+  """The ResNet that `config.model` describes, for a run over `num_devices` (see `conv_impl`)."""
+  return models.create_model(
+      model_config.name, width_multiplier=model_config.width_multiplier, norm=model_config.norm,
+      zero_init_residual=model_config.zero_init_residual, dtype=DTYPES[model_config.dtype],
+      conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
+
+
+def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
+  """Initial params and batch stats ({} for GroupNorm models)."""
+  variables = model.init(key, jnp.ones((1, 32, 32, 3), jnp.float32), train=False)
+  return variables['params'], variables.get('batch_stats', {})
+
+
+# The optimizer and the initial state ---------------------------------------------------------------------
+
+
+def sgd(learning_rate, momentum, weight_decay, nesterov=False) -> optax.GradientTransformation:
+  """torch.optim.SGD: weight decay added to the gradient, then momentum, then the learning rate."""
+  return optax.chain(
+      optax.add_decayed_weights(weight_decay),
+      optax.trace(decay=momentum, nesterov=nesterov),
+      optax.scale_by_learning_rate(learning_rate))
+
+
+def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn,
+                     momentum_fn=None) -> optax.GradientTransformation:
+  """SGD whose lr and momentum (floats or schedules of the step) are logged in the optimizer state."""
+  opt = config.optimizer
+  return optax.inject_hyperparams(sgd, static_args=('nesterov',))(
+      learning_rate=learning_rate_fn,
+      momentum=opt.momentum if momentum_fn is None else momentum_fn,
+      weight_decay=opt.weight_decay, nesterov=opt.nesterov)
+
+
+def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model: models.ResNet,
+                       learning_rate_fn, momentum_fn=None) -> steps.TrainState:
+  """A fresh TrainState for `model`."""
+  params, batch_stats = initialized(key, model)
+  tx = create_optimizer(config, learning_rate_fn, momentum_fn)
+  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  if config.swa.enabled:
+    state = swa.init_swa(state)
+  return state
+
+
+def create_seed_states(config: ml_collections.ConfigDict, model: models.ResNet, learning_rate_fn,
+                       momentum_fn=None) -> steps.TrainState:
+  """The fresh TrainState of each of `config.num_seeds` seeds (seed i: `run_keys(seed + i)`), per seed.
+
+  Each seed is initialised exactly as its single-seed run is (eagerly, from its own key), then stacked
+  (`steps.per_seed`: one seed is the state itself).
+  """
+  return steps.per_seed([
+      create_train_state(run_keys(config.seed + i)[0], config, model, learning_rate_fn, momentum_fn)
+      for i in range(config.num_seeds)])
+
+
+def create_initial_state(config: ml_collections.ConfigDict, model: models.ResNet,
+                         run_schedules: 'RunSchedules'):
+  """(state, metric sums) of every seed at step 0, per seed."""
+  state = create_seed_states(config, model, run_schedules.learning_rate, run_schedules.momentum)
+  return state, steps.per_seed([steps.init_train_metrics()] * config.num_seeds)
+
+
+# Schedules ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleSpec:
+  """How `schedule.name` is built: `build(s, lr, steps_per_epoch, run_length, spe)` -> (lr, momentum).
+
+  `spe` is steps_per_epoch when the schedule steps per epoch, else None; `run_length` is the main
+  schedule's length in scheduler steps. `step_every` is how often the blog stepped torch's scheduler.
+  """
+
+  build: Callable
+  step_every: str
+
+
+def _multistep(s, lr, steps_per_epoch, run_length, spe):
+  del steps_per_epoch, run_length
+  return schedules.multistep_lr(lr, list(s.milestones), s.gamma, steps_per_epoch=spe), None
+
+
+def _step(s, lr, steps_per_epoch, run_length, spe):
+  del steps_per_epoch, run_length
+  return schedules.step_lr(lr, s.step_size, s.gamma, steps_per_epoch=spe), None
+
+
+def _cosine(s, lr, steps_per_epoch, run_length, spe):
+  del steps_per_epoch
+  t_max = s.T_max if s.T_max > 0 else run_length
+  return schedules.cosine_annealing_lr(lr, t_max, s.eta_min, steps_per_epoch=spe), None
+
+
+def _warm_restarts(s, lr, steps_per_epoch, run_length, spe):
+  del steps_per_epoch, run_length
+  return schedules.cosine_annealing_warm_restarts(
+      lr, s.T_0, s.T_mult, s.eta_min, steps_per_epoch=spe, fractional=s.fractional), None
+
+
+def _cyclic(s, lr, steps_per_epoch, run_length, spe):
+  del run_length, spe
+  up = s.step_size_up_epochs * steps_per_epoch if s.step_size_up_epochs > 0 else s.step_size_up
+  kwargs = dict(step_size_up=up, step_size_down=s.step_size_down if s.step_size_down > 0 else None,
+                mode=s.mode, gamma=s.gamma)
+  momentum_fn = None
+  if s.cycle_momentum:
+    momentum_fn = schedules.cyclic_momentum(lr, s.max_lr, **kwargs, base_momentum=s.base_momentum,
+                                            max_momentum=s.max_momentum)
+  return schedules.cyclic_lr(lr, s.max_lr, **kwargs), momentum_fn
+
+
+def _one_cycle(s, lr, steps_per_epoch, run_length, spe):
+  del lr, steps_per_epoch, spe
+  kwargs = dict(total_steps=s.total_steps if s.total_steps > 0 else run_length,
+                pct_start=s.pct_start, anneal_strategy=s.anneal_strategy, div_factor=s.div_factor,
+                final_div_factor=s.final_div_factor, three_phase=s.three_phase)
+  momentum_fn = None
+  if s.cycle_momentum:
+    momentum_fn = schedules.one_cycle_momentum(s.max_lr, **kwargs, base_momentum=s.base_momentum,
+                                               max_momentum=s.max_momentum)
+  return schedules.one_cycle_lr(s.max_lr, **kwargs), momentum_fn
+
+
+def _constant(s, lr, steps_per_epoch, run_length, spe):
+  del s, steps_per_epoch, run_length, spe
+  return schedules.constant_lr(lr), None
+
+
+# Per epoch for MultiStep, Step, cosine and warm restarts, per batch for cyclic and one-cycle (the blog).
+SCHEDULES = {
+    'multistep': ScheduleSpec(_multistep, 'epoch'),
+    'step': ScheduleSpec(_step, 'epoch'),
+    'cosine': ScheduleSpec(_cosine, 'epoch'),
+    'warm_restarts': ScheduleSpec(_warm_restarts, 'epoch'),
+    'cyclic': ScheduleSpec(_cyclic, 'batch'),
+    'one_cycle': ScheduleSpec(_one_cycle, 'batch'),
+    'constant': ScheduleSpec(_constant, 'epoch'),
+    'plateau': ScheduleSpec(_constant, 'epoch'),  # the host rewrites the lr (`create_plateaus`)
+}
+SCHEDULE_NAMES = tuple(SCHEDULES)
+
+
+def step_every(schedule_config) -> str:
+  """'epoch' or 'batch': how often torch's scheduler would be stepped."""
+  return schedule_config.step_every or SCHEDULES[schedule_config.name].step_every
+
+
+def main_schedule_epochs(config: ml_collections.ConfigDict) -> int:
+  """Epochs the main schedule spans: the whole run, or the epochs before SWA starts."""
+  return config.swa.start_epoch if config.swa.enabled else config.num_epochs
+
+
+def create_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int):
+  """The lr schedule and the momentum schedule (None: constant momentum) of `config`, torch-exact.
+
+  Both are functions of the optimizer update count with a device table over the run, so a jitted step
+  evaluates them without a host round trip.
+  """
+  s = config.schedule
+  if s.name not in SCHEDULES:
+    raise ConfigError(f'schedule.name must be one of {sorted(SCHEDULES)}, got {s.name!r}')
+  lr = config.optimizer.lr
+  num_steps = config.num_epochs * steps_per_epoch
+  main_epochs = main_schedule_epochs(config)
+  per_epoch = step_every(s) == 'epoch'
+  spe = steps_per_epoch if per_epoch else None
+  run_length = main_epochs if per_epoch else main_epochs * steps_per_epoch  # in scheduler steps
+  lr_fn, momentum_fn = SCHEDULES[s.name].build(s, lr, steps_per_epoch, run_length, spe)
+  if s.warmup_epochs > 0:
+    warmup = s.warmup_epochs if per_epoch else s.warmup_epochs * steps_per_epoch
+    lr_fn = schedules.sequential_lr(
+        [schedules.linear_lr(lr, s.warmup_start_factor, 1.0, warmup, steps_per_epoch=spe), lr_fn],
+        [s.warmup_epochs * steps_per_epoch])
+  if config.swa.enabled:
+    lr_fn, momentum_fn = _with_swa_phase(config, lr_fn, momentum_fn, steps_per_epoch)
+  lr_fn = lr_fn.with_horizon(num_steps)
+  momentum_fn = momentum_fn and momentum_fn.with_horizon(num_steps)
+  return lr_fn, momentum_fn
+
+
+def _with_swa_phase(config, lr_fn, momentum_fn, steps_per_epoch: int):
+  """From swa.start_epoch on: swa.lr (constant, or SWALR annealed from the main schedule's last lr).
+
+  This is torch's loop `for epoch: (if epoch >= start: swalr.step()); train; (if epoch < start:
+  scheduler.step())`: the main scheduler's last step happens before SWALR takes over, so SWALR anneals
+  from the main schedule's value at count start, and the first SWA epoch already runs at SWALR's first
+  step. Momentum returns to optimizer.momentum when the main schedule cycled it.
+  """
+  swa_config = config.swa
+  start = swa_config.start_epoch * steps_per_epoch
+  if swa_config.schedule == 'constant':
+    lr_fn = schedules.sequential_lr([lr_fn, schedules.constant_lr(swa_config.lr)], [start])
+  else:
+    lr_fn = schedules.swa_lr(swa_config.lr, swa_config.anneal_epochs, swa_config.anneal_strategy,
+                             start_lr=lr_fn, start_count=start, steps_per_epoch=steps_per_epoch,
+                             handover_count=start)
+  if momentum_fn is not None:
+    momentum_fn = schedules.sequential_lr(
+        [momentum_fn, schedules.constant_lr(config.optimizer.momentum)], [start])
+  return lr_fn, momentum_fn
+
+
+@dataclasses.dataclass
+class RunSchedules:
+  """What the optimizer reads: the lr (a schedule, or a float the host rewrites under ReduceLROnPlateau),
+  the momentum schedule (None: constant), and one plateau controller per seed (None: no plateau)."""
+
+  learning_rate: Any
+  momentum: Any
+  plateaus: list | None
+
+
+def create_run_schedules(config: ml_collections.ConfigDict, steps_per_epoch: int) -> RunSchedules:
+  """`create_schedules`, and for schedule.name='plateau' torch's controller for each seed."""
+  lr_fn, momentum_fn = create_schedules(config, steps_per_epoch)
+  if config.schedule.name != 'plateau':
+    return RunSchedules(lr_fn, momentum_fn, None)
+  s = config.schedule
+  plateaus = [schedules.PlateauController(
+      config.optimizer.lr, mode=s.plateau_mode, factor=s.factor, patience=s.patience,
+      threshold=s.threshold, threshold_mode=s.threshold_mode, cooldown=s.cooldown, min_lr=s.min_lr)
+              for _ in range(config.num_seeds)]
+  return RunSchedules(config.optimizer.lr, momentum_fn, plateaus)

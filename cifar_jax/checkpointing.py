@@ -1,0 +1,187 @@
+"""Checkpoints and the saved config: orbax save and restore (with the damaged-checkpoint fallback), the
+host-side state saved beside the arrays, `config.json` and the comparison a resumed run makes with it.
+
+A checkpoint holds the TrainState and the epoch's running metric sums as one pytree replicated over the
+devices (`parallel.Parallel.to_checkpoint_layout`), so it restores on any device count, and a JSON of host
+state (elapsed seconds, the plateau controllers).
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+
+from cifar_jax import builders
+from cifar_jax import steps
+from cifar_jax.errors import ConfigError
+
+CONFIG_FILE = 'config.json'
+
+
+def scalar(x) -> int:
+  """An integer from a host value or a (replicated, possibly multi-process) array; seeds: seed 0's."""
+  if isinstance(x, jax.Array):
+    x = x.addressable_shards[0].data
+  return int(np.asarray(x).reshape(-1)[0])
+
+
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                         enable_async_checkpointing=False)
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, acc, extra: dict) -> None:
+  """Saves the state, the epoch's running metric sums and host-side state (JSON) at `state.step`."""
+  step = scalar(state.step)
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave({'state': state, 'train_metrics': acc}),
+      extra=ocp.args.JsonSave(extra)), force=True)
+  manager.wait_until_finished()
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, acc):
+  """The newest readable checkpoint restored into the structure of (state, acc), or None if none exists.
+
+  orbax writes into a temporary folder and renames it when complete, so a checkpoint cut short by a kill
+  is never listed. One that is listed but damaged is skipped with a warning for the one before it.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
+    return None
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'state': state, 'train_metrics': acc})
+  errors, damaged = [], []
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning('Checkpoint at step %d is unreadable (%s: %s); trying an older one.', step,
+                      type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
+      errors.append(f'step {step}: {type(e).__name__}')
+      damaged.append(step)
+      continue
+    if errors:
+      _set_aside(manager, damaged)
+      logging.warning('Resumed from step %d; moved unreadable checkpoints %s to %s_damaged/', step,
+                      damaged, manager.directory)
+    return (restored['state']['state'], restored['state']['train_metrics'],
+            dict(restored['extra'] or {}))
+  raise ConfigError(
+      f'{manager.directory}: no readable checkpoint ({", ".join(errors)}); move the folder away to '
+      'start afresh')
+
+
+def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
+  """Moves damaged checkpoints out of the way (kept for inspection), so the run can save those steps."""
+  if jax.process_index() == 0:
+    aside = f'{manager.directory}_damaged'
+    os.makedirs(aside, exist_ok=True)
+    for step in steps:
+      os.replace(os.path.join(manager.directory, str(step)),
+                 os.path.join(aside, f'{step}_{int(time.time())}'))
+  manager.reload()
+
+
+def host_extra(plateaus, elapsed_seconds: float) -> dict:
+  """The host-side state a checkpoint keeps: the run's elapsed time and each plateau controller's state."""
+  extra = {'elapsed_seconds': elapsed_seconds}
+  if plateaus is not None:  # one seed: its controller's state; several: the list
+    states = [p.state_dict() for p in plateaus]
+    extra['plateau'] = states[0] if len(states) == 1 else states
+  return extra
+
+
+def load_plateaus(plateaus, extra: dict) -> None:
+  """Restores the plateau controllers saved by `host_extra`."""
+  if plateaus is not None and 'plateau' in extra:
+    saved = extra['plateau'] if len(plateaus) > 1 else [extra['plateau']]
+    for plateau, state_dict in zip(plateaus, saved):
+      plateau.load_state_dict(state_dict)
+
+
+def restore_state(config: ml_collections.ConfigDict, workdir: str,
+                  steps_per_epoch: int) -> steps.TrainState:
+  """The latest checkpoint of `workdir` as a TrainState for `config` (several seeds: stacked)."""
+  model = builders.create_model(config.model)
+  state, acc = builders.create_initial_state(
+      config, model, builders.create_run_schedules(config, steps_per_epoch))
+  restored = restore_checkpoint(checkpoint_manager(workdir, config), state, acc)
+  if restored is None:
+    raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
+  return restored[0]
+
+
+# The saved config -----------------------------------------------------------------------------------------
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes the config used to `workdir/config.json`."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  with open(path + '.tmp', 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  os.replace(path + '.tmp', path)
+
+
+# Fields whose change makes a checkpoint unusable (its arrays would not fit), and fields whose change a
+# resumed run should announce (it continues, but no longer as the run that was started).
+STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
+# Fields added after runs were saved without them: their value then, for the comparison.
+ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
+                   'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0}
+ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
+                      'swa.', 'parallelism')
+
+
+def _flatten(d: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in d.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + '.'))
+    else:
+      out[name] = tuple(value) if isinstance(value, list) else value
+  return out
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config a run in `workdir` was started with (config.json), or None."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def compare_with_saved(config: ml_collections.ConfigDict, saved: dict) -> tuple[list[str], list[str]]:
+  """(structural differences, other differences that matter) between `config` and a saved config."""
+  new = {**ABSENT_DEFAULTS, **_flatten(json.loads(config.to_json_best_effort()))}
+  old = {**ABSENT_DEFAULTS, **_flatten(saved)}
+  structural, announced = [], []
+  for name in sorted(set(new) | set(old)):
+    if new.get(name) == old.get(name):
+      continue
+    change = f'{name}: {old.get(name, "(absent)")!r} -> {new.get(name, "(absent)")!r}'
+    if name in STRUCTURAL_FIELDS:
+      structural.append(change)
+    elif name.startswith(ANNOUNCED_PREFIXES):
+      announced.append(change)
+  return structural, announced
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, has_checkpoint: bool) -> list[str]:
+  """Refuses a checkpoint of an incompatible config; returns the other changed fields to announce."""
+  saved = saved_config(workdir)
+  if saved is None or not has_checkpoint:
+    return []
+  structural, announced = compare_with_saved(config, saved)
+  if structural:
+    raise ConfigError(
+        f'--workdir={workdir} holds a checkpoint of another model ({"; ".join(structural)}); use a new '
+        'workdir, or the config it was trained with')
+  return announced

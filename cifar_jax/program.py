@@ -1,0 +1,249 @@
+"""A run's Program: every compiled function of a run, built in one place, and the BatchNorm pass.
+
+`Program.compile` wraps the pure steps of `steps.py` for the run's seeds (`jax.vmap`) and devices (jit over
+a mesh, or pmap; `parallel.Parallel`) and compiles each one ahead of the first epoch: the train call for
+each batch size of an epoch, eval, the SWA update and eval, the BatchNorm recalibration step, and the
+epoch permutation. Nothing compiles once training runs (tests/test_parallel.py counts it). Each argument of
+a compiled function is named with its kind (`ARG_KINDS`), from which the seed and device axes follow.
+"""
+
+import collections
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from cifar_jax import input_pipeline
+from cifar_jax import parallel
+from cifar_jax import steps
+from cifar_jax import swa
+
+# Auto `steps_per_dispatch` on the CPU (scripts/bench_dispatch.py, BENCHMARKS.md).
+CPU_STEPS_PER_DISPATCH = 8
+# Compiled functions are named FUNCTION_PREFIX + their ARG_KINDS name (in XLA's logs and compile events).
+FUNCTION_PREFIX = 'cifar_jax_'
+
+# The kinds of a compiled function's arguments: a tree of every seed (a leading seed axis when
+# num_seeds > 1, mapped by vmap), a device array the seeds share (the dataset, the eval set), or a host
+# scalar (under pmap not split over the devices either).
+SEED, SHARED, HOST = 'seed', 'shared', 'host'
+ARG_KINDS = {
+    'train': dict(state=SEED, acc=SEED, images=SHARED, labels=SHARED, perm=SEED, data_key=SEED,
+                  num_steps=HOST),
+    'eval': dict(state=SEED, images=SHARED, labels=SHARED, mask=SHARED),
+    'swa_update': dict(state=SEED),
+    'recalibrate': dict(params=SEED, running=SEED, images=SHARED, labels=SHARED, perm=SEED,
+                        data_key=SEED, epoch=HOST, index=HOST),
+    'permutation': dict(data_key=SEED, epoch=HOST),
+}
+
+
+def steps_per_dispatch(config: ml_collections.ConfigDict, num_devices: int = 1) -> int:
+  """`config.steps_per_dispatch`, or (0, auto) 8 on a one-device CPU run and 1 otherwise.
+
+  Several devices keep one step per call: under jit over 2 virtual CPU devices the loop measured 40x
+  slower than the plain step (BENCHMARKS.md); on accelerators it is not measured.
+  """
+  if config.get('steps_per_dispatch', 0) > 0:
+    return config.steps_per_dispatch
+  return CPU_STEPS_PER_DISPATCH if jax.default_backend() == 'cpu' and num_devices == 1 else 1
+
+
+def dispatch_fn(max_steps_per_call: int):
+  """The compiled call's function: the loop of `train_steps_on_device_data`, or one plain step."""
+  return steps.train_steps_on_device_data if max_steps_per_call > 1 else steps.one_step_on_device_data
+
+
+def steps_in_call(step: int, limit: int, max_steps: int, host_acts_after: Callable[[int], bool]) -> int:
+  """The steps of the call that starts after `step` steps: at most `max_steps`; it stops at step `limit`
+  or at the first step `j` with `host_acts_after(j)` (an action is due there: a log, a checkpoint...)."""
+  k = 1
+  while k < max_steps and step + k < limit and not host_acts_after(step + k):
+    k += 1
+  return k
+
+
+def batch_sizes(num_examples: int, batch_size: int, steps_per_epoch: int) -> list[int]:
+  """The size of each batch of an epoch (the last one may be partial)."""
+  return [min(batch_size, num_examples - i * batch_size) for i in range(steps_per_epoch)]
+
+
+def recalibration_pass(step_by_size, params, running, images, labels, perm, data_key, *, epoch: int,
+                       sizes: list[int]):
+  """torch's update_bn: `running` (reset statistics) folded over the batches of epoch `epoch` in order.
+
+  `step_by_size[size]` is `steps.recalibration_step_on_device_data` for batches of `size`, compiled; each
+  batch is weighted equally, the last partial batch included.
+  """
+  for index, size in enumerate(sizes):
+    running = step_by_size[size](params, running, images, labels, perm, data_key, epoch, index)
+  return running
+
+
+def recalibrate_batch_stats(model, params, batch_stats, images, labels, data_key, *, epoch: int,
+                            batch_size: int, drop_remainder: bool = False, augment: bool = True):
+  """torch's update_bn on one device: new BatchNorm statistics for `params` from one pass over the data.
+
+  The pass sees the batches the training loader would give in epoch `epoch` (order, crops, flips) of a run
+  whose data key is `data_key`, through `recalibration_pass`, as the trainer's does. A model without
+  BatchNorm (empty `batch_stats`) is returned unchanged.
+
+  Args:
+    model: the ResNet; it is cloned with bn_momentum=1.0 for the pass.
+    params: the (averaged) params.
+    batch_stats: a tree of the model's statistics (only its structure is used).
+    images: device uint8 training images, NHWC.
+    labels: device training labels.
+    data_key: the key the pass draws its order and augmentation from.
+    epoch: whose order and augmentation to use.
+    batch_size: the training batch size.
+    drop_remainder: skip the last partial batch, as the loader would.
+    augment: crop and flip as in training (torch's update_bn iterates the training loader).
+
+  Returns:
+    The recalibrated batch statistics.
+  """
+  if not jax.tree.leaves(batch_stats):
+    return batch_stats
+  n = labels.shape[0]
+  sizes = batch_sizes(n, batch_size, input_pipeline.steps_per_epoch(n, batch_size, drop_remainder))
+  perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(data_key, epoch, n)
+  step_by_size = {size: jax.jit(functools.partial(
+      steps.recalibration_step_on_device_data, model=model.clone(bn_momentum=1.0),
+      batch_size=batch_size, size=size, augment=augment)) for size in set(sizes)}
+  return recalibration_pass(step_by_size, params, swa.reset_batch_stats(batch_stats), images, labels,
+                            perm, data_key, epoch=epoch, sizes=sizes)
+
+
+@dataclasses.dataclass
+class Program:
+  """The compiled functions of a run and the device data they read; see the module docstring.
+
+  `train[size]`, `eval`, `swa_update`, `swa_eval`, `recalibrate[size]` and `permutation` are compiled
+  (under jit, ahead-of-time executables with `as_text()`); `traces` counts how often each was traced
+  (once per batch size: a second trace would be a second compilation).
+  """
+
+  par: parallel.Parallel
+  steps_per_epoch: int
+  sizes: list[int]  # the size of each batch of an epoch
+  full_batches: int  # the batches of batch_size (a last partial batch runs in a call of its own)
+  max_steps_per_call: int
+  data: dict[str, Any]  # images, labels (every device holds them), eval_arrays, data_key, recalibration_key
+  train: dict[int, Any]
+  eval: Any
+  permutation: Any
+  swa_update: Any = None
+  swa_eval: Any = None
+  recalibrate: dict[int, Any] = dataclasses.field(default_factory=dict)
+  reset_batch_stats: Any = None
+  traces: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  calls: list[int] = dataclasses.field(default_factory=list)  # the steps of each train call so far
+  compile_seconds: float = 0.0
+
+  @classmethod
+  def compile(cls, config: ml_collections.ConfigDict, model, par: parallel.Parallel,
+              dataset: input_pipeline.Dataset, state: steps.TrainState, acc, data_key,
+              recalibration_key) -> 'Program':
+    """Places the data on the devices and compiles every function of a run of `config` for `state`."""
+    # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
+    images, labels = par.replicate(dataset.train_images), par.replicate(dataset.train_labels)
+    eval_arrays = par.shard_eval_arrays(steps.batched_eval_arrays(
+        dataset.eval_images, dataset.eval_labels, config.eval_batch_size, par.eval_batch_multiple))
+    data_key, recalibration_key = par.place_per_seed((data_key, recalibration_key))
+    n = dataset.num_train
+    spe = input_pipeline.steps_per_epoch(n, config.batch_size, config.data.drop_remainder)
+    traces = collections.Counter()
+
+    def build(name, fn, *args, donate=()):
+      kinds = list(ARG_KINDS[name].values())
+
+      def traced(*a):
+        traces[name] += 1
+        return fn(*a)
+
+      traced.__name__ = traced.__qualname__ = FUNCTION_PREFIX + name
+
+      seeded = par.seeded(traced, in_axes=tuple(0 if k == SEED else None for k in kinds))
+      return par.compile(seeded, *args, donate_argnums=donate,
+                         in_axes=tuple(None if k == HOST else 0 for k in kinds))
+
+    start = time.perf_counter()
+    sizes = batch_sizes(n, config.batch_size, spe)
+    permutation = build('permutation', functools.partial(input_pipeline.epoch_permutation,
+                                                         num_examples=n), data_key, 0)
+    first_perm = permutation(data_key, 0)
+    max_steps_per_call = steps_per_dispatch(config, par.num_devices)
+    step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
+                                batch_size=config.batch_size, augment=config.data.augment,
+                                axis_name=par.axis_name, shard_batch=par.shard_batch)
+    program = cls(
+        par=par, steps_per_epoch=spe, sizes=sizes, full_batches=n // config.batch_size,
+        max_steps_per_call=max_steps_per_call,
+        data=dict(images=images, labels=labels, eval_arrays=eval_arrays, data_key=data_key,
+                  recalibration_key=recalibration_key),
+        train={size: build('train', functools.partial(step_fn, size=size), state, acc, images, labels,
+                           first_perm, data_key, np.int32(1), donate=(0, 1))
+               for size in sorted(set(sizes))},
+        eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name),
+                   state, *eval_arrays),
+        permutation=permutation, traces=traces)
+    swa_config = config.swa
+    if swa_config.enabled:
+      program.swa_update = build('swa_update', functools.partial(swa.update_swa, decay=swa_config.decay),
+                                 state, donate=0)
+      program.swa_eval = build('eval', functools.partial(
+          steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name), state, *eval_arrays)
+      if jax.tree.leaves(state.batch_stats):  # a model with BatchNorm
+        pass_model = model.clone(bn_momentum=1.0)  # the batch's own statistics
+        program.recalibrate = {
+            size: build('recalibrate', functools.partial(
+                steps.recalibration_step_on_device_data, model=pass_model, batch_size=config.batch_size,
+                size=size, augment=swa_config.recalibration_augment, shard_batch=par.shard_batch),
+                        state.swa_params, state.batch_stats, images, labels, first_perm,
+                        recalibration_key, 0, 0)
+            for size in sorted(set(sizes))}
+        program.reset_batch_stats = par.place_per_seed(
+            swa.reset_batch_stats(par.host(state.batch_stats)))
+    del first_perm
+    program.compile_seconds = time.perf_counter() - start
+    return program
+
+  # The calls the host loop makes ---------------------------------------------------------------------
+
+  def epoch_permutation(self, epoch: int):
+    return self.permutation(self.data['data_key'], epoch)
+
+  def train_call(self, state, acc, perm, step: int, host_acts_after: Callable[[int], bool]):
+    """The steps after `step` up to the next one where the host acts (at most max_steps_per_call).
+
+    Returns (state, acc, steps taken). An epoch's last partial batch runs in a call of its own.
+    """
+    spe = self.steps_per_epoch
+    epoch, done = divmod(step, spe)
+    size = self.sizes[done]
+    full = self.full_batches
+    k = 1 if done >= full else steps_in_call(step, epoch * spe + full, self.max_steps_per_call,
+                                             host_acts_after)
+    state, acc = self.train[size](state, acc, self.data['images'], self.data['labels'], perm,
+                                  self.data['data_key'], np.int32(k))
+    self.calls.append(k)
+    return state, acc, k
+
+  def evaluate(self, state, use_swa: bool = False):
+    """The eval sums (loss_sum, correct, count) of the running model, or of the SWA model."""
+    return (self.swa_eval if use_swa else self.eval)(state, *self.data['eval_arrays'])
+
+  def recalibrate_swa(self, state, epoch: int) -> steps.TrainState:
+    """The SWA model's BatchNorm statistics recomputed over epoch `epoch`'s batches (torch's update_bn)."""
+    if not self.recalibrate:  # a model without BatchNorm
+      return state
+    key = self.data['recalibration_key']
+    running = recalibration_pass(self.recalibrate, state.swa_params, self.reset_batch_stats,
+                                 self.data['images'], self.data['labels'],
+                                 self.permutation(key, epoch), key, epoch=epoch, sizes=self.sizes)
+    return state.replace(swa_batch_stats=running)

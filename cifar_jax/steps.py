@@ -1,0 +1,240 @@
+"""Pure device code: the TrainState, losses and metrics, the one batch-drawing function, and the train,
+eval and BatchNorm-recalibration steps over on-device data.
+
+Steps are module-level pure functions with hyperparameters bound by `functools.partial`; `program.Program`
+wraps them for the devices and seeds of a run and compiles them. Several seeds (`num_seeds` > 1) are trees
+with a leading seed axis (`per_seed`), one seed is the tree itself.
+"""
+
+import statistics
+from typing import Any
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from cifar_jax import input_pipeline
+from cifar_jax import swa
+
+# Folded into the data key for the SWA BatchNorm pass, so its order differs from every training epoch's.
+RECALIBRATION_SALT = 0x5BA
+METRIC_KEYS = ('loss_sum', 'correct', 'count')
+
+
+class TrainState(train_state.TrainState):
+  """Params, optimizer state, BatchNorm statistics and the SWA average: everything a checkpoint holds."""
+
+  batch_stats: Any
+  swa_params: Any = None  # the running average of params (None when SWA is off)
+  swa_batch_stats: Any = None  # the average's BatchNorm statistics (recalibrated at the end)
+  swa_count: Any = None  # how many snapshots the average holds
+
+
+def stack_seeds(trees):
+  """One tree of numpy arrays with a leading seed axis from k trees of the same structure."""
+  leaves = [jax.tree.leaves(t) for t in trees]
+  return jax.tree.unflatten(jax.tree.structure(trees[0]),
+                            [np.stack([np.asarray(x) for x in xs]) for xs in zip(*leaves)])
+
+
+def unstack_seed(tree, index: int):
+  """Seed `index`'s tree out of a tree with a leading seed axis."""
+  return jax.tree.map(lambda x: x[index], tree)
+
+
+def per_seed(trees: list):
+  """The trees of a run's seeds as the run holds them: one seed's tree itself, several stacked."""
+  return trees[0] if len(trees) == 1 else stack_seeds(trees)
+
+
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def batch_metrics(logits, labels, loss) -> dict[str, jax.Array]:
+  """Sums over the batch, so that epochs with a partial batch average per example."""
+  n = labels.shape[0]
+  return {'loss_sum': loss * n,
+          'correct': jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32),
+          'count': jnp.asarray(n, jnp.float32)}
+
+
+def train_step(state: TrainState, batch, axis_name: str | None = None):
+  """One SGD step on a normalised batch (images NHWC float32, labels int); returns state and sums."""
+  images, labels = batch
+
+  def loss_fn(params):
+    logits, new_model_state = state.apply_fn(
+        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
+        mutable=['batch_stats'])
+    return cross_entropy_loss(logits, labels), (new_model_state, logits)
+
+  (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  metrics = batch_metrics(logits, labels, loss)
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.psum(metrics, axis_name)
+  new_state = state.apply_gradients(
+      grads=grads, batch_stats=new_model_state.get('batch_stats', state.batch_stats))
+  # The loss can still be finite on the step whose update overflows the params.
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]))
+  metrics['params_finite'] = params_finite.astype(jnp.float32)
+  return new_state, metrics
+
+
+def init_train_metrics() -> dict[str, jax.Array]:
+  """Running sums of an epoch, kept on device; `nonfinite_step` is the first step with a bad loss."""
+  return {'loss_sum': jnp.zeros((), jnp.float32), 'correct': jnp.zeros((), jnp.float32),
+          'count': jnp.zeros((), jnp.float32), 'nonfinite_step': jnp.full((), -1, jnp.int32)}
+
+
+def accumulate(acc, metrics, step):
+  out = {k: acc[k] + metrics[k] for k in METRIC_KEYS}
+  bad = ~jnp.isfinite(metrics['loss_sum']) | (metrics['params_finite'] < 1)
+  out['nonfinite_step'] = jnp.where((acc['nonfinite_step'] < 0) & bad, step, acc['nonfinite_step'])
+  return out
+
+
+def whole_batch(batch):
+  """One device: the step sees the whole global batch."""
+  return batch
+
+
+def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int, size: int,
+               augment: bool):
+  """Batch `index` of epoch `epoch`: positions [index * batch_size, + size) of the epoch's order `perm`,
+  cropped and flipped with the key of (data_key, epoch, index), normalised. Every pass over the training
+  data (training, the SWA BatchNorm pass) draws its batches here."""
+  key = input_pipeline.batch_key(data_key, epoch, index)
+  return input_pipeline.get_train_batch(images, labels, perm, index * batch_size, size, key, augment)
+
+
+def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, *,
+                              steps_per_epoch: int, batch_size: int, size: int, augment: bool,
+                              axis_name: str | None = None, shard_batch=whole_batch):
+  """The next global batch of the epoch, drawn on device from (data_key, epoch, step), then a step.
+
+  `shard_batch` keeps this device's part of the global batch and `axis_name` names the pmap axis
+  (parallel.Parallel supplies both); the batch drawn is the same on any number of devices.
+  """
+  step = state.step
+  batch = draw_batch(images, labels, perm, data_key, step // steps_per_epoch, step % steps_per_epoch,
+                     batch_size=batch_size, size=size, augment=augment)
+  state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name)
+  return state, accumulate(acc, metrics, step)
+
+
+def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, data_key, num_steps, *,
+                               steps_per_epoch: int, batch_size: int, size: int, augment: bool,
+                               axis_name: str | None = None, shard_batch=whole_batch):
+  """`num_steps` (traced: one compilation for any count) `train_step_on_device_data` steps in one call.
+
+  XLA:CPU allocates a call's temporary buffers afresh on every call and the kernel zero-fills their pages
+  (hundreds of MB a step for ResNet18); the steps of one call share them (`config.steps_per_dispatch`,
+  BENCHMARKS.md). The steps are the same as one call each: the loop body is the step.
+  """
+  def body(_, carry):
+    return train_step_on_device_data(
+        *carry, images, labels, perm, data_key, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+        size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch)
+
+  return jax.lax.fori_loop(0, num_steps, body, (state, acc))
+
+
+def one_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, num_steps, **kwargs):
+  """`train_step_on_device_data` with `train_steps_on_device_data`'s arguments (`num_steps` is 1)."""
+  del num_steps
+  return train_step_on_device_data(state, acc, images, labels, perm, data_key, **kwargs)
+
+
+def recalibration_step_on_device_data(params, running, images, labels, perm, data_key, epoch, index, *,
+                                      model, batch_size: int, size: int, augment: bool,
+                                      shard_batch=whole_batch):
+  """Batch `index` of the BatchNorm pass (`program.recalibration_pass`): drawn like a training batch
+  (`draw_batch`), sharded, its statistics folded into `running` (swa.recalibration_step)."""
+  batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
+                     augment=augment)
+  images, _ = shard_batch(batch)
+  return swa.recalibration_step(model, params, running, index, images)
+
+
+def eval_step(state: TrainState, batch):
+  """Summed loss and correct predictions of a batch, in eval mode; masked examples count for nothing."""
+  images, labels, mask = batch
+  logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                          train=False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = (jnp.argmax(logits, -1) == labels)
+  return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
+          'count': jnp.sum(mask)}
+
+
+def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False,
+                            axis_name: str | None = None):
+  """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch.
+
+  Under pmap (`axis_name`) each device holds a slice of every batch and the sums are added over devices.
+  """
+  if use_swa:
+    state = state.replace(params=state.swa_params, batch_stats=state.swa_batch_stats)
+
+  def body(totals, batch):
+    x, y, m = batch
+    metrics = eval_step(state, (input_pipeline.normalize(x), y, m))
+    return jax.tree.map(jnp.add, totals, metrics), None
+
+  zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
+  totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
+  if axis_name is not None:
+    totals = jax.lax.psum(totals, axis_name)
+  return totals
+
+
+def batched_eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int, multiple_of: int = 1):
+  """Pads the eval set to whole batches and reshapes to (num_batches, batch, ...), with a mask.
+
+  The batch is rounded up to a multiple of `multiple_of` (the device count); padding is masked out.
+  """
+  n = labels.shape[0]
+  batch_size = -(-min(batch_size, n) // multiple_of) * multiple_of
+  num_batches = -(-n // batch_size)
+  pad = num_batches * batch_size - n
+  images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+  labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+  mask = np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])
+  shape = (num_batches, batch_size)
+  return (images.reshape(shape + images.shape[1:]), labels.reshape(shape), mask.reshape(shape))
+
+
+def seed_summaries(sums, num_seeds: int) -> list[dict[str, float]]:
+  """`summarize` of each seed's sums (one seed: a list of one)."""
+  return [summarize(sums)] if num_seeds == 1 else summarize_seeds(sums)
+
+
+def summarize(sums) -> dict[str, float]:
+  sums = jax.device_get(sums)
+  count = float(sums['count'])
+  return {'loss': float(sums['loss_sum']) / max(count, 1.0),
+          'accuracy': float(sums['correct']) / max(count, 1.0)}
+
+
+def summarize_seeds(sums) -> list[dict[str, float]]:
+  """`summarize` of each seed of sums with a leading seed axis."""
+  sums = jax.device_get(sums)
+  return [summarize(unstack_seed(sums, i)) for i in range(np.shape(sums['count'])[0])]
+
+
+def seed_metrics(name: str, values: list[float]) -> dict:
+  """{name: v} for one seed; for several, the per-seed list, mean, sample std (ddof=1), and name = mean."""
+  if len(values) == 1:
+    return {name: values[0]}
+  mean = statistics.fmean(values)
+  return {name: mean, f'{name}_mean': mean, f'{name}_std': statistics.stdev(values),
+          f'{name}_per_seed': list(values)}
+
+
+def mean_summary(summaries: list[dict[str, float]]) -> dict[str, float]:
+  """The seeds' mean loss and accuracy (what the progress bar shows)."""
+  return {key: statistics.fmean(s[key] for s in summaries) for key in ('loss', 'accuracy')}
