@@ -3,17 +3,16 @@
 import math
 import statistics
 
-# Two-sided 95 % quantiles of Student's t by degrees of freedom (1..30); 1.96 beyond.
-T_975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042)
+from scipy import stats as scipy_stats
+
+CONFIDENCE = 0.95  # two-sided
 
 
 def t_quantile(df: float) -> float:
-  """The 97.5 % quantile of Student's t (the nearest lower tabulated degrees of freedom)."""
-  if not df or df < 1 or math.isnan(df):
+  """The 97.5 % quantile of Student's t with `df` (possibly fractional: Welch) degrees of freedom."""
+  if not df or df <= 0 or math.isnan(df):
     return float('nan')
-  return T_975[int(df) - 1] if df < 31 else 1.96
+  return float(scipy_stats.t.ppf(0.5 + CONFIDENCE / 2, df))
 
 
 def welch_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:

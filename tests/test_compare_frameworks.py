@@ -13,13 +13,26 @@ from cifar_jax import stats
 def test_welch_interval_against_a_hand_computation():
   a, b = [0.90, 0.92, 0.91], [0.88, 0.89, 0.87]
   diff, lo, hi = stats.welch_interval(a, b)
-  # Equal variances (1e-4 each) and n = 3: se = sqrt(2e-4 / 3), df = 4, t = 2.776.
+  # Equal variances (1e-4 each) and n = 3: se = sqrt(2e-4 / 3), df = 4, t = 2.7764451 (tables).
   se = (2e-4 / 3) ** 0.5
   assert diff == pytest.approx(0.03)
-  assert lo == pytest.approx(0.03 - 2.776 * se) and hi == pytest.approx(0.03 + 2.776 * se)
+  assert lo == pytest.approx(0.03 - 2.7764451 * se) and hi == pytest.approx(0.03 + 2.7764451 * se)
   assert stats.welch_interval([0.9], [0.8])[1] != stats.welch_interval(
       [0.9], [0.8])[1]  # nan with one run each
-  assert stats.t_quantile(100) == 1.96
+
+
+def test_t_quantile_is_exact_for_fractional_degrees_of_freedom():
+  """Welch's degrees of freedom are fractional: t(0.975, 4.5) lies strictly between t(4) and t(5)."""
+  assert stats.t_quantile(1) == pytest.approx(12.7062047, rel=1e-7)
+  assert stats.t_quantile(30) == pytest.approx(2.0422725, rel=1e-7)
+  assert stats.t_quantile(1e6) == pytest.approx(1.959966, rel=1e-6)
+  assert stats.t_quantile(5) < stats.t_quantile(4.5) < stats.t_quantile(4)
+  a, b = [0.90, 0.95, 0.91, 0.93], [0.88, 0.885, 0.882]
+  unequal = stats.welch_interval(a, b)
+  va, vb = 0.001475 / 3 / 4, 6.333333333333333e-06 / 3  # sample variance / n
+  df = (va + vb) ** 2 / (va ** 2 / 3 + vb ** 2 / 2)  # Welch-Satterthwaite: 3.05..., not an integer
+  assert 3 < df < 3.2
+  assert unequal[2] - unequal[0] == pytest.approx(stats.t_quantile(df) * (va + vb) ** 0.5)
 
 
 @pytest.mark.slow
@@ -33,6 +46,7 @@ def test_compare_frameworks_end_to_end(tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   table = (tmp_path / 'comparison.md').read_text()
   assert '| jax | 2 |' in table and '| torch | 2 |' in table and 'Welch' in table
+  assert table.count('Mean ± sample standard deviation') == 1
   assert (tmp_path / 'comparison.png').stat().st_size > 0
   # A second call keeps the finished runs.
   result = subprocess.run(cmd + ['--only=torch'], cwd=ROOT, env=env, capture_output=True, text=True,

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'scripts'))
 import sweep  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -50,9 +52,11 @@ def test_sweep_tables_two_configs_and_resumes(tmp_path):
 def test_interval_and_overrides():
   mean, std, lo, hi = sweep.mean_std_interval([90.0, 92.0, 91.0])
   assert (mean, std) == (91.0, 1.0)
-  assert lo == 91.0 - 4.303 / 3 ** 0.5 and hi == 91.0 + 4.303 / 3 ** 0.5  # t(0.975, 2) = 4.303
+  half = 4.3026527 / 3 ** 0.5  # t(0.975, 2) = 4.3026527 (tables)
+  assert lo == pytest.approx(91.0 - half, rel=1e-8) and hi == pytest.approx(91.0 + half, rel=1e-8)
   assert sweep.parse_override('schedule.milestones=(1, 2)') == ('schedule.milestones', (1, 2))
   assert sweep.parse_override('data.source=npz') == ('data.source', 'npz')
   assert sweep.blog_figure('Blog figure: 93.42 % test accuracy') == 93.42
   names = [os.path.basename(p) for p in sweep.blog_configs()]
-  assert 'smoke.py' not in names and 'one_cycle.py' in names and 'default.py' in names
+  assert 'smoke.py' not in names and 'tiny.py' not in names
+  assert 'one_cycle.py' in names and 'default.py' in names
