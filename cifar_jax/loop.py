@@ -6,8 +6,8 @@ An action is a plain object with `due(step)` (does it act once `step` steps are 
 whether it is due at the steps the call would cover, so a call of several steps ends where one is; after
 the call, the actions due at its last step run in the order of the list (`default_actions`). Callers
 (tests, later features) pass more actions to `train.train_and_evaluate(..., actions=[...])`; they run
-after the default ones. A SIGTERM or Ctrl-C (`preemption.StopRequest`) is honoured between calls
-(`preempt`).
+after the default ones. A SIGTERM or Ctrl-C (`preemption.StopRequest`) is honoured after the actions of
+the call it arrived in (`preempt`), so the checkpoint it writes holds what they did (an SWA update).
 """
 
 import dataclasses
@@ -111,11 +111,11 @@ def run_loop(run: Run, actions: list) -> None:
             run.state, run.acc, run.perm, run.step,
             lambda step: any(action.due(step) for action in actions))
         run.step += k
-        if run.stop.signum is not None and run.step % spe:  # at an epoch's end, the epoch finishes
-          preempt(run)
         for action in actions:
           if action.due(run.step):
             action(run)
+        if run.stop.signum is not None:  # after the actions: a due SWA update is in the checkpoint
+          preempt(run)
 
 
 # Actions -------------------------------------------------------------------------------------------------
@@ -240,8 +240,6 @@ class EndOfEpoch(Action):
           steps.per_seed([np.float32(x) for x in lr])))
     run.acc = run.par.place_per_seed(steps.per_seed([steps.init_train_metrics()] * k))
     run.save()
-    if run.stop.signum is not None and epoch + 1 < config.num_epochs:
-      raise preemption.Preempted(run.stop.signum, run.step, run.workdir)
 
   def _swa_record(self, run: Run, epoch: int) -> dict:
     """The SWA model's eval metrics (recalibrated first) when due, and the number of models averaged."""
@@ -268,10 +266,13 @@ def default_actions(config: ml_collections.ConfigDict, steps_per_epoch: int) -> 
 
 
 def preempt(run: Run) -> None:
-  """SIGTERM or Ctrl-C arrived (`preemption.StopRequest`): checkpoint this step and stop (`Preempted`)."""
-  run.check_finite()
-  run.save()
-  raise preemption.Preempted(run.stop.signum, run.step, run.workdir)
+  """SIGTERM or Ctrl-C arrived (`preemption.StopRequest`): checkpoint this step (unless an action just
+  did) and stop with `Preempted`, unless this was the run's last step."""
+  if run.saved_step != run.step:
+    run.check_finite()
+    run.save()
+  if run.step < run.config.num_epochs * run.steps_per_epoch:
+    raise preemption.Preempted(run.stop.signum, run.step, run.workdir)
 
 
 # Host helpers ----------------------------------------------------------------------------------------------

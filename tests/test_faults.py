@@ -16,7 +16,9 @@ import numpy as np
 import pytest
 
 from cifar_jax import config_lib
+from cifar_jax import loop
 from cifar_jax import metrics_writer
+from cifar_jax import preemption
 from cifar_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,3 +157,45 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path
   tiny_config.num_epochs = 2
   resumed = train.train_and_evaluate(tiny_config, str(workdir))  # re-trains the last epoch
   chex.assert_trees_all_equal(resumed.params, straight.params)
+
+
+class SigtermDuringCall(loop.Action):
+  """Sends SIGTERM to this process while the train call that ends at `step` runs, as a job scheduler
+  would; the run's StopRequest catches it (it is not due anywhere itself)."""
+
+  def __init__(self, step: int):
+    self.step = step
+
+  def start(self, run) -> None:
+    train_call = run.program.train_call
+
+    def call_then_signal(state, acc, perm, step, host_acts_after):
+      state, acc, k = train_call(state, acc, perm, step, host_acts_after)
+      if step + k == self.step:
+        signal.raise_signal(signal.SIGTERM)
+      return state, acc, k
+
+    run.program.train_call = call_then_signal
+
+  def due(self, step: int) -> bool:
+    return False
+
+
+@pytest.mark.parametrize('stop_at', [6, 4])
+def test_sigterm_where_a_per_step_swa_update_is_due_resumes_bitwise(tiny_config, tmp_path, stop_at):
+  """SIGTERM lands in the call that ends at step 6 (mid epoch 2), where swa.update_every_steps=2 makes an
+  SWA update due (and at step 4, an epoch's end): the update is made before the checkpoint, so the resumed
+  run ends bitwise equal to an uninterrupted one."""
+  tiny_config.num_epochs = 3  # 4 steps an epoch; SWA from epoch 2, updates after steps 6, 8, 10, 12
+  tiny_config.swa.update(enabled=True, start_epoch=1, update_every_steps=2)
+  straight = train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
+  workdir = str(tmp_path / 'term')
+  with pytest.raises(preemption.Preempted) as stopped:
+    train.train_and_evaluate(tiny_config, workdir, actions=[SigtermDuringCall(stop_at)])
+  assert stopped.value.step == stop_at
+  resumed = train.train_and_evaluate(tiny_config, workdir)
+  assert int(resumed.swa_count) == int(straight.swa_count) == 4
+  for field in ('params', 'batch_stats', 'opt_state', 'swa_params', 'swa_batch_stats', 'swa_count'):
+    chex.assert_trees_all_equal(getattr(resumed, field), getattr(straight, field))
+  assert _strip(metrics_writer.read_metrics(workdir)) == _strip(
+      metrics_writer.read_metrics(str(tmp_path / 'straight')))
