@@ -5,6 +5,7 @@ Nothing here is compiled; `program.Program` compiles the steps over what these b
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -71,9 +72,28 @@ def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, 
       conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
 
 
+# XLA's optimisation level for the model's initialisation: it runs once, and at level 0 its compile costs
+# about 4x less (ResNet18 width 0.25: 3.5 s against 14.7 s on a loaded 2-core CPU).
+INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_init(model: models.ResNet):
+  """The model's initialisation for any key, compiled once (every seed and every call reuses it).
+
+  `lazy_init` traces the forward pass for the shapes only, so the program holds just the initialisers.
+  Compiled as one program its values differ from an op-by-op `model.init` by float32 rounding (within
+  1.9e-7 of each tensor's largest value over ResNet9/18 at widths 1/8 to 1, measured;
+  tests/test_models.py); before 2026-11-30 the trainer initialised op by op.
+  """
+  shape = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  fn = jax.jit(lambda key: model.lazy_init(key, shape, train=False))
+  return fn.lower(jax.random.PRNGKey(0)).compile(compiler_options=INIT_COMPILER_OPTIONS)
+
+
 def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
   """Initial params and batch stats ({} for GroupNorm models)."""
-  variables = model.init(key, jnp.ones((1, 32, 32, 3), jnp.float32), train=False)
+  variables = _compiled_init(model)(key)
   return variables['params'], variables.get('batch_stats', {})
 
 

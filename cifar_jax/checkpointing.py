@@ -133,7 +133,8 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
 # Fields added after runs were saved without them: their value then, for the comparison.
 ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
-                   'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0}
+                   'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0,
+                   'compilation_cache': 'auto'}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
                       'swa.', 'parallelism')
 

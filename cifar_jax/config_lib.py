@@ -114,6 +114,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
   _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
   _int_at_least(config.get('steps_per_dispatch', 0), 'steps_per_dispatch', 0, ' (0 = auto)')
+  _require(isinstance(config.get('compilation_cache', ''), str),
+           "compilation_cache must be 'auto', a folder, or '' (off), got "
+           f"{config.get('compilation_cache')!r}")
 
 
 def _validate_seeds(config: ml_collections.ConfigDict) -> None:

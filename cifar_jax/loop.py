@@ -43,6 +43,7 @@ class Run:
   plateaus: list | None
   start_step: int
   elapsed_before: float = 0.0  # seconds the run had trained before this process resumed it
+  startup_seconds: float = 0.0  # from the process's start (or the call's) to the first step
   stop: preemption.StopRequest = dataclasses.field(default_factory=preemption.StopRequest)
   step: int = 0  # steps done
   saved_step: int = -1  # the step of the last checkpoint written by this process
@@ -232,6 +233,7 @@ class EndOfEpoch(Action):
       record.update(self._swa_record(run, epoch))
     if epoch == run.start_step // self.steps_per_epoch:
       record['compile_seconds'] = run.program.compile_seconds
+      record['startup_seconds'] = run.startup_seconds
     if run.writer is not None:
       run.writer.write(record)
     if run.plateaus is not None:

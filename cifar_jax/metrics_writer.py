@@ -7,6 +7,8 @@ from absl import logging
 import tqdm
 
 METRICS_FILE = 'metrics.jsonl'
+# Record keys measured in seconds or per second: they differ between runs that train the same bits.
+TIMING_KEYS = ('images_per_second', 'elapsed_seconds', 'compile_seconds', 'startup_seconds')
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -32,25 +34,33 @@ class MetricsWriter:
     with open(tmp, 'w') as f:
       f.writelines(json.dumps(r) + '\n' for r in kept)
     os.replace(tmp, self.path)
+    self._tensorboard = tensorboard
     self._tb = None
-    if tensorboard:
+
+  def _tensorboard_writer(self):
+    """TensorBoard's writer, made at the first write: importing tensorboardX takes seconds, which the
+    run's start-up does not need to pay."""
+    if self._tensorboard and self._tb is None:
+      self._tensorboard = False
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       except ImportError:  # a machine without it (pip install tensorboardX): metrics.jsonl is the record
         logging.warning('tensorboardX is not installed: no TensorBoard events, metrics.jsonl only.')
       else:
-        self._tb = SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        self._tb = SummaryWriter(os.path.join(os.path.dirname(self.path), 'tensorboard'))
+    return self._tb
 
   def write(self, record: dict) -> None:
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
       f.flush()
       os.fsync(f.fileno())
-    if self._tb is not None:
+    tb = self._tensorboard_writer()
+    if tb is not None:
       for key, value in record.items():
         if key not in ('epoch', 'step') and isinstance(value, (int, float)):
-          self._tb.add_scalar(key, value, record['step'])
-      self._tb.flush()
+          tb.add_scalar(key, value, record['step'])
+      tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:

@@ -124,12 +124,19 @@ def load() -> None:
         _build(compiler, path)
       library = ctypes.cdll.LoadLibrary(path)
       for target, symbol in TARGETS.items():
-        jax.ffi.register_ffi_target(f'cifar_jax_onednn_conv_{target}',
+        jax.ffi.register_ffi_target(_target_name(target, path),
                                     jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
     except (RuntimeError, OSError) as e:
       _state['error'] = str(e)
       raise RuntimeError(str(e)) from e
     _state['loaded'] = path
+
+
+def _target_name(target: str, library_path: str) -> str:
+  """The custom call's name, with the library's hash: a program that a persistent compilation cache
+  kept from another build of the library is not loaded (its name differs), never run with new code."""
+  digest = os.path.basename(library_path)[len('onednn_conv-'):-len('.so')]
+  return f'cifar_jax_onednn_conv_{target}_{digest}'
 
 
 def available() -> bool:
@@ -150,7 +157,8 @@ def _attrs(strides, padding) -> dict:
 
 def _call(target: str, out_shape, a, b, strides, padding):
   # 'sequential': under vmap (several seeds in one run) each seed's convolution is its own call.
-  return jax.ffi.ffi_call(f'cifar_jax_onednn_conv_{target}',
+  load()  # registered (once) before any program that calls it compiles or loads from a cache
+  return jax.ffi.ffi_call(_target_name(target, _state['loaded']),
                           jax.ShapeDtypeStruct(out_shape, jnp.float32),
                           vmap_method='sequential')(a, b, **_attrs(strides, padding))
 

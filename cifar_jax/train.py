@@ -15,6 +15,7 @@ import ml_collections
 
 from cifar_jax import builders
 from cifar_jax import checkpointing
+from cifar_jax import compilation_cache
 from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import loop
@@ -22,6 +23,7 @@ from cifar_jax import metrics_writer
 from cifar_jax import parallel
 from cifar_jax import program as program_lib
 from cifar_jax import steps
+from cifar_jax import timing
 from cifar_jax.errors import ConfigError
 from cifar_jax.errors import NonFiniteLossError  # noqa: F401 (public: train.NonFiniteLossError)
 
@@ -46,8 +48,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Returns:
     The final TrainState, its arrays replicated over the devices (under pmap too: no device axis).
   """
+  laps = timing.Laps()
+  imports = timing.seconds_before_run()
   config_lib.validate(config)
   parallel.initialize_distributed(config.distributed)
+  compilation_cache.configure(config.compilation_cache)
   par = parallel.create(config.parallelism, num_seeds=config.num_seeds, seed_devices=config.seed_devices)
   logging.info('parallelism=%s: batch %d over %d devices (%d processes)', par.mode,
                config.batch_size, par.data_devices, jax.process_count())
@@ -56,8 +61,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                  config.seed + config.num_seeds - 1, dict(par.mesh.shape))
   os.makedirs(workdir, exist_ok=True)
 
+  laps.lap('devices')
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)
+  laps.lap('data')
   spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
   if spe == 0:
     raise ConfigError(f'batch_size={config.batch_size} exceeds the {dataset.num_train} training '
@@ -99,15 +106,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _returned(par, state, config)
   if start_step:
     logging.info('Resuming from step %d (epoch %d).', start_step, start_step // spe)
+  laps.lap('init')
 
   program = program_lib.Program.compile(config, model, par, dataset, state, acc,
                                         *builders.seed_data_keys(config))
   logging.info('Convolutions: %s (model.conv=%s); up to %d train steps per call.', model.conv_impl,
                config.model.get('conv', 'auto'), program.max_steps_per_call)
-  logging.info('Compiled in %.1f s (batch sizes %s).', program.compile_seconds, sorted(set(program.sizes)))
+  laps.lap('compile')
+  startup = imports + sum(laps.seconds.values())
+  logging.info('Start-up %.1f s before the first step: imports %.1f, devices %.1f, data %.1f, init %.1f, '
+               'compile %.1f (batch sizes %s; compilation cache: %s).', startup, imports,
+               *(laps.seconds[k] for k in ('devices', 'data', 'init', 'compile')),
+               sorted(set(program.sizes)), jax.config.jax_compilation_cache_dir or 'off')
   run = loop.Run(config=config, workdir=workdir, program=program, state=state, acc=acc, manager=manager,
                  writer=writer, plateaus=run_schedules.plateaus, start_step=start_step,
-                 elapsed_before=float(extra.get('elapsed_seconds', 0.0)))
+                 elapsed_before=float(extra.get('elapsed_seconds', 0.0)), startup_seconds=startup)
   loop.run_loop(run, loop.default_actions(config, spe) + list(actions))
   if writer is not None:
     writer.close()
@@ -126,6 +139,7 @@ def _returned(par: parallel.Parallel, state: steps.TrainState, config) -> steps.
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Eval loss and accuracy of the running model and, when present, the (recalibrated) SWA model."""
   config_lib.validate(config)
+  compilation_cache.configure(config.compilation_cache)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
   state = checkpointing.restore_state(config, workdir, spe)

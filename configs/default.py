@@ -121,6 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Train steps per call of the compiled step (a loop on the device); 0 = auto: 8 on a one-device CPU run,
   # where each call pays for fresh temporary buffers, else 1. Logs, checkpoints, SWA updates end a call.
   config.steps_per_dispatch = 0
+  # JAX's persistent compilation cache (cifar_jax/compilation_cache.py): 'auto' = ~/.cache/cifar_jax/jax
+  # (or $JAX_COMPILATION_CACHE_DIR), a folder, or '' for none. A second run of a config compiles nothing.
+  config.compilation_cache = 'auto'
   config.log_every_steps = 50  # progress bar refresh (a host sync); metrics are per epoch
   config.progress_bar = True
   config.halt_on_nan = True

@@ -22,7 +22,7 @@ from cifar_jax import preemption
 from cifar_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ('images_per_second', 'elapsed_seconds', 'compile_seconds')
+TIMING_KEYS = metrics_writer.TIMING_KEYS
 # ResNet9 of width 1/8 on 320 synthetic images: 5 steps an epoch, 3 epochs, a checkpoint every 2 steps.
 ARGS = ['--config=configs/smoke.py', '--config.model.width_multiplier=0.125', '--config.num_epochs=3',
         '--config.data.synthetic_train_size=320', '--config.data.synthetic_eval_size=64',

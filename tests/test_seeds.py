@@ -34,7 +34,7 @@ from cifar_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-
 
 K = 3
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
-TIMING_KEYS = ('images_per_second', 'elapsed_seconds', 'compile_seconds')
+TIMING_KEYS = metrics_writer.TIMING_KEYS
 
 
 def _config(tiny_config, num_seeds: int = 1, seed: int = 0):

@@ -20,7 +20,7 @@ from cifar_jax import steps
 from cifar_jax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ('images_per_second', 'elapsed_seconds', 'compile_seconds')
+TIMING_KEYS = metrics_writer.TIMING_KEYS
 
 
 def _state(config, steps_per_epoch=4):
