@@ -252,14 +252,28 @@ class Parallel:
     processes run). `in_axes` (pmap only) marks host scalars
     (None) among arrays with a device axis (0).
     """
+    return self.lower(fn, *args, donate_argnums=donate_argnums, in_axes=in_axes)()
+
+  def lower(self, fn, *args, donate_argnums=(), in_axes=0):
+    """`compile` in two halves: traces and lowers `fn` now, and returns the function that compiles it.
+
+    The compile runs in XLA without Python, so a run compiles its programs in threads at once
+    (`program.Program.compile`).
+    """
     if self.mode == 'jit':
       # With seeds every output has the leading seed axis (`seeded`), split like the inputs.
       out = self.replicated if self.num_seeds == 1 else NamedSharding(self.mesh, P(SEED_AXIS))
-      return jax.jit(fn, out_shardings=out, donate_argnums=donate_argnums).lower(*args).compile()
+      return jax.jit(fn, out_shardings=out, donate_argnums=donate_argnums).lower(*args).compile
     pmapped = jax.pmap(fn, axis_name=DATA_AXIS, in_axes=in_axes, donate_argnums=donate_argnums)
-    if jax.process_count() == 1:  # across processes pmap cannot lower ahead; its first call compiles
-      pmapped.lower(*args).compile()  # fills pmap's cache: the calls that follow do not compile
-    return pmapped
+    if jax.process_count() > 1:  # across processes pmap cannot lower ahead; its first call compiles
+      return lambda: pmapped
+    lowered = pmapped.lower(*args)
+
+    def compile_pmapped():
+      lowered.compile()  # fills pmap's cache: the calls that follow do not compile
+      return pmapped
+
+    return compile_pmapped
 
 
 def create(parallelism: str, devices=None, num_seeds: int = 1, seed_devices: int = 0) -> Parallel:

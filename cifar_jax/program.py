@@ -8,8 +8,10 @@ a compiled function is named with its kind (`ARG_KINDS`), from which the seed an
 """
 
 import collections
+import concurrent.futures
 import dataclasses
 import functools
+import os
 import time
 from typing import Any, Callable
 
@@ -169,13 +171,13 @@ class Program:
       traced.__name__ = traced.__qualname__ = FUNCTION_PREFIX + name
 
       seeded = par.seeded(traced, in_axes=tuple(0 if k == SEED else None for k in kinds))
-      return par.compile(seeded, *args, donate_argnums=donate,
-                         in_axes=tuple(None if k == HOST else 0 for k in kinds))
+      return par.lower(seeded, *args, donate_argnums=donate,
+                       in_axes=tuple(None if k == HOST else 0 for k in kinds))
 
     start = time.perf_counter()
     sizes = batch_sizes(n, config.batch_size, spe)
     permutation = build('permutation', functools.partial(input_pipeline.epoch_permutation,
-                                                         num_examples=n), data_key, 0)
+                                                         num_examples=n), data_key, 0)()
     first_perm = permutation(data_key, 0)
     max_steps_per_call = steps_per_dispatch(config, par.num_devices)
     step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
@@ -210,8 +212,24 @@ class Program:
         program.reset_batch_stats = par.place_per_seed(
             swa.reset_batch_stats(par.host(state.batch_stats)))
     del first_perm
+    program.compile_all()
     program.compile_seconds = time.perf_counter() - start
     return program
+
+  def compile_all(self) -> None:
+    """Compiles the lowered functions (`Parallel.lower`) in threads at once: XLA compiles each on a core
+    of its own (a run's batch sizes, eval, the SWA functions), or loads it from the compilation cache."""
+    pending = {(name, key): value for name in ('train', 'recalibrate')
+               for key, value in getattr(self, name).items()}
+    pending.update({(name, None): getattr(self, name) for name in ('eval', 'swa_update', 'swa_eval')
+                    if getattr(self, name) is not None})
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+      done = dict(zip(pending, pool.map(lambda compile_fn: compile_fn(), pending.values())))
+    for (name, key), compiled in done.items():
+      if key is None:
+        setattr(self, name, compiled)
+      else:
+        getattr(self, name)[key] = compiled
 
   # The calls the host loop makes ---------------------------------------------------------------------
 

@@ -1,0 +1,116 @@
+"""Whole processes, taking turns: `cifar-jax` with a cold and a warm compilation cache against the PyTorch
+reference (scripts/compare_frameworks.py --only=torch), one short run of the same config each.
+
+  python scripts/bench_startup.py --repeats=3 --out=/tmp/bench_startup.json
+
+The data: the first `--num_train` images of ../shared/data/cifar10/cifar10_train.npz as the training set
+and the next `--num_test` as its test set, written to a temporary npz. Each round runs every variant once,
+in a rotated order (one round of warm-up first, not counted); a cold run gets an empty cache folder, a warm
+run the folder its variant filled. Reports the median wall time of each variant, the epoch's images/s,
+and for JAX the start-up split the run logged (imports, devices, data, init, compile).
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, '..', 'shared', 'data', 'cifar10', 'cifar10_train.npz')
+STARTUP = re.compile(r'Start-up ([\d.]+) s before the first step: imports ([\d.]+), devices ([\d.]+), '
+                     r'data ([\d.]+), init ([\d.]+), compile ([\d.]+)')
+VARIANTS = ('jax_cold', 'jax_warm', 'torch')
+
+
+def make_data(path: str, num_train: int, num_test: int) -> None:
+  with np.load(DATA) as f:
+    x, y = f['x_train'], f['y_train']
+  np.savez(path, x_train=x[:num_train], y_train=y[:num_train],
+           x_test=x[num_train:num_train + num_test], y_test=y[num_train:num_train + num_test])
+
+
+def command(variant: str, args, workdir: str, npz: str, cache: str) -> list[str]:
+  overrides = [f'--config.model.width_multiplier={args.width}', f'--config.num_epochs={args.epochs}',
+               '--config.data.source=npz', f'--config.data.path={npz}', '--config.progress_bar=False']
+  if variant == 'torch':
+    return [sys.executable, 'scripts/compare_frameworks.py', f'--config={args.config}', '--only=torch',
+            '--seeds=1', f'--workdir={workdir}', *overrides]
+  return [sys.executable, '-m', 'cifar_jax.main', f'--config={args.config}', f'--workdir={workdir}',
+          *overrides, f'--config.compilation_cache={cache}']
+
+
+def run_once(variant: str, args, tmp: str, npz: str, index: int) -> dict:
+  workdir = os.path.join(tmp, f'{variant}_{index}')
+  cache = os.path.join(tmp, f'cache_{variant}' + (f'_{index}' if variant == 'jax_cold' else ''))
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  start = time.perf_counter()
+  result = subprocess.run(command(variant, args, workdir, npz, cache), cwd=ROOT, env=env,
+                          capture_output=True, text=True, check=False)
+  wall = time.perf_counter() - start
+  if result.returncode:
+    raise RuntimeError(f'{variant} failed:\n{result.stderr[-3000:]}')
+  run_dir = os.path.join(workdir, 'torch', 'seed_0') if variant == 'torch' else workdir
+  with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
+    records = [json.loads(line) for line in f if line.strip()]
+  out = {'wall_seconds': wall, 'images_per_second': records[0]['images_per_second'],
+         'eval_accuracy': records[-1]['eval_accuracy']}
+  match = STARTUP.search(result.stderr)
+  if match:
+    out.update(zip(('startup', 'imports', 'devices', 'data', 'init', 'compile'),
+                   (float(v) for v in match.groups())))
+  shutil.rmtree(workdir, ignore_errors=True)
+  return out
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--config', default='configs/one_cycle.py')
+  parser.add_argument('--width', type=float, default=0.25)
+  parser.add_argument('--epochs', type=int, default=1)
+  parser.add_argument('--num_train', type=int, default=20000)
+  parser.add_argument('--num_test', type=int, default=1000)
+  parser.add_argument('--repeats', type=int, default=3)
+  parser.add_argument('--out', default=None, help='JSON with every run')
+  args = parser.parse_args()
+  tmp = tempfile.mkdtemp(prefix='bench_startup_')
+  npz = os.path.join(tmp, 'data.npz')
+  make_data(npz, args.num_train, args.num_test)
+  runs = {v: [] for v in VARIANTS}
+  for index in range(args.repeats + 1):  # round 0 warms the page cache and fills jax_warm's cache
+    order = VARIANTS[index % 3:] + VARIANTS[:index % 3]
+    for variant in order:
+      r = run_once(variant, args, tmp, npz, index)
+      print(f'round {index} {variant}: {json.dumps(r)}', flush=True)
+      if index:
+        runs[variant].append(r)
+  summary = {}
+  for variant, rs in runs.items():
+    summary[variant] = {key: statistics.median(r[key] for r in rs) for key in rs[0]}
+  torch_wall = summary['torch']['wall_seconds']
+  print(f'\n{args.config}, width {args.width}, {args.epochs} epoch(s), {args.num_train} train + '
+        f'{args.num_test} test images; medians of {args.repeats} rounds')
+  print('| variant | wall s | / torch | epoch img/s | start-up s | imports | devices | data | init '
+        '| compile |')
+  print('| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |')
+  for variant, s in summary.items():
+    split = ' | '.join(f"{s[k]:.1f}" if k in s else '' for k in
+                       ('startup', 'imports', 'devices', 'data', 'init', 'compile'))
+    print(f"| {variant} | {s['wall_seconds']:.1f} | {s['wall_seconds'] / torch_wall:.2f} | "
+          f"{s['images_per_second']:.0f} | {split} |")
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({'args': vars(args), 'runs': runs, 'summary': summary}, f, indent=1)
+  shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == '__main__':
+  main()
