@@ -8,6 +8,10 @@ and the next `--num_test` as its test set, written to a temporary npz. Each roun
 in a rotated order (one round of warm-up first, not counted); a cold run gets an empty cache folder, a warm
 run the folder its variant filled. Reports the median wall time of each variant, the epoch's images/s,
 and for JAX the start-up split the run logged (imports, devices, data, init, compile).
+
+`--before=TREE` adds `jax_before`: `cifar-jax` from another checkout (an older commit, e.g. made with
+`git worktree add /tmp/before COMMIT`), for its steady-state epoch speed beside today's;
+`--variants` picks which variants run.
 """
 
 import argparse
@@ -38,13 +42,15 @@ def make_data(path: str, num_train: int, num_test: int) -> None:
 
 
 def command(variant: str, args, workdir: str, npz: str, cache: str) -> list[str]:
+  """The command line of a variant (run from the repository root, or from --before's tree)."""
   overrides = [f'--config.model.width_multiplier={args.width}', f'--config.num_epochs={args.epochs}',
                '--config.data.source=npz', f'--config.data.path={npz}', '--config.progress_bar=False']
   if variant == 'torch':
     return [sys.executable, 'scripts/compare_frameworks.py', f'--config={args.config}', '--only=torch',
             '--seeds=1', f'--workdir={workdir}', *overrides]
+  cache_flag = [] if variant == 'jax_before' else [f'--config.compilation_cache={cache}']
   return [sys.executable, '-m', 'cifar_jax.main', f'--config={args.config}', f'--workdir={workdir}',
-          *overrides, f'--config.compilation_cache={cache}']
+          *overrides, *cache_flag]
 
 
 def run_once(variant: str, args, tmp: str, npz: str, index: int) -> dict:
@@ -52,8 +58,12 @@ def run_once(variant: str, args, tmp: str, npz: str, index: int) -> dict:
   cache = os.path.join(tmp, f'cache_{variant}' + (f'_{index}' if variant == 'jax_cold' else ''))
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   env.pop('JAX_COMPILATION_CACHE_DIR', None)
+  cwd = ROOT
+  if variant == 'jax_before':
+    cwd = os.path.abspath(args.before)
+    env['PYTHONPATH'] = cwd
   start = time.perf_counter()
-  result = subprocess.run(command(variant, args, workdir, npz, cache), cwd=ROOT, env=env,
+  result = subprocess.run(command(variant, args, workdir, npz, cache), cwd=cwd, env=env,
                           capture_output=True, text=True, check=False)
   wall = time.perf_counter() - start
   if result.returncode:
@@ -80,13 +90,16 @@ def main() -> None:
   parser.add_argument('--num_test', type=int, default=1000)
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--out', default=None, help='JSON with every run')
+  parser.add_argument('--before', default=None, help='another checkout: adds the jax_before variant')
+  parser.add_argument('--variants', default=','.join(VARIANTS), help='comma-separated')
   args = parser.parse_args()
+  variants = tuple(args.variants.split(',')) + (('jax_before',) if args.before else ())
   tmp = tempfile.mkdtemp(prefix='bench_startup_')
   npz = os.path.join(tmp, 'data.npz')
   make_data(npz, args.num_train, args.num_test)
-  runs = {v: [] for v in VARIANTS}
+  runs = {v: [] for v in variants}
   for index in range(args.repeats + 1):  # round 0 warms the page cache and fills jax_warm's cache
-    order = VARIANTS[index % 3:] + VARIANTS[:index % 3]
+    order = variants[index % len(variants):] + variants[:index % len(variants)]
     for variant in order:
       r = run_once(variant, args, tmp, npz, index)
       print(f'round {index} {variant}: {json.dumps(r)}', flush=True)
@@ -95,7 +108,7 @@ def main() -> None:
   summary = {}
   for variant, rs in runs.items():
     summary[variant] = {key: statistics.median(r[key] for r in rs) for key in rs[0]}
-  torch_wall = summary['torch']['wall_seconds']
+  torch_wall = summary['torch']['wall_seconds'] if 'torch' in summary else float('nan')
   print(f'\n{args.config}, width {args.width}, {args.epochs} epoch(s), {args.num_train} train + '
         f'{args.num_test} test images; medians of {args.repeats} rounds')
   print('| variant | wall s | / torch | epoch img/s | start-up s | imports | devices | data | init '
