@@ -44,6 +44,7 @@ CHECK = dict(model='resnet9', width=0.25, batch=32, steps=8, eval_images=256)
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda12-plugin', 'flax', 'optax', 'orbax-checkpoint',
             'ml_collections', 'numpy', 'pillow', 'torch', 'tensorflow-datasets', 'tensorboardX')
 _lock = threading.Lock()
+_children = set()  # the process groups of running children, ended with this process (SIGTERM)
 
 
 def append(out: str, row: dict) -> dict:
@@ -103,6 +104,7 @@ def run_logged(cmd, deadline: float, poll=None, on_line=None, env=None):
   start = time.time()
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           text=True, start_new_session=True)
+  _children.add(proc.pid)
   tail = collections.deque(maxlen=40)
 
   def read():
@@ -133,10 +135,22 @@ def run_logged(cmd, deadline: float, poll=None, on_line=None, env=None):
       break
     time.sleep(0.5)
   proc.wait()
+  _children.discard(proc.pid)
   reader.join(timeout=5)
   if poll:
     poll()
   return status or ('ok' if proc.returncode == 0 else 'failed'), time.time() - start, list(tail)
+
+
+def _end_children(signum, frame) -> None:
+  """SIGTERM (gpu_check.sh's timeout): the children run in sessions of their own, so end them too."""
+  del frame
+  for pid in list(_children):
+    try:
+      os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  sys.exit(128 + signum)
 
 
 def _note(tail: list[str]) -> str:
@@ -661,6 +675,7 @@ def main():
   args = parser.parse_args()
   os.makedirs(args.out, exist_ok=True)
   os.makedirs(args.work, exist_ok=True)
+  signal.signal(signal.SIGTERM, _end_children)
   if args.stage == 'record':
     args.stage = args.stage_name
     record(args)

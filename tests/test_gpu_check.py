@@ -134,3 +134,27 @@ def test_gpu_check_with_too_little_time_skips_stages_and_keeps_its_deadline(tmp_
   assert all(ends[s]['status'] == 'skipped' for s in gpu_stages.STAGES[2:]), ends
   assert seconds < 40 + 10, seconds
   assert 'skipped' in (tmp_path / 'out' / 'summary.md').read_text()
+
+
+def test_a_stage_ended_by_sigterm_ends_its_children(tmp_path):
+  pid_file = tmp_path / 'child.pid'
+  child = f'import os, time\nopen({str(pid_file)!r}, "w").write(str(os.getpid()))\ntime.sleep(60)\n'
+  stage = (f'import signal, sys\nsys.path.insert(0, {os.path.join(ROOT, "scripts")!r})\nimport gpu_stages\n'
+           'signal.signal(signal.SIGTERM, gpu_stages._end_children)\n'
+           f'gpu_stages.run_logged([sys.executable, "-c", {child!r}], float("inf"))\n')
+  proc = subprocess.Popen([sys.executable, '-c', stage])
+  for _ in range(100):
+    if pid_file.exists() and pid_file.read_text():
+      break
+    time.sleep(0.1)
+  child_pid = int(pid_file.read_text())
+  proc.terminate()
+  assert proc.wait(timeout=10) == 128 + 15
+  for _ in range(50):
+    try:
+      os.kill(child_pid, 0)
+    except ProcessLookupError:
+      break
+    time.sleep(0.1)
+  else:
+    pytest.fail(f'the child {child_pid} outlived its stage')
