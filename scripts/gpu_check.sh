@@ -124,24 +124,31 @@ if ! "$PY" -c 'import ml_collections' 2>/dev/null; then
     || say "gpu_check: ml_collections is missing and .whl/ holds no wheel of it (python scripts/gpu_bundle.py)"
 fi
 
-if [[ -n $SMOKE && -z "${GPU_CHECK_DATA:-}" ]]; then  # 320 synthetic images in the bundle's format
-  "$PY" scripts/gpu_bundle.py --no_wheels --synthetic=320 --data_dir="$DATA" --budget_mib=2 --workers=1 \
-    >>"$LOG" 2>&1 || say "gpu_check: the smoke's image bundle failed (see $LOG)"
-fi
-
 # Preflight: a wrong backend stops everything, with one line and no row.
 say "== preflight"
-if ! timeout -k 5 $((DEADLINE_S / 4)) "$PY" scripts/gpu_stages.py preflight --out="$OUT" --work="$WORK" \
-    --expect="$BACKEND" --data="$DATA" >"$WORK/preflight.out" 2>&1; then
-  cat "$WORK/preflight.out" >>"$LOG"
+t0=$(date +%s)
+limit=$((DEADLINE - RESERVE - t0))
+((limit > 90)) && limit=90
+timeout -k 5 "$limit" "$PY" scripts/gpu_stages.py preflight --out="$OUT" --work="$WORK" --expect="$BACKEND" \
+  --data="$DATA" >"$WORK/preflight.out" 2>&1
+rc=$?
+cat "$WORK/preflight.out" >>"$LOG"
+if ((rc != 0)); then
   STOPPED=$(grep '^gpu_check:' "$WORK/preflight.out" | tail -n 1)
-  STOPPED=${STOPPED:-"gpu_check: the preflight failed: $(tail -n 1 "$WORK/preflight.out")"}
+  ((rc == 124 || rc == 137)) && STOPPED=${STOPPED:-"gpu_check: the preflight ran past ${limit} s"}
+  STOPPED=${STOPPED:-"gpu_check: the preflight failed (exit $rc): $(tail -n 1 "$WORK/preflight.out")"}
   rm -f "$OUT/results.jsonl"
   echo "$STOPPED" >&2
   exit 3
 fi
-tee -a "$LOG" <"$WORK/preflight.out"
-record preflight ok "$(($(date +%s) - START))" 0 ""
+cat "$WORK/preflight.out"
+record preflight ok $(($(date +%s) - t0)) 0 ""
+
+if [[ -n $SMOKE && -z "${GPU_CHECK_DATA:-}" ]]; then  # 320 synthetic images in the bundle's format
+  timeout -k 2 $((DEADLINE - RESERVE - $(date +%s) > 1 ? DEADLINE - RESERVE - $(date +%s) : 1)) \
+    "$PY" scripts/gpu_bundle.py --no_wheels --synthetic=320 --data_dir="$DATA" --budget_mib=2 --workers=1 \
+    >>"$LOG" 2>&1 || say "gpu_check: the smoke's image bundle failed (see $LOG)"
+fi
 
 run_stage correctness 15 120 0
 run_stage jax_step 40 260 0 --model="$MODEL" --width="$WIDTH" --dtypes="$DTYPES" --batches="$BATCHES" \

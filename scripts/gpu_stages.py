@@ -207,7 +207,7 @@ def preflight(args) -> None:
   row = {'stage': 'preflight', 'status': 'measured', 'expect': args.expect, 'jax_backend': backend,
          'jax_devices': [str(d) for d in devices], 'device_kind': devices[0].device_kind,
          'device_count': len(devices), 'jax_platforms': platforms,
-         'jax_default_matmul_precision': str(jax.config.jax_default_matmul_precision),
+         'jax_default_matmul_precision': str(getattr(jax.config, 'jax_default_matmul_precision', None)),
          'xla_flags': os.environ.get('XLA_FLAGS', ''), 'python': platform.python_version(),
          'versions': {p: _version(p) for p in PACKAGES}, 'cpu_count': os.cpu_count(),
          'compile_cache': os.environ.get('JAX_COMPILATION_CACHE_DIR', '')}
@@ -242,12 +242,12 @@ def preflight(args) -> None:
     row['ml_collections'] = False
   if args.data:
     manifest = os.path.join(args.data, 'manifest.json')
-    if os.path.isfile(manifest):
+    try:
       with open(manifest) as f:
         m = json.load(f)
       row['data'] = {'path': args.data, 'count': m.get('count'), 'strips': len(m.get('strips', []))}
-    else:
-      row['data'] = {'path': args.data, 'missing': True}
+    except (OSError, ValueError, AttributeError, TypeError) as e:  # the train stage will say more
+      row['data'] = {'path': args.data, 'unreadable': describe(e)}
   append(args.out, row)
   print(f'preflight: JAX {jax.__version__} on {backend} ({devices[0].device_kind} x{len(devices)}); torch '
         f'{row.get("torch_backend")} ({row.get("torch_device", row.get("torch_error"))})', flush=True)
@@ -486,6 +486,9 @@ def train(args) -> None:
   # The training set a whole number of batches (one compiled step), the rest held out for evaluation.
   n_train = (count - args.eval_size) // args.batch * args.batch
   n_eval = count - n_train
+  if n_train < args.batch:
+    skip(args.out, {'stage': 'train', 'note': f'{count} images in {args.data}: too few for a batch of '
+                                              f'{args.batch} and {args.eval_size} held out'})
   epoch_s, start_s, basis = _estimate(args, n_train, n_eval)
   left = args.deadline - time.time()
   epochs = min(args.max_epochs, int((left - start_s) / epoch_s))
