@@ -12,10 +12,13 @@ Measured on a 2-core Sapphire Rapids VM (BENCHMARKS.md, "JAX vs PyTorch on the C
   noise (two runs: 0.94x and 1.12x).
 
 `cifar-jax` calls `configure` before anything touches a device; in a notebook, call it before the first
-JAX computation. Settings already in XLA_FLAGS are left as they are.
+JAX computation. Settings already in XLA_FLAGS are left as they are, and a run on a GPU (`gpu_run`) gets
+none: its backend is not XLA:CPU, and a run whose GPU fails to start should not become a tuned CPU run.
 """
 
+import importlib.metadata
 import os
+import subprocess
 
 from absl import logging
 
@@ -29,6 +32,41 @@ except ImportError:  # a JAX that moved it: `backend_started` then assumes the f
 YNN_FLAG = '--xla_cpu_experimental_ynn_fusion_type'
 EIGEN_CONVOLUTIONS = f'{YNN_FLAG}=-individual_convolution'
 DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
+GPU_PLATFORMS = ('cuda', 'gpu', 'rocm')
+
+
+def _gpu_plugins() -> list[str]:
+  """The JAX GPU plugins installed (entry points such as xla_cuda12), read without importing them."""
+  try:
+    names = [e.name for e in importlib.metadata.entry_points(group='jax_plugins')]
+  except Exception:  # pylint: disable=broad-except
+    return []
+  return [n for n in names if any(p in n for p in ('cuda', 'rocm'))]
+
+
+def _gpu_listed() -> bool:
+  """Whether `nvidia-smi -L` lists a GPU (or, for ROCm, /dev/kfd exists)."""
+  if os.path.exists('/dev/kfd'):
+    return True
+  if os.environ.get('CUDA_VISIBLE_DEVICES', None) in ('', '-1'):
+    return False
+  try:
+    proc = subprocess.run(['nvidia-smi', '-L'], capture_output=True, text=True, timeout=10, check=False)
+  except (OSError, subprocess.SubprocessError):
+    return False
+  return proc.returncode == 0 and 'GPU' in proc.stdout
+
+
+def gpu_run() -> bool:
+  """Whether JAX will start on a GPU, judged without starting it (XLA_FLAGS are read when it starts).
+
+  JAX_PLATFORMS set: whether its first platform is cuda, gpu or rocm. Unset: whether a JAX GPU plugin
+  is installed and `nvidia-smi -L` lists a GPU (ROCm: /dev/kfd exists).
+  """
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip().lower()
+  if platforms:
+    return platforms.split(',')[0].strip() in GPU_PLATFORMS
+  return bool(_gpu_plugins()) and _gpu_listed()
 
 
 def backend_started() -> bool:
@@ -66,7 +104,9 @@ def uses_onednn(config) -> bool:
 
 
 def configure(config) -> list[str]:
-  """Adds the fast XLA:CPU settings for `config` to XLA_FLAGS; returns the flags it added."""
+  """Adds the fast XLA:CPU settings for `config` to XLA_FLAGS; returns the flags it added (none on a GPU)."""
+  if gpu_run():
+    return []
   if backend_started():
     logging.warning('JAX started before cpu_backend.configure: XLA:CPU keeps its current settings.')
     return []

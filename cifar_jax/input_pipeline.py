@@ -1,4 +1,5 @@
-"""CIFAR-10 from TFDS, an npz file, torchvision's pickles or a synthetic generator; batches made on device.
+"""CIFAR-10 from TFDS, an npz file, torchvision's pickles, lossless image strips or a synthetic generator;
+batches made on device.
 
 The dataset is held on the accelerator as uint8 once. Every batch (order, crop offsets, flips) is a pure
 function of (seed, epoch, step), so any step's batch can be regenerated after a resume, and the augmentation
@@ -6,6 +7,9 @@ runs inside the jitted train step.
 """
 
 import dataclasses
+import hashlib
+import io
+import json
 import os
 import pickle
 import socket
@@ -13,6 +17,7 @@ import socket
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from cifar_jax.errors import DataError
 
@@ -22,7 +27,15 @@ STD_RGB = (0.2023, 0.1994, 0.2010)
 IMAGE_SIZE = 32
 PAD = 4  # RandomCrop(32, padding=4), zero padding.
 NUM_CLASSES = 10
-SOURCES = ('tfds', 'npz', 'cifar10_python', 'synthetic')
+SOURCES = ('tfds', 'npz', 'cifar10_python', 'images', 'synthetic')
+# data.source=images: a folder of lossless image strips and this manifest (scripts/gpu_bundle.py writes it).
+IMAGES_MANIFEST = 'manifest.json'
+IMAGES_FORMAT = 'cifar_jax.image_strips.v1'
+# The other sources, and how to choose one, for the errors of a source that cannot load.
+OTHER_SOURCES = ('--config.data.source=npz --config.data.path=FILE.npz (x_train, y_train), '
+                 '--config.data.source=cifar10_python --config.data.path=cifar-10-batches-py, '
+                 '--config.data.source=images --config.data.path=FOLDER (scripts/gpu_bundle.py) or '
+                 '--config.data.source=synthetic')
 
 # The archive TFDS's cifar10 builder downloads (its checksum is registered in tensorflow-datasets).
 CIFAR10_BINARY_URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz'
@@ -138,6 +151,55 @@ def load_cifar10_python(path: str) -> dict[str, np.ndarray]:
           'x_test': x_test, 'y_test': y_test}
 
 
+def load_images(path: str) -> dict[str, np.ndarray]:
+  """x_train, y_train from a folder of lossless image strips and its manifest (scripts/gpu_bundle.py).
+
+  Each strip is `count` images stacked vertically (count * 32 x 32 RGB, lossless WebP or PNG); the
+  manifest gives each strip's file, sha256, count and labels (one digit an image), and the sha256 of all
+  the decoded images, which is checked: what loads is bit for bit what was bundled.
+  """
+  manifest_path = os.path.join(path, IMAGES_MANIFEST) if path and os.path.isdir(path) else path
+  if not manifest_path or not os.path.isfile(manifest_path):
+    raise DataError(f'data.path: {path!r} is not a folder with {IMAGES_MANIFEST}; data.source=images reads '
+                    'the folder scripts/gpu_bundle.py writes (.gpu_data)')
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f'data.path: cannot read {manifest_path!r} as JSON ({e})') from e
+  if not isinstance(manifest, dict) or manifest.get('format') != IMAGES_FORMAT:
+    raise DataError(f'data.path: {manifest_path!r} is not a {IMAGES_FORMAT} manifest')
+  folder = os.path.dirname(manifest_path)
+  images, labels = [], []
+  for strip in manifest.get('strips', []):
+    file = os.path.join(folder, strip['file'])
+    try:
+      with open(file, 'rb') as f:
+        data = f.read()
+    except OSError as e:
+      raise DataError(f'data.path: cannot read {file!r} ({e})') from e
+    if hashlib.sha256(data).hexdigest() != strip['sha256']:
+      raise DataError(f'data.path: {file!r} differs from its sha256 in the manifest (a partial copy?)')
+    try:
+      with Image.open(io.BytesIO(data)) as image:
+        pixels = np.asarray(image.convert('RGB'))
+    except Exception as e:  # Pillow without WebP, a truncated file
+      raise DataError(f'data.path: Pillow cannot decode {file!r} ({e})') from e
+    count = int(strip['count'])
+    if pixels.shape != (count * IMAGE_SIZE, IMAGE_SIZE, 3) or len(strip['labels']) != count:
+      raise DataError(f'data.path: {file!r} holds {pixels.shape} pixels and {len(strip["labels"])} labels, '
+                      f'the manifest says {count} images of 32x32')
+    images.append(pixels.reshape(count, IMAGE_SIZE, IMAGE_SIZE, 3))
+    labels.append(np.frombuffer(strip['labels'].encode('ascii'), np.uint8) - ord('0'))
+  if not images:
+    raise DataError(f'data.path: {manifest_path!r} lists no image strips')
+  x_train, y_train = _check_arrays(np.concatenate(images), np.concatenate(labels), f'data.path: {path!r}')
+  if hashlib.sha256(x_train.tobytes()).hexdigest() != manifest.get('images_sha256'):
+    raise DataError(f'data.path: the images decoded from {path!r} differ from the bundled ones '
+                    '(images_sha256 in the manifest)')
+  return {'x_train': x_train, 'y_train': y_train}
+
+
 def make_synthetic(num_train: int, num_eval: int, seed: int = 0) -> dict[str, np.ndarray]:
   """Images whose label is learnable: a smooth per-class colour pattern plus noise."""
   rng = np.random.default_rng(seed)
@@ -187,15 +249,22 @@ def _probe_network(url: str, root: str, timeout: float = NETWORK_PROBE_TIMEOUT_S
   except OSError as e:
     raise DataError(
         f'data.source=tfds: CIFAR-10 is not prepared in {root} and {host} cannot be reached '
-        f'({e}). Offline, use data.source=npz (data.path=FILE.npz with x_train, y_train), '
-        'data.source=cifar10_python (data.path=cifar-10-batches-py folder) or data.source=synthetic.'
-    ) from e
+        f'({e}). Offline, choose another source: {OTHER_SOURCES}.') from e
+
+
+def _import_tfds():
+  """tensorflow_datasets, or a DataError naming the sources that do without it."""
+  try:
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError('data.source=tfds needs tensorflow_datasets, which is not installed '
+                    f'(pip install tensorflow-datasets); or choose another source: {OTHER_SOURCES}') from e
+  return tfds
 
 
 def _download_archive(data_dir: str) -> str:
   """Downloads and extracts the official binary archive through TFDS's download manager."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
+  tfds = _import_tfds()
   manager = tfds.download.DownloadManager(download_dir=os.path.join(data_dir, 'downloads'))
   return os.fspath(manager.download_and_extract(CIFAR10_BINARY_URL))
 
@@ -214,8 +283,6 @@ def load_tfds(data_dir: str) -> dict[str, np.ndarray]:
   array_record is read through `tfds.data_source`; otherwise the archive the cifar10 builder uses is fetched
   with TFDS's download manager (checksum-verified), parsed with numpy, and cached as an npz in `data_dir`.
   """
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
   root = _default_tfds_dir(data_dir)
   cache = os.path.join(root, 'cifar10_jax', 'cifar10.npz')
   if os.path.isfile(cache):
@@ -224,6 +291,7 @@ def load_tfds(data_dir: str) -> dict[str, np.ndarray]:
     except DataError as e:
       raise DataError(f'data.source=tfds: the cached copy {cache} is unusable ({e}); delete it to '
                       'prepare it again') from e
+  tfds = _import_tfds()
   try:
     sources = {split: tfds.data_source('cifar10', split=split, data_dir=root, download=False)
                for split in ('train', 'test')}
@@ -258,6 +326,8 @@ def load_dataset(data_config, seed: int = 0) -> Dataset:
     arrays = load_npz(data_config.path)
   elif source == 'cifar10_python':
     arrays = load_cifar10_python(data_config.path)
+  elif source == 'images':
+    arrays = load_images(data_config.path)
   elif source == 'tfds':
     arrays = load_tfds(data_config.data_dir)
   elif source == 'synthetic':

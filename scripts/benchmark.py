@@ -18,7 +18,9 @@ Variants, each in its own subprocess:
   torch                `torch_reference.create_torch_model` (same model, width, init) with
                        `create_torch_optimizer` (SGD, coupled weight decay), eager, NCHW.
   torch_channels_last  the same, model and inputs in torch.channels_last.
-  torch_compile        the same, model wrapped in torch.compile (opt in: --torch_modes=...,compile).
+  torch_compile        the same, model wrapped in torch.compile (opt in: --torch_modes=...,compile);
+                       torch_compile_channels_last, compiled and channels_last (compile_channels_last).
+On a GPU every torch variant sets torch.backends.cudnn.benchmark (cuDNN picks its fastest convolutions).
 The torch step also reads uint8 NHWC images already on the device and does crop + flip + normalize there.
 --dtype=bfloat16 is the JAX model's compute dtype (params and BatchNorm statistics stay float32) and
 torch.autocast(bfloat16) for torch. Everything runs on the first device (JAX) / 'cuda' if available (torch).
@@ -62,7 +64,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TORCH_MODES = ('eager', 'channels_last', 'compile')
+TORCH_MODES = ('eager', 'channels_last', 'compile', 'compile_channels_last')
 JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain')
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
 
@@ -223,10 +225,11 @@ def _torch_worker(args, mode: str) -> None:
   torch.manual_seed(0)
   device = torch.device(torch_reference.default_device())
   cuda = device.type == 'cuda'
-  memory_format = torch.channels_last if mode == 'channels_last' else torch.contiguous_format
+  torch.backends.cudnn.benchmark = cuda
+  memory_format = torch.channels_last if mode.endswith('channels_last') else torch.contiguous_format
   model = torch_reference.create_torch_model(config.model).to(device, memory_format=memory_format)
   optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
-  net = torch.compile(model) if mode == 'compile' else model
+  net = torch.compile(model) if mode.startswith('compile') else model
   autocast = (functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
               if args.dtype == 'bfloat16' else contextlib.nullcontext)
 
@@ -383,7 +386,7 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=5, help='train steps (and eval batches) per window')
   parser.add_argument('--windows', type=int, default=3, help='timed windows per variant')
   parser.add_argument('--torch_modes', default='eager,channels_last',
-                      help='comma-separated subset of eager,channels_last,compile; empty: JAX only')
+                      help='comma-separated subset of ' + ','.join(TORCH_MODES) + '; empty: JAX only')
   parser.add_argument('--torch_threads', type=int, default=os.cpu_count(),
                       help='torch.set_num_threads (default os.cpu_count(); on a loaded machine fewer '
                            'threads avoid OpenMP oversubscription)')

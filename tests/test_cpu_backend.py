@@ -89,3 +89,27 @@ def test_one_device_when_asked():
 def test_configure_leaves_the_users_xla_flags_alone():
   out = _probe(3, f'{cpu_backend.DEVICE_COUNT_FLAG}=1 {cpu_backend.YNN_FLAG}=')
   assert out['devices'] == 1 and out['added'] == []
+
+
+def test_gpu_run_reads_jax_platforms_then_the_machine(monkeypatch):
+  for platforms, gpu in (('cuda', True), ('gpu', True), ('rocm', True), ('cuda,cpu', True),
+                         ('cpu', False), ('cpu,cuda', False), ('tpu', False)):
+    monkeypatch.setenv('JAX_PLATFORMS', platforms)
+    assert cpu_backend.gpu_run() is gpu, platforms
+  monkeypatch.delenv('JAX_PLATFORMS')
+  for plugins, listed, gpu in ((['xla_cuda12'], True, True), (['xla_cuda12'], False, False),
+                               ([], True, False)):
+    monkeypatch.setattr(cpu_backend, '_gpu_plugins', lambda plugins=plugins: plugins)
+    monkeypatch.setattr(cpu_backend, '_gpu_listed', lambda listed=listed: listed)
+    assert cpu_backend.gpu_run() is gpu, (plugins, listed)
+
+
+def test_configure_adds_nothing_on_a_gpu(monkeypatch):
+  monkeypatch.setattr(cpu_backend, 'backend_started', lambda: False)  # as before JAX starts
+  monkeypatch.setenv('XLA_FLAGS', '')
+  monkeypatch.setenv('JAX_PLATFORMS', 'cuda')
+  assert cpu_backend.configure(_config(cpu_devices=16)) == []
+  assert os.environ['XLA_FLAGS'] == ''
+  monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
+  assert cpu_backend.configure(_config(cpu_devices=16)) == [cpu_backend.EIGEN_CONVOLUTIONS,
+                                                            f'{cpu_backend.DEVICE_COUNT_FLAG}=16']

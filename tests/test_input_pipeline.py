@@ -1,13 +1,19 @@
 """Data sources on small files the tests write, and the on-device augmentation."""
 
+import hashlib
+import io
+import json
 import os
 import pickle
+import subprocess
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 import pytest
 
 from cifar_jax import input_pipeline as ip
@@ -121,6 +127,72 @@ def test_tfds_offline_fails_fast(tmp_path, monkeypatch):
   with pytest.raises(ip.DataError, match='data.source=npz'):
     ip.load_dataset(_data_config(source='tfds', data_dir=str(tmp_path)))
   assert time.time() - start < 15
+
+
+def test_tfds_missing_names_the_other_sources(tmp_path, monkeypatch):
+  monkeypatch.setitem(sys.modules, 'tensorflow_datasets', None)  # `import tensorflow_datasets` fails
+  with pytest.raises(ip.DataError) as e:
+    ip.load_dataset(_data_config(source='tfds', data_dir=str(tmp_path)))
+  message = str(e.value)
+  assert 'tensorflow_datasets' in message and '\n' not in message
+  for source in ('npz', 'cifar10_python', 'images', 'synthetic'):
+    assert f'--config.data.source={source}' in message
+  # A copy TFDS prepared before (the cached npz) still loads without it.
+  x, y = _images(12)
+  os.makedirs(tmp_path / 'cifar10_jax')
+  np.savez(tmp_path / 'cifar10_jax' / 'cifar10.npz', x_train=x, y_train=y, x_test=x[:4], y_test=y[:4])
+  assert ip.load_dataset(_data_config(source='tfds', data_dir=str(tmp_path))).num_train == 12
+
+
+def test_default_config_without_tfds_fails_with_one_line(tmp_path):
+  blocker = tmp_path / 'blocker'
+  blocker.mkdir()
+  (blocker / 'tensorflow_datasets.py').write_text("raise ImportError('no tensorflow_datasets here')\n")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             PYTHONPATH=os.pathsep.join([str(blocker), root, os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.run(
+      [sys.executable, '-m', 'cifar_jax.main', f'--config={root}/configs/default.py',
+       f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "tfds"}'],
+      cwd=root, env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  assert 'Traceback' not in proc.stderr
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('cifar-jax: error: data.source=tfds needs tensorflow_datasets'), last
+  assert '--config.data.source=images' in last and '--config.data.source=synthetic' in last
+
+
+def _write_strip(folder, images, labels, **changes):
+  """A one-strip bundle written by hand (scripts/gpu_bundle.py writes real ones)."""
+  buffer = io.BytesIO()
+  Image.fromarray(images.reshape(-1, 32, 3)).save(buffer, format='PNG')
+  data = buffer.getvalue()
+  (folder / 'train_0000.png').write_bytes(data)
+  strip = {'file': 'train_0000.png', 'count': len(images), 'sha256': hashlib.sha256(data).hexdigest(),
+           'labels': ''.join(map(str, labels))}
+  manifest = {'format': ip.IMAGES_FORMAT, 'images_sha256': hashlib.sha256(images.tobytes()).hexdigest(),
+              'strips': [strip], **changes}
+  (folder / ip.IMAGES_MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_images_source_reads_a_bundle_and_checks_it(tmp_path):
+  x, y = _images(20)
+  _write_strip(tmp_path, x, y)
+  data = ip.load_dataset(_data_config(source='images', path=str(tmp_path), validation_size=5))
+  np.testing.assert_array_equal(data.train_images, x[:15])
+  np.testing.assert_array_equal(data.eval_labels, y[15:])
+  assert data.eval_split == 'validation' and data.train_labels.dtype == np.int32
+  with pytest.raises(ip.DataError, match='validation_size'):  # a bundle has no test set
+    ip.load_dataset(_data_config(source='images', path=str(tmp_path)))
+  _write_strip(tmp_path, x, y, images_sha256='0' * 64)
+  with pytest.raises(ip.DataError, match='differ from the bundled'):
+    ip.load_images(str(tmp_path))
+  _write_strip(tmp_path, x, y)
+  (tmp_path / 'train_0000.png').write_bytes(b'truncated')
+  with pytest.raises(ip.DataError, match='sha256'):
+    ip.load_images(str(tmp_path))
+  with pytest.raises(ip.DataError, match='manifest.json'):
+    ip.load_images(str(tmp_path / 'nowhere'))
 
 
 def test_synthetic_is_deterministic():
