@@ -31,9 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.conv = 'auto'
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tfds'  # tfds | npz | cifar10_python | synthetic
+  config.data.source = 'tfds'  # tfds | npz | cifar10_python | images (scripts/gpu_bundle.py) | synthetic
   config.data.data_dir = ''  # tfds: where the dataset is prepared ('' = TFDS's default)
-  config.data.path = ''  # npz: the file; cifar10_python: the cifar-10-batches-py folder
+  config.data.path = ''  # npz: the file; cifar10_python: the cifar-10-batches-py folder; images: the folder
   config.data.validation_size = 0  # > 0: hold out this many from the end of train, evaluate on them
   config.data.drop_remainder = False  # False: a final partial batch, like torch's drop_last=False
   config.data.augment = True  # random crop (pad 4) and horizontal flip

@@ -57,8 +57,8 @@ def append(out: str, row: dict) -> dict:
   return row
 
 
-def read_rows(out: str) -> list[dict]:
-  path = os.path.join(out, RESULTS)
+def read_jsonl(path: str) -> list[dict]:
+  """The JSON lines of `path` ([] when missing), skipping a line a kill cut short."""
   if not os.path.isfile(path):
     return []
   rows = []
@@ -69,6 +69,10 @@ def read_rows(out: str) -> list[dict]:
       except ValueError:  # a line cut short by a kill
         pass
   return rows
+
+
+def read_rows(out: str) -> list[dict]:
+  return read_jsonl(os.path.join(out, RESULTS))
 
 
 def skip(out: str, row: dict) -> None:
@@ -418,19 +422,6 @@ def torch_stage(args) -> None:
 # seeds and the end-to-end run ----------------------------------------------------------------------------
 
 
-def _metrics(path: str) -> list[dict]:
-  if not os.path.isfile(path):
-    return []
-  rows = []
-  with open(path) as f:
-    for line in f:
-      try:
-        rows.append(json.loads(line))
-      except ValueError:
-        pass
-  return rows
-
-
 def seeds(args) -> None:
   """bench_seeds.py for k in --seeds: a row for each k as soon as its run ends."""
   workdir = os.path.join(args.work, 'seeds')
@@ -445,7 +436,7 @@ def seeds(args) -> None:
   def on_line(line):
     if line.startswith('k=') and 'images/s' in line:
       k = int(line.split(':')[0][2:])
-      records = _metrics(os.path.join(workdir, f'k{k}', 'metrics.jsonl'))
+      records = read_jsonl(os.path.join(workdir, f'k{k}', 'metrics.jsonl'))
       ips = float(line.split(':')[1].split()[0])
       append(args.out, {'stage': 'seeds', 'status': 'measured', 'k': k, 'images_per_second': ips,
                         'per_seed': ips / k, 'epochs': args.epochs, 'train_size': args.train_size,
@@ -512,7 +503,7 @@ def train(args) -> None:
   seen = []
 
   def poll():
-    for record in _metrics(os.path.join(workdir, 'metrics.jsonl'))[len(seen):]:
+    for record in read_jsonl(os.path.join(workdir, 'metrics.jsonl'))[len(seen):]:
       seen.append(record)
       keep = ('epoch', 'train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy', 'images_per_second',
               'elapsed_seconds', 'compile_seconds', 'learning_rate')
