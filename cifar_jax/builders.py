@@ -79,7 +79,7 @@ INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_
 
 @functools.lru_cache(maxsize=8)
 def _compiled_init(model: models.ResNet):
-  """The model's initialisation for any key, compiled once (every seed and every call reuses it).
+  """The model's initialisation for any key, jitted once (every seed and every call reuses it).
 
   `lazy_init` traces the forward pass for the shapes only, so the program holds just the initialisers.
   Compiled as one program its values differ from an op-by-op `model.init` by float32 rounding (within
@@ -87,8 +87,8 @@ def _compiled_init(model: models.ResNet):
   tests/test_models.py); before 2026-11-30 the trainer initialised op by op.
   """
   shape = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  fn = jax.jit(lambda key: model.lazy_init(key, shape, train=False))
-  return fn.lower(jax.random.PRNGKey(0)).compile(compiler_options=INIT_COMPILER_OPTIONS)
+  return jax.jit(lambda key: model.lazy_init(key, shape, train=False),
+                 compiler_options=INIT_COMPILER_OPTIONS)  # compiled once per kind of key
 
 
 def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
