@@ -18,7 +18,7 @@ from configs import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ['--config=configs/tiny.py', '--config.num_epochs=1', '--config.cpu_devices=1']
-# A warm start loads every program: measured 0.3-0.6 s against 3-6 s compiling (2-core CPU).
+# A warm start loads its programs instead of compiling them: it must take under half the cold compile time.
 WARM_COMPILE_FRACTION = 0.5
 
 
