@@ -72,29 +72,33 @@ def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, 
       conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
 
 
-# XLA's optimisation level for the model's initialisation: the program runs once per seed, so the time
-# an optimised compile of its random-number kernels takes would not pay back.
+# XLA's optimisation level for the initial state (the model's initialisers, the optimizer's zeros): the
+# program runs once per seed, so the time an optimised compile of its random-number kernels takes would
+# not pay back.
 INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
+INPUT_SHAPE = (1, 32, 32, 3)  # what `lazy_init` traces the forward pass with (for the shapes only)
+
+
+def _variables(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
+  """The model's initial params and batch stats ({} for GroupNorm models) for `key`."""
+  variables = model.lazy_init(key, jax.ShapeDtypeStruct(INPUT_SHAPE, jnp.float32), train=False)
+  return variables['params'], variables.get('batch_stats', {})
 
 
 @functools.lru_cache(maxsize=8)
 def _compiled_init(model: models.ResNet):
-  """The model's initialisation for any key, jitted once (every seed and every call reuses it).
-
-  `lazy_init` traces the forward pass for the shapes only, so the program holds just the initialisers.
-  Compiled as one program its values differ from an op-by-op `model.init` by float32 rounding (within four
-  float32 epsilons of each tensor's largest value, tests/test_models.py); before 2026-11-30 the trainer
-  initialised op by op.
-  """
-  shape = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
-  return jax.jit(lambda key: model.lazy_init(key, shape, train=False),
-                 compiler_options=INIT_COMPILER_OPTIONS)  # compiled once per kind of key
+  """`_variables` jitted once per model (every call reuses it), as `create_train_state` compiles it."""
+  return jax.jit(functools.partial(_variables, model=model), compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
-  """Initial params and batch stats ({} for GroupNorm models)."""
-  variables = _compiled_init(model)(key)
-  return variables['params'], variables.get('batch_stats', {})
+  """Initial params and batch stats ({} for GroupNorm models), as the initial TrainState holds them.
+
+  Compiled as one program the initialisers' values differ from an op-by-op `model.init` by float32
+  rounding (within four float32 epsilons of each tensor's largest value, tests/test_models.py); before
+  2026-11-30 the trainer initialised op by op.
+  """
+  return _compiled_init(model)(key)
 
 
 # The optimizer and the initial state ---------------------------------------------------------------------
@@ -118,27 +122,38 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn,
       weight_decay=opt.weight_decay, nesterov=opt.nesterov)
 
 
+def _fresh_state(key: jax.Array, *, model: models.ResNet, tx: optax.GradientTransformation,
+                 swa_enabled: bool) -> steps.TrainState:
+  params, batch_stats = _variables(key, model)
+  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
+  return swa.init_swa(state) if swa_enabled else state
+
+
+def state_initializer(config: ml_collections.ConfigDict, model: models.ResNet, learning_rate_fn,
+                      momentum_fn=None) -> Callable[[jax.Array], steps.TrainState]:
+  """key -> a fresh TrainState for `model`: the initialisers, the optimizer's state and the SWA fields in
+  one program, traced and compiled once for every seed (at `INIT_COMPILER_OPTIONS`; op by op, each
+  distinct shape's zeros would compile a program of its own)."""
+  tx = create_optimizer(config, learning_rate_fn, momentum_fn)
+  return jax.jit(functools.partial(_fresh_state, model=model, tx=tx, swa_enabled=config.swa.enabled),
+                 compiler_options=INIT_COMPILER_OPTIONS)
+
+
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model: models.ResNet,
                        learning_rate_fn, momentum_fn=None) -> steps.TrainState:
   """A fresh TrainState for `model`."""
-  params, batch_stats = initialized(key, model)
-  tx = create_optimizer(config, learning_rate_fn, momentum_fn)
-  state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
-  if config.swa.enabled:
-    state = swa.init_swa(state)
-  return state
+  return state_initializer(config, model, learning_rate_fn, momentum_fn)(key)
 
 
 def create_seed_states(config: ml_collections.ConfigDict, model: models.ResNet, learning_rate_fn,
                        momentum_fn=None) -> steps.TrainState:
   """The fresh TrainState of each of `config.num_seeds` seeds (seed i: `run_keys(seed + i)`), per seed.
 
-  Each seed is initialised exactly as its single-seed run is (eagerly, from its own key), then stacked
+  Each seed is initialised exactly as its single-seed run is (from its own key), then stacked
   (`steps.per_seed`: one seed is the state itself).
   """
-  return steps.per_seed([
-      create_train_state(run_keys(config.seed + i)[0], config, model, learning_rate_fn, momentum_fn)
-      for i in range(config.num_seeds)])
+  init = state_initializer(config, model, learning_rate_fn, momentum_fn)
+  return steps.per_seed([init(run_keys(config.seed + i)[0]) for i in range(config.num_seeds)])
 
 
 def create_initial_state(config: ml_collections.ConfigDict, model: models.ResNet,

@@ -1,10 +1,13 @@
 """A run's Program: every compiled function of a run, built in one place, and the BatchNorm pass.
 
 `Program.compile` wraps the pure steps of `steps.py` for the run's seeds (`jax.vmap`) and devices (jit over
-a mesh, or pmap; `parallel.Parallel`) and compiles each one ahead of the first epoch: the train call for
-each batch size of an epoch, eval, the SWA update and eval, the BatchNorm recalibration step, and the
-epoch permutation. Nothing compiles once training runs (tests/test_parallel.py counts it). Each argument of
-a compiled function is named with its kind (`ARG_KINDS`), from which the seed and device axes follow.
+a mesh, or pmap; `parallel.Parallel`) and compiles each one ahead of time: the train call for each batch
+size of an epoch, eval, the SWA update and eval, the BatchNorm recalibration step, and the epoch
+permutation. Only what the first step needs (the permutation and the train call of its batch size) is
+compiled before `compile` returns; the others compile in background threads while training runs
+(`Compiling`), and a call waits for its function only if it comes first. No call compiles anything
+(tests/test_parallel.py counts it). Each argument of a compiled function is named with its kind
+(`ARG_KINDS`), from which the seed and device axes follow.
 """
 
 import collections
@@ -121,13 +124,41 @@ def recalibrate_batch_stats(model, params, batch_stats, images, labels, data_key
                             perm, data_key, epoch=epoch, sizes=sizes)
 
 
+class _Pending:
+  """A function of the Program not traced yet: `compile()` traces, lowers and compiles it."""
+
+  def __init__(self, compile_fn: Callable[[], Any]):
+    self.compile = compile_fn
+
+
+class Compiling:
+  """A function being compiled in a background thread (`Program.compile`): its first use waits for it.
+
+  Calls and attributes (`as_text()`, ...) go to the compiled function. A compile error is raised at the
+  first use.
+  """
+
+  def __init__(self, future: concurrent.futures.Future):
+    self._future = future
+
+  def result(self):
+    return self._future.result()
+
+  def __call__(self, *args, **kwargs):
+    return self._future.result()(*args, **kwargs)
+
+  def __getattr__(self, name: str):
+    return getattr(self._future.result(), name)
+
+
 @dataclasses.dataclass
 class Program:
   """The compiled functions of a run and the device data they read; see the module docstring.
 
   `train[size]`, `eval`, `swa_update`, `swa_eval`, `recalibrate[size]` and `permutation` are compiled
-  (under jit, ahead-of-time executables with `as_text()`); `traces` counts how often each was traced
-  (once per batch size: a second trace would be a second compilation).
+  (under jit, ahead-of-time executables with `as_text()`), or `Compiling` while a background thread
+  compiles them; `traces` counts how often each was traced (once per batch size: a second trace would be a
+  second compilation).
   """
 
   par: parallel.Parallel
@@ -145,13 +176,18 @@ class Program:
   reset_batch_stats: Any = None
   traces: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   calls: list[int] = dataclasses.field(default_factory=list)  # the steps of each train call so far
-  compile_seconds: float = 0.0
+  compile_seconds: float = 0.0  # before `compile` returned (the first step's functions)
+  background: list = dataclasses.field(default_factory=list)  # the futures of the background compiles
 
   @classmethod
   def compile(cls, config: ml_collections.ConfigDict, model, par: parallel.Parallel,
               dataset: input_pipeline.Dataset, state: steps.TrainState, acc, data_key,
-              recalibration_key) -> 'Program':
-    """Places the data on the devices and compiles every function of a run of `config` for `state`."""
+              recalibration_key, first_step: int = 0, background: bool = True) -> 'Program':
+    """Places the data on the devices and compiles every function of a run of `config` for `state`.
+
+    The permutation and the train call of step `first_step` (the first the run takes) are compiled before
+    this returns; the rest in background threads when `background`, else before it returns too.
+    """
     # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
     images, labels = par.replicate(dataset.train_images), par.replicate(dataset.train_labels)
     eval_arrays = par.shard_eval_arrays(steps.batched_eval_arrays(
@@ -171,13 +207,13 @@ class Program:
       traced.__name__ = traced.__qualname__ = FUNCTION_PREFIX + name
 
       seeded = par.seeded(traced, in_axes=tuple(0 if k == SEED else None for k in kinds))
-      return par.lower(seeded, *args, donate_argnums=donate,
-                       in_axes=tuple(None if k == HOST else 0 for k in kinds))
+      return _Pending(lambda: par.lower(seeded, *args, donate_argnums=donate,
+                                        in_axes=tuple(None if k == HOST else 0 for k in kinds))())
 
     start = time.perf_counter()
     sizes = batch_sizes(n, config.batch_size, spe)
     permutation = build('permutation', functools.partial(input_pipeline.epoch_permutation,
-                                                         num_examples=n), data_key, 0)()
+                                                         num_examples=n), data_key, 0).compile()
     first_perm = permutation(data_key, 0)
     max_steps_per_call = steps_per_dispatch(config, par.num_devices)
     step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
@@ -212,24 +248,39 @@ class Program:
         program.reset_batch_stats = par.place_per_seed(
             swa.reset_batch_stats(par.host(state.batch_stats)))
     del first_perm
-    program.compile_all()
+    first_size = sizes[first_step % spe]
+    program.train[first_size] = program.train[first_size].compile()
     program.compile_seconds = time.perf_counter() - start
+    program.compile_rest(background)
+    if not background:
+      program.compile_seconds = time.perf_counter() - start
     return program
 
-  def compile_all(self) -> None:
-    """Compiles the lowered functions (`Parallel.lower`) in threads at once: XLA compiles each on a core
-    of its own (a run's batch sizes, eval, the SWA functions), or loads it from the compilation cache."""
+  def compile_rest(self, background: bool) -> None:
+    """Traces, lowers and compiles the functions not compiled yet (`_Pending`) in threads at once:
+    XLA compiles each on a core of its own (a run's other batch sizes, eval, the SWA functions), or loads
+    it from the compilation cache. In the `background` each becomes `Compiling` until it is done; otherwise
+    this waits for them."""
     pending = {(name, key): value for name in ('train', 'recalibrate')
-               for key, value in getattr(self, name).items()}
+               for key, value in getattr(self, name).items() if isinstance(value, _Pending)}
     pending.update({(name, None): getattr(self, name) for name in ('eval', 'swa_update', 'swa_eval')
-                    if getattr(self, name) is not None})
-    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-      done = dict(zip(pending, pool.map(lambda compile_fn: compile_fn(), pending.values())))
-    for (name, key), compiled in done.items():
+                    if isinstance(getattr(self, name), _Pending)})
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                                 thread_name_prefix='cifar_jax_compile')
+    futures = {slot: pool.submit(unbuilt.compile) for slot, unbuilt in pending.items()}
+    pool.shutdown(wait=False)
+    self.background = list(futures.values())
+    for (name, key), future in futures.items():
+      compiled = Compiling(future) if background else future.result()
       if key is None:
         setattr(self, name, compiled)
       else:
         getattr(self, name)[key] = compiled
+
+  def wait_compiled(self) -> None:
+    """Waits for the background compiles (raising the first error of any)."""
+    for future in self.background:
+      future.result()
 
   # The calls the host loop makes ---------------------------------------------------------------------
 
@@ -265,3 +316,4 @@ class Program:
                                  self.data['images'], self.data['labels'],
                                  self.permutation(key, epoch), key, epoch=epoch, sizes=self.sizes)
     return state.replace(swa_batch_stats=running)
+

@@ -109,7 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   laps.lap('init')
 
   program = program_lib.Program.compile(config, model, par, dataset, state, acc,
-                                        *builders.seed_data_keys(config))
+                                        *builders.seed_data_keys(config), first_step=start_step)
   logging.info('Convolutions: %s (model.conv=%s); up to %d train steps per call.', model.conv_impl,
                config.model.get('conv', 'auto'), program.max_steps_per_call)
   laps.lap('compile')
