@@ -152,15 +152,38 @@ def create_seed_states(config: ml_collections.ConfigDict, model: models.ResNet, 
   Each seed is initialised exactly as its single-seed run is (from its own key), then stacked
   (`steps.per_seed`: one seed is the state itself).
   """
-  init = state_initializer(config, model, learning_rate_fn, momentum_fn)
-  return steps.per_seed([init(run_keys(config.seed + i)[0]) for i in range(config.num_seeds)])
+  return InitialState(config, state_initializer(config, model, learning_rate_fn, momentum_fn)).compute()[0]
 
 
 def create_initial_state(config: ml_collections.ConfigDict, model: models.ResNet,
                          run_schedules: 'RunSchedules'):
   """(state, metric sums) of every seed at step 0, per seed."""
-  state = create_seed_states(config, model, run_schedules.learning_rate, run_schedules.momentum)
-  return state, steps.per_seed([steps.init_train_metrics()] * config.num_seeds)
+  return initial_state_fn(config, model, run_schedules).compute()
+
+
+@dataclasses.dataclass(frozen=True)
+class InitialState:
+  """A run's initial (state, metric sums): `shapes()` of one seed without computing them, `compute()` of
+  every seed (per seed). Both use one jitted initialiser, so its trace is made once."""
+
+  config: ml_collections.ConfigDict
+  init: Any  # `state_initializer`'s jitted function of a key
+
+  def shapes(self):
+    return (self.init.eval_shape(run_keys(self.config.seed)[0]),
+            jax.eval_shape(steps.init_train_metrics))
+
+  def compute(self):
+    k = self.config.num_seeds
+    return (steps.per_seed([self.init(run_keys(self.config.seed + i)[0]) for i in range(k)]),
+            steps.per_seed([steps.init_train_metrics()] * k))
+
+
+def initial_state_fn(config: ml_collections.ConfigDict, model: models.ResNet,
+                     run_schedules: 'RunSchedules') -> InitialState:
+  """The run's `InitialState` (see `create_initial_state`)."""
+  return InitialState(config, state_initializer(config, model, run_schedules.learning_rate,
+                                                run_schedules.momentum))
 
 
 # Schedules ------------------------------------------------------------------------------------------------

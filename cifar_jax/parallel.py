@@ -179,6 +179,22 @@ class Parallel:
     """A tree of every seed (`steps.per_seed`) placed for the steps: split over 'seeds', or replicated."""
     return self.replicate(tree) if self.num_seeds == 1 else self.place_seeds(tree)
 
+  def abstract_per_seed(self, tree):
+    """The shapes `place_per_seed` gives a tree of one seed's shapes (`jax.eval_shape`), as
+    `jax.ShapeDtypeStruct`s with their shardings: what a step compiles for before the arrays exist."""
+    if self.mode == 'pmap':
+      lead, sharding = (jax.local_device_count(),), NamedSharding(self._local_mesh, P(DATA_AXIS))
+    elif self.num_seeds > 1:
+      lead, sharding = (self.num_seeds,), NamedSharding(self.mesh, P(SEED_AXIS))
+    else:
+      lead, sharding = (), self.replicated
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        lead + tuple(x.shape), jax.dtypes.canonicalize_dtype(x.dtype), sharding=sharding), tree)
+
+  def host_shape(self, x) -> tuple[int, ...]:
+    """The shape `host` gives an array (or shape) in the steps' layout."""
+    return tuple(x.shape[1:] if self.mode == 'pmap' else x.shape)
+
   def _put_stacked(self, tree):
     sharding = NamedSharding(self._local_mesh, P(DATA_AXIS))
     copies = jax.local_device_count()

@@ -185,6 +185,9 @@ class Program:
               recalibration_key, first_step: int = 0, background: bool = True) -> 'Program':
     """Places the data on the devices and compiles every function of a run of `config` for `state`.
 
+    `state` and `acc` may be arrays or their shapes (`Parallel.abstract_per_seed`): only their shapes,
+    dtypes and shardings are read.
+
     The permutation and the train call of step `first_step` (the first the run takes) are compiled before
     this returns; the rest in background threads when `background`, else before it returns too.
     """
@@ -245,8 +248,8 @@ class Program:
                         state.swa_params, state.batch_stats, images, labels, first_perm,
                         recalibration_key, 0, 0)
             for size in sorted(set(sizes))}
-        program.reset_batch_stats = par.place_per_seed(
-            swa.reset_batch_stats(par.host(state.batch_stats)))
+        program.reset_batch_stats = par.place_per_seed(swa.reset_batch_stats(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(par.host_shape(x), x.dtype), state.batch_stats)))
     del first_perm
     first_size = sizes[first_step % spe]
     program.train[first_size] = program.train[first_size].compile()

@@ -12,6 +12,7 @@ and resumed with everything else. Semantics (torch.optim.swa_utils, torch 2.13):
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def init_swa(state):
@@ -40,9 +41,10 @@ def update_swa(state, decay: float = 0.0):
 
 
 def reset_batch_stats(batch_stats):
-  """torch's reset_running_stats: means 0, variances 1."""
+  """torch's reset_running_stats: means 0, variances 1 (host arrays of the shapes of `batch_stats`'s
+  arrays, or of its `jax.ShapeDtypeStruct`s)."""
   return {k: reset_batch_stats(v) if isinstance(v, dict) else
-          (jnp.zeros_like(v) if k == 'mean' else jnp.ones_like(v))
+          (np.zeros if k == 'mean' else np.ones)(v.shape, v.dtype)
           for k, v in batch_stats.items()}
 
 

@@ -27,7 +27,7 @@ def seconds_before_run() -> float:
 
 
 class Laps:
-  """Seconds between successive `lap()` calls, kept by name."""
+  """Seconds between successive `lap()` calls, summed by name."""
 
   def __init__(self):
     self.seconds: dict[str, float] = {}
@@ -35,6 +35,7 @@ class Laps:
 
   def lap(self, name: str) -> float:
     now = time.perf_counter()
-    self.seconds[name] = now - self._last
+    seconds = now - self._last
+    self.seconds[name] = self.seconds.get(name, 0.0) + seconds
     self._last = now
-    return self.seconds[name]
+    return seconds

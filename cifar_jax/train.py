@@ -6,6 +6,7 @@ compiles every function of the run; `loop.py` calls them and runs the host's act
 (docs/architecture.md). `evaluate_checkpoint` and `export_variables` use a finished (or partial) run.
 """
 
+import concurrent.futures
 import functools
 import os
 
@@ -75,15 +76,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   run_schedules = builders.create_run_schedules(config, spe)
   model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
-  # Checkpoints hold the state replicated over the devices, whatever their number; the steps take it in
-  # their layout. With several seeds every per-seed tree has a leading seed axis, split over 'seeds'.
-  state, acc = par.place_per_seed(builders.create_initial_state(config, model, run_schedules))
-
+  initial = builders.initial_state_fn(config, model, run_schedules)
   manager = checkpointing.checkpoint_manager(workdir, config)
   changed = checkpointing.check_resume(config, workdir, bool(manager.all_steps()))
   if changed and par.is_main_process:
     logging.warning('Resuming %s with a config that differs from the one it started with: %s',
                     workdir, '; '.join(changed))
+  shapes = par.abstract_per_seed(initial.shapes())
+  laps.lap('init')
+
+  # The first train call compiles for the state's shapes while a thread computes the initial state
+  # (its initialisers compile and run in XLA beside). Checkpoints hold the state replicated over the
+  # devices, whatever their number; the steps take it in their layout. With several seeds every per-seed
+  # tree has a leading seed axis, split over 'seeds'.
+  with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+    fresh = pool.submit(lambda: par.place_per_seed(initial.compute()))
+    program = program_lib.Program.compile(config, model, par, dataset, *shapes,
+                                          *builders.seed_data_keys(config),
+                                          first_step=max(manager.all_steps(), default=0))
+    laps.lap('compile')
+    state, acc = fresh.result()
   restored = checkpointing.restore_checkpoint(manager, par.to_checkpoint_layout(state),
                                               par.to_checkpoint_layout(acc))
   extra = {}
@@ -106,13 +118,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return _returned(par, state, config)
   if start_step:
     logging.info('Resuming from step %d (epoch %d).', start_step, start_step // spe)
-  laps.lap('init')
-
-  program = program_lib.Program.compile(config, model, par, dataset, state, acc,
-                                        *builders.seed_data_keys(config), first_step=start_step)
   logging.info('Convolutions: %s (model.conv=%s); up to %d train steps per call.', model.conv_impl,
                config.model.get('conv', 'auto'), program.max_steps_per_call)
-  laps.lap('compile')
+  laps.lap('init')
   startup = imports + sum(laps.seconds.values())
   logging.info('Start-up %.1f s before the first step: imports %.1f, devices %.1f, data %.1f, init %.1f, '
                'compile %.1f (batch sizes %s; compilation cache: %s).', startup, imports,
