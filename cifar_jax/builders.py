@@ -18,6 +18,7 @@ from cifar_jax import onednn_conv
 from cifar_jax import schedules
 from cifar_jax import steps
 from cifar_jax import swa
+from cifar_jax import swag
 from cifar_jax.errors import ConfigError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -126,6 +127,8 @@ def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model:
   state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
   if config.swa.enabled:
     state = swa.init_swa(state)
+    if config.swag.enabled:
+      state = swag.init_swag(state, config.swag.rank, config.swag.diag_only)
   return state
 
 

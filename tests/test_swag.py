@@ -1,0 +1,162 @@
+"""SWAG (cifar_jax/swag.py): moments and deviations against numpy, samples, and SWAG in the trainer.
+
+Tolerances: the moments are float32 running averages of the same snapshots as numpy's float64 ones
+(rtol 1e-5). The sample covariance of n = 100k Gaussian draws has a standard error of at most
+sqrt(2 C_ii C_jj / n) = 0.45 % of sqrt(C_ii C_jj) per entry: entries within 2 % of it (over 4 sigma).
+"""
+
+import functools
+
+import chex
+import conftest
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cifar_jax import config_lib
+from cifar_jax import metrics_writer
+from cifar_jax import steps
+from cifar_jax import swa
+from cifar_jax import swag
+from cifar_jax import train
+from cifar_jax.errors import ConfigError
+
+RANK = 3
+
+
+def _state(params, diag_only=False):
+  state = steps.TrainState(step=0, apply_fn=None, params=params, tx=None, opt_state=None, batch_stats={})
+  return swag.init_swag(swa.init_swa(state), RANK, diag_only)
+
+
+def _collect(snapshots, diag_only=False):
+  state = _state({'w': jnp.zeros_like(snapshots[0])}, diag_only)
+  update = jax.jit(functools.partial(swag.update_swa_and_swag, swa_update=swa.update_swa))
+  for theta in snapshots:
+    state = update(state.replace(params={'w': jnp.asarray(theta)}))
+  return state
+
+
+def _numpy_swag(snapshots):
+  """The reference's formulas in float64: mean, second moment, the last K deviations (oldest first)."""
+  mean, sq, devs = np.zeros_like(snapshots[0]), np.zeros_like(snapshots[0]), []
+  for n, theta in enumerate(snapshots):
+    mean = mean * n / (n + 1) + theta / (n + 1)
+    sq = sq * n / (n + 1) + theta ** 2 / (n + 1)
+    devs = (devs + [theta - mean])[-RANK:]
+  return mean, sq, np.stack(devs)
+
+
+@pytest.mark.parametrize('count', [2, 5])  # fewer than K, and more (the oldest dropped)
+def test_moments_and_deviations_equal_numpy(count):
+  snapshots = np.random.default_rng(0).normal(size=(count, 4, 3))
+  state = _collect(snapshots.astype(np.float32))
+  mean, sq, devs = _numpy_swag(snapshots)
+  assert int(state.swa_count) == count
+  np.testing.assert_allclose(state.swa_params['w'], mean, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(state.swag_sq_mean['w'], sq, rtol=1e-5, atol=1e-6)
+  held = min(count, RANK)
+  np.testing.assert_allclose(state.swag_deviations['w'][RANK - held:], devs, rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(state.swag_deviations['w'][:RANK - held], 0.0)
+
+
+def test_scale_zero_is_swa_exactly():
+  state = _collect(np.random.default_rng(1).normal(size=(4, 5)).astype(np.float32))
+  params = swag.sample_chunk(state, jax.random.PRNGKey(0), 0, chunk=3, rank=RANK, scale=0.0,
+                             var_clamp=1e-30)
+  for i in range(3):
+    np.testing.assert_array_equal(params['w'][i], state.swa_params['w'])
+
+
+def _sample_covariance(state, n, scale):
+  params = jax.jit(functools.partial(swag.sample_chunk, chunk=n, rank=RANK, scale=scale, var_clamp=1e-30))(
+      state, jax.random.PRNGKey(7), 0)['w']
+  return np.cov(np.asarray(params, np.float64), rowvar=False)
+
+
+def _assert_covariance_close(actual, expected):
+  scale = np.sqrt(np.outer(np.diag(expected), np.diag(expected)))
+  assert np.all(np.abs(actual - expected) <= 0.02 * scale), np.max(np.abs(actual - expected) / scale)
+
+
+@pytest.mark.parametrize('diag_only', [False, True])
+def test_sample_covariance(diag_only):
+  """cov = s (diag(q - m^2) + D D^T / (K - 1)); diag_only: the diagonal only."""
+  snapshots = np.random.default_rng(2).normal(size=(5, 6)).astype(np.float32)
+  state = _collect(snapshots, diag_only)
+  mean, sq, devs = _numpy_swag(snapshots.astype(np.float64))
+  expected = np.diag(sq - mean ** 2) + (0 if diag_only else devs.T @ devs / (RANK - 1))
+  _assert_covariance_close(_sample_covariance(state, 100_000, 0.5), 0.5 * expected)
+
+
+def test_fewer_than_rank_divides_by_collected_minus_one():
+  snapshots = np.random.default_rng(3).normal(size=(2, 6)).astype(np.float32)  # 2 of K = 3
+  mean, sq, devs = _numpy_swag(snapshots.astype(np.float64))
+  expected = np.diag(sq - mean ** 2) + devs.T @ devs / (2 - 1)
+  _assert_covariance_close(_sample_covariance(_collect(snapshots), 100_000, 1.0), expected)
+
+
+def test_config_validation(tiny_config):
+  tiny_config.swag.enabled = True
+  with pytest.raises(ConfigError, match='swa.enabled'):
+    config_lib.validate(tiny_config)
+  tiny_config.swa.update(enabled=True, start_epoch=1)
+  tiny_config.num_epochs = 2
+  tiny_config.swag.update(num_samples=6, samples_per_call=4)
+  with pytest.raises(ConfigError, match='multiple of swag.samples_per_call=4'):
+    config_lib.validate(tiny_config)
+  tiny_config.swag.samples_per_call = 0
+  config_lib.validate(tiny_config)
+  assert swag.samples_per_call(tiny_config.swag) == 3
+
+
+def _swag_config(tiny_config, num_seeds=1):
+  tiny_config.num_epochs = 4
+  tiny_config.num_seeds = num_seeds
+  tiny_config.schedule.name = 'one_cycle'
+  tiny_config.swa.update(enabled=True, start_epoch=1, lr=0.01)
+  tiny_config.swag.update(enabled=True, rank=2, num_samples=4, samples_per_call=2)
+  return tiny_config
+
+
+SWAG_FIELDS = ('params', 'swa_params', 'swa_count', 'swag_sq_mean', 'swag_deviations', 'opt_state')
+
+
+@pytest.mark.slow
+def test_swag_run_resumes_mid_collection_bitwise(tiny_config, tmp_path):
+  config = _swag_config(tiny_config)
+  config.checkpoint_every_steps = 3
+  straight = train.train_and_evaluate(config, str(tmp_path / 'straight'))
+  records = metrics_writer.read_metrics(str(tmp_path / 'straight'))
+  assert [r.get('swa_count') for r in records] == [None, 1, 2, 3]
+  assert 'swag_eval_nll' in records[-1] and 'swag_eval_nll' not in records[-2]
+  # 3 collected of K = 2: the deviations of the last two snapshots.
+  assert jax.tree.leaves(straight.swag_deviations)[0].shape[0] == 2
+  with pytest.raises(conftest.Crash):  # mid epoch 3, after two collections
+    train.train_and_evaluate(config, str(tmp_path / 'crashed'), actions=[conftest.StopAfter(10)])
+  resumed = train.train_and_evaluate(config, str(tmp_path / 'crashed'))
+  for field in SWAG_FIELDS:
+    chex.assert_trees_all_equal(getattr(resumed, field), getattr(straight, field))
+  assert metrics_writer.read_metrics(str(tmp_path / 'crashed'))[-1]['swag_eval_nll'] == \
+      records[-1]['swag_eval_nll']
+
+
+@pytest.mark.slow
+def test_multiswag_equals_single_swag_runs(tiny_config, tmp_path):
+  """k = 3 seeds in one run: each seed's SWAG state and SWAG metrics are its single run's; MultiSWAG's
+  metrics are those of the average over all 3 * S samples."""
+  config = _swag_config(tiny_config, num_seeds=3)
+  multi = train.train_and_evaluate(config, str(tmp_path / 'multi'))
+  record = metrics_writer.read_metrics(str(tmp_path / 'multi'))[-1]
+  for i in range(3):
+    single_config = _swag_config(conftest.make_tiny_config())
+    single_config.seed = i
+    single = train.train_and_evaluate(single_config, str(tmp_path / f'single_{i}'))
+    single_record = metrics_writer.read_metrics(str(tmp_path / f'single_{i}'))[-1]
+    for field in SWAG_FIELDS[1:-1]:
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                   steps.unstack_seed(getattr(multi, field), i), getattr(single, field))
+    np.testing.assert_allclose(record['swag_eval_nll_per_seed'][i], single_record['swag_eval_nll'],
+                               rtol=1e-4)
+  assert record['multiswag_eval_nll'] <= record['multiswag_eval_member_nll']
