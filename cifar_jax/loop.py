@@ -27,6 +27,7 @@ from cifar_jax import parallel
 from cifar_jax import preemption
 from cifar_jax import program as program_lib
 from cifar_jax import steps
+from cifar_jax import swag
 from cifar_jax.errors import NonFiniteLossError
 
 
@@ -259,6 +260,7 @@ class EndOfEpoch(Action):
                                         run.num_seeds))
     record['swa_count'] = checkpointing.scalar(run.par.host(run.state.swa_count))
     if self.config.swag.enabled and epoch + 1 == self.config.num_epochs:
+      swag.log_divisor(record['swa_count'], self.config.swag.rank)
       sums, ensemble = run.program.swag_evaluate(run.state, epoch, self.config.swag.num_samples)
       record.update(swag_record(run.par.host(sums), ensemble, run.num_seeds))
     return record

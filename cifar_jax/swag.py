@@ -14,9 +14,14 @@ divides by sqrt(c - 1) then, and by 1 when c = 1, whose deviation is 0). `diag_o
 does not hold D. Each sample gets its BatchNorm statistics recomputed (`program.Program.swag_evaluate`).
 """
 
+import os
+
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from cifar_jax.errors import ConfigError
 
 # Folded into a seed's key for its SWAG samples (sample i: fold_in(key, i)).
 SAMPLE_SALT = 0x5A6
@@ -118,3 +123,38 @@ def samples_per_call(swag_config) -> int:
 def memory_bytes(num_params: int, rank: int, diag_only: bool, num_seeds: int) -> int:
   """What SWAG holds beyond SWA: the second moment and K deviations of every parameter, every seed."""
   return num_seeds * num_params * (1 + (0 if diag_only else rank)) * BYTES_PER_FLOAT
+
+
+def available_bytes() -> int | None:
+  """Free memory of the first device: the accelerator's limit less its use, or the host's MemAvailable."""
+  stats = jax.devices()[0].memory_stats() if jax.default_backend() != 'cpu' else None
+  if stats and 'bytes_limit' in stats:
+    return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
+  if os.path.exists('/proc/meminfo'):
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  return None
+
+
+def check_memory(swag_config, params, num_seeds: int) -> None:
+  """Logs what SWAG holds (K |theta| floats per seed and the second moment) and refuses, with one line,
+  a run whose SWAG state alone exceeds the free memory."""
+  num_params = sum(int(np.prod(np.shape(p))) for p in jax.tree.leaves(params)) // num_seeds
+  need = memory_bytes(num_params, swag_config.rank, swag_config.diag_only, num_seeds)
+  free = available_bytes()
+  logging.info('SWAG: rank %d over %d params x %d seeds holds %.2f GB (free: %s)', swag_config.rank,
+               num_params, num_seeds, need / 1e9, 'unknown' if free is None else f'{free / 1e9:.1f} GB')
+  if free is not None and need > free:
+    raise ConfigError(
+        f'swag.rank={swag_config.rank} needs {need / 1e9:.2f} GB for {num_params} params x {num_seeds} '
+        f'seeds, more than the {free / 1e9:.1f} GB free; lower swag.rank, set swag.diag_only=True, or '
+        'fewer num_seeds')
+
+
+def log_divisor(count: int, rank: int) -> None:
+  """Says when the low-rank term divides by sqrt(collected - 1) instead of sqrt(K - 1)."""
+  if 1 < count < rank:
+    logging.warning('SWAG: %d of swag.rank=%d deviations collected; the low-rank term divides by '
+                    'sqrt(%d - 1), not sqrt(K - 1)', count, rank, count)

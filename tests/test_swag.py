@@ -160,3 +160,26 @@ def test_multiswag_equals_single_swag_runs(tiny_config, tmp_path):
     np.testing.assert_allclose(record['swag_eval_nll_per_seed'][i], single_record['swag_eval_nll'],
                                rtol=1e-4)
   assert record['multiswag_eval_nll'] <= record['multiswag_eval_member_nll']
+
+
+@pytest.mark.slow
+def test_evaluation_table(tiny_config, tmp_path):
+  """--mode=evaluate's table of a k = 2 SWAG run: every row, the training run's final numbers, and
+  swag.num_samples overridden at evaluation."""
+  config = _swag_config(tiny_config, num_seeds=2)
+  config.num_epochs = 3
+  train.train_and_evaluate(config, str(tmp_path))
+  record = metrics_writer.read_metrics(str(tmp_path))[-1]
+  out = train.evaluate_checkpoint(config, str(tmp_path))
+  rows = {row['model']: row for row in out['table']}
+  assert list(rows) == ['single model', 'deep ensemble', 'SWA', 'MultiSWA', 'SWAG', 'MultiSWAG']
+  assert [rows[m]['models'] for m in rows] == [1, 2, 1, 2, 4, 8]
+  assert rows['deep ensemble']['nll'] == record['ensemble_eval_nll']
+  assert rows['MultiSWA']['ece'] == record['swa_ensemble_eval_ece']
+  assert rows['MultiSWAG']['brier'] == record['multiswag_eval_brier']
+  np.testing.assert_allclose(rows['SWAG']['nll'], record['swag_eval_nll'], rtol=1e-6)
+  assert sum(rows['SWAG']['bins']['count']) == 2 * 64
+  assert 'MultiSWAG' in train.format_table(out['table'])
+  config.swag.num_samples = 2
+  rows = {row['model']: row for row in train.evaluate_checkpoint(config, str(tmp_path))['table']}
+  assert rows['MultiSWAG']['models'] == 4 and rows['MultiSWAG']['nll'] != record['multiswag_eval_nll']
