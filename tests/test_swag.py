@@ -183,3 +183,14 @@ def test_evaluation_table(tiny_config, tmp_path):
   config.swag.num_samples = 2
   rows = {row['model']: row for row in train.evaluate_checkpoint(config, str(tmp_path))['table']}
   assert rows['MultiSWAG']['models'] == 4 and rows['MultiSWAG']['nll'] != record['multiswag_eval_nll']
+
+
+@pytest.mark.parametrize('name,seeds,swag_on', [('ensemble', 4, False), ('swag', 1, True),
+                                                ('multiswag', 3, True)])
+def test_experiment_configs(name, seeds, swag_on):
+  config = __import__(f'configs.{name}', fromlist=['get_config']).get_config()
+  config_lib.validate(config)
+  assert (config.num_seeds, config.swag.enabled, config.schedule.name) == (seeds, swag_on, 'one_cycle')
+  if swag_on:
+    assert (config.swag.rank, config.swag.scale, config.swag.num_samples) == (20, 0.5, 30)
+    assert (config.swa.start_epoch, config.num_epochs) == (20, 30)
