@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cifar_jax import calibration
 from cifar_jax import config_lib
 from cifar_jax import metrics_writer
 from cifar_jax import steps
@@ -194,3 +195,62 @@ def test_experiment_configs(name, seeds, swag_on):
   if swag_on:
     assert (config.swag.rank, config.swag.scale, config.swag.num_samples) == (20, 0.5, 30)
     assert (config.swa.start_epoch, config.num_epochs) == (20, 30)
+
+
+@pytest.mark.slow
+def test_torch_reference_swag_agrees(tiny_config):
+  """The same snapshots and the same z: the torch twin's SWAG sample (the reference's formulas) equals
+  the JAX one within float32 rounding; so do the sample's update_bn statistics (relative 1e-4, as
+  tests/test_swa.py: convolutions sum in another order) and the two samples' averaged probabilities."""
+  torch = pytest.importorskip('torch')
+  from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import builders  # pylint: disable=g-import-not-at-top
+  from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  torch_model = torch_reference.create_torch_model(tiny_config.model)
+  model = builders.create_model(tiny_config.model)
+  variables = torch_reference.torch_to_flax(torch_model.state_dict())
+  reference = torch_reference.TorchSwag(torch_model, rank=RANK)
+  state = _state(variables['params']).replace(batch_stats=variables['batch_stats'])
+  update = jax.jit(functools.partial(swag.update_swa_and_swag, swa_update=swa.update_swa))
+  rng = np.random.default_rng(0)
+  for _ in range(4):  # beyond K = 3
+    with torch.no_grad():
+      for p in torch_model.parameters():
+        p.add_(torch.from_numpy(0.05 * rng.normal(size=tuple(p.shape)).astype(np.float32)))
+    reference.collect(torch_model)
+    state = update(state.replace(params=torch_reference.torch_to_flax(torch_model.state_dict())['params']))
+
+  images = rng.normal(size=(2, 16, 32, 32, 3)).astype(np.float32)
+  eval_images = torch.from_numpy(rng.normal(size=(8, 3, 32, 32)).astype(np.float32))
+  jax_probs, torch_probs = [], []
+  for i in range(2):
+    z1, z2 = swag.draw_noise(jax.random.PRNGKey(i), state.params, RANK)
+    sampled = swag.sample(state.swa_params, state.swag_sq_mean, state.swag_deviations, state.swa_count,
+                          z1, z2, scale=0.5, var_clamp=1e-30)
+    z1_torch = torch_reference.flax_to_torch({'params': z1})
+    sample = reference.sample(0.5, z1_torch, torch.from_numpy(np.array(z2)))
+    reference.load_sample(torch_model, sample)
+    ported = torch_reference.torch_to_flax(torch_model.state_dict())
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sampled,
+                 ported['params'])
+    # Each sample's BatchNorm statistics over the same two batches.
+    torch_model.train()
+    swa_utils.update_bn([(torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), None) for x in images],
+                        torch_model)
+    running = swa.reset_batch_stats(state.batch_stats)
+    step = jax.jit(functools.partial(swa.recalibration_step, model.clone(bn_momentum=1.0)))
+    for j, x in enumerate(images):
+      running = step(sampled, running, jnp.int32(j), jnp.asarray(x))
+    expected = torch_reference.torch_to_flax(torch_model.state_dict())['batch_stats']
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), running, expected)
+    torch_model.eval()
+    with torch.no_grad():
+      torch_probs.append(torch.softmax(torch_model(eval_images), -1).numpy())
+    logits = model.apply({'params': sampled, 'batch_stats': running},
+                         jnp.asarray(eval_images.numpy().transpose(0, 2, 3, 1)), train=False)
+    jax_probs.append(jax.nn.log_softmax(logits))
+  np.testing.assert_allclose(np.exp(calibration.mean_log_probs(jnp.stack(jax_probs))),
+                             np.mean(torch_probs, axis=0), rtol=1e-4, atol=1e-5)
