@@ -18,6 +18,7 @@ from cifar_jax import onednn_conv
 from cifar_jax import schedules
 from cifar_jax import steps
 from cifar_jax import swa
+from cifar_jax import swag
 from cifar_jax.errors import ConfigError
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -123,10 +124,15 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn,
 
 
 def _fresh_state(key: jax.Array, *, model: models.ResNet, tx: optax.GradientTransformation,
-                 swa_enabled: bool) -> steps.TrainState:
+                 swa_config: ml_collections.ConfigDict, swag_config: ml_collections.ConfigDict
+                 ) -> steps.TrainState:
   params, batch_stats = _variables(key, model)
   state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
-  return swa.init_swa(state) if swa_enabled else state
+  if swa_config.enabled:
+    state = swa.init_swa(state)
+    if swag_config.enabled:
+      state = swag.init_swag(state, swag_config.rank, swag_config.diag_only)
+  return state
 
 
 def state_initializer(config: ml_collections.ConfigDict, model: models.ResNet, learning_rate_fn,
@@ -135,8 +141,8 @@ def state_initializer(config: ml_collections.ConfigDict, model: models.ResNet, l
   one program, traced and compiled once for every seed (at `INIT_COMPILER_OPTIONS`; op by op, each
   distinct shape's zeros would compile a program of its own)."""
   tx = create_optimizer(config, learning_rate_fn, momentum_fn)
-  return jax.jit(functools.partial(_fresh_state, model=model, tx=tx, swa_enabled=config.swa.enabled),
-                 compiler_options=INIT_COMPILER_OPTIONS)
+  return jax.jit(functools.partial(_fresh_state, model=model, tx=tx, swa_config=config.swa,
+                                   swag_config=config.swag), compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model: models.ResNet,

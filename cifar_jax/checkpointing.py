@@ -130,13 +130,16 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 # Fields whose change makes a checkpoint unusable (its arrays would not fit), and fields whose change a
 # resumed run should announce (it continues, but no longer as the run that was started).
-STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds')
+STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds',
+                     'swag.enabled', 'swag.rank', 'swag.diag_only')
 # Fields added after runs were saved without them: their value then, for the comparison.
 ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
                    'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0,
-                   'compilation_cache': 'auto'}
+                   'compilation_cache': 'auto', 'swag.enabled': False, 'swag.rank': 20, 'swag.scale': 0.5,
+                   'swag.num_samples': 30, 'swag.diag_only': False, 'swag.var_clamp': 1e-30,
+                   'swag.bn_update_fraction': 1.0, 'swag.samples_per_call': 0}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
-                      'swa.', 'parallelism')
+                      'swa.', 'swag.', 'parallelism')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

@@ -11,6 +11,7 @@ from cifar_jax import builders
 from cifar_jax import input_pipeline
 from cifar_jax import models
 from cifar_jax import parallel
+from cifar_jax import swag
 from cifar_jax.errors import ConfigError
 
 # The free space a run needs on its workdir's filesystem before it starts (checkpoints, metrics), in MB.
@@ -110,6 +111,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_schedule(config.schedule)
   if config.swa.enabled:
     _validate_swa(config)
+  if config.get('swag') is not None and config.swag.enabled:
+    _validate_swag(config)
   _int_at_least(config.checkpoint_every_steps, 'checkpoint_every_steps', 0, ' (0 = every epoch)')
   _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
   _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
@@ -190,6 +193,25 @@ def _validate_swa(config: ml_collections.ConfigDict) -> None:
   _int_at_least(swa_config.update_every_steps, 'swa.update_every_steps', 0, ' (0 = every epoch)')
   _require(config.schedule.name != 'plateau',
            'swa.enabled does not combine with schedule.name=plateau; use another schedule.name')
+
+
+def _validate_swag(config: ml_collections.ConfigDict) -> None:
+  s = config.swag
+  _require(config.swa.enabled, 'swag.enabled needs swa.enabled=True (SWAG collects when SWA averages)')
+  _require(config.swa.decay == 0.0, f'swag.enabled needs the equal-weight SWA mean (swa.decay=0), got '
+                                    f'swa.decay={config.swa.decay}')
+  _require(config.get('parallelism', 'jit') == 'jit', 'swag.enabled needs parallelism=jit')
+  _int_at_least(s.rank, 'swag.rank', 2)
+  _require(s.scale >= 0.0, f'swag.scale must be >= 0 (0 = the SWA model), got {s.scale}')
+  _positive(s.num_samples, 'swag.num_samples', integer=True)
+  _require(s.var_clamp >= 0.0, f'swag.var_clamp must be >= 0, got {s.var_clamp}')
+  _require(0.0 < s.bn_update_fraction <= 1.0,
+           f'swag.bn_update_fraction must be in (0, 1], got {s.bn_update_fraction}')
+  _int_at_least(s.samples_per_call, 'swag.samples_per_call', 0, ' (0 = auto)')
+  chunk = swag.samples_per_call(s)
+  _require(s.num_samples % chunk == 0,
+           f'swag.num_samples={s.num_samples} must be a multiple of swag.samples_per_call={chunk}; '
+           f'use swag.samples_per_call=0 (auto) or a divisor of {s.num_samples}')
 
 
 def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:

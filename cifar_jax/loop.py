@@ -20,12 +20,14 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
+from cifar_jax import calibration
 from cifar_jax import checkpointing
 from cifar_jax import metrics_writer
 from cifar_jax import parallel
 from cifar_jax import preemption
 from cifar_jax import program as program_lib
 from cifar_jax import steps
+from cifar_jax import swag
 from cifar_jax.errors import NonFiniteLossError
 
 
@@ -218,9 +220,11 @@ class EndOfEpoch(Action):
     train = run.epoch_train['summaries']
     record.update(**steps.seed_metrics('train_loss', [t['loss'] for t in train]),
                   **steps.seed_metrics('train_accuracy', [t['accuracy'] for t in train]))
-    ev = steps.seed_summaries(run.par.host(run.program.evaluate(run.state)), k)
+    sums, ensemble = run.program.evaluate_members(run.state)
+    ev = steps.seed_summaries(run.par.host(sums), k)
     record.update(**steps.seed_metrics('eval_loss', [e['loss'] for e in ev]),
-                  **steps.seed_metrics('eval_accuracy', [e['accuracy'] for e in ev]))
+                  **steps.seed_metrics('eval_accuracy', [e['accuracy'] for e in ev]),
+                  **calibration_record('eval', 'ensemble_eval', run.par.host(sums), ensemble, k))
     hyper = run.par.host(run.state.opt_state.hyperparams)
     lrs = np.asarray(hyper['learning_rate'], np.float64).reshape(-1).tolist()
     record['learning_rate'] = lrs[0]  # the same for every seed unless ReduceLROnPlateau
@@ -248,12 +252,41 @@ class EndOfEpoch(Action):
     record = {}
     if self.config.swa.eval_every_epoch or epoch + 1 == self.config.num_epochs:
       run.state = run.program.recalibrate_swa(run.state, epoch)
-      swa_ev = steps.seed_summaries(run.par.host(run.program.evaluate(run.state, use_swa=True)),
-                                    run.num_seeds)
+      sums, ensemble = run.program.evaluate_members(run.state, use_swa=True)
+      swa_ev = steps.seed_summaries(run.par.host(sums), run.num_seeds)
       record.update(**steps.seed_metrics('swa_eval_loss', [e['loss'] for e in swa_ev]),
-                    **steps.seed_metrics('swa_eval_accuracy', [e['accuracy'] for e in swa_ev]))
+                    **steps.seed_metrics('swa_eval_accuracy', [e['accuracy'] for e in swa_ev]),
+                    **calibration_record('swa_eval', 'swa_ensemble_eval', run.par.host(sums), ensemble,
+                                        run.num_seeds))
     record['swa_count'] = checkpointing.scalar(run.par.host(run.state.swa_count))
+    if self.config.swag.enabled and epoch + 1 == self.config.num_epochs:
+      swag.log_divisor(record['swa_count'], self.config.swag.rank)
+      sums, ensemble = run.program.swag_evaluate(run.state, epoch, self.config.swag.num_samples)
+      record.update(swag_record(run.par.host(sums), ensemble, run.num_seeds))
     return record
+
+
+def calibration_record(prefix: str, ensemble_prefix: str, sums, ensemble_sums, num_seeds: int) -> dict:
+  """{prefix}_ece, _brier of each seed's eval sums (its NLL is {prefix}_loss); with seeds, the ensemble's
+  metrics as {ensemble_prefix}_* (accuracy, nll, ece, brier, member_nll, disagreement)."""
+  members = steps.seed_calibration(sums, num_seeds)
+  record = {}
+  for key in ('ece', 'brier'):
+    record.update(steps.seed_metrics(f'{prefix}_{key}', [m[key] for m in members]))
+  if ensemble_sums is not None:
+    record.update({f'{ensemble_prefix}_{k}': v for k, v in calibration.summarize(ensemble_sums).items()})
+  return record
+
+
+def swag_record(sums, ensemble_sums, num_seeds: int) -> dict:
+  """swag_eval_* (accuracy, nll, ece, brier) of each seed's SWAG average; multiswag_eval_* over seeds."""
+  record = {}
+  members = steps.seed_calibration(sums, num_seeds)
+  for key in ('accuracy', 'nll', 'ece', 'brier'):
+    record.update(steps.seed_metrics(f'swag_eval_{key}', [m[key] for m in members]))
+  if ensemble_sums is not None:
+    record.update({f'multiswag_eval_{k}': v for k, v in calibration.summarize(ensemble_sums).items()})
+  return record
 
 
 def default_actions(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[Action]:

@@ -40,6 +40,7 @@ HELP_FLAGS = ('-h', '-?', '--help', '-help', '--helpshort', '-helpshort', '--hel
 CONFIG_EXAMPLE = 'a config file such as configs/default.py'
 # Writing to the workdir failed for lack of space or permission: a user error even mid-run.
 DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+EVALUATION_FILE = 'evaluation.json'
 
 
 def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
@@ -48,8 +49,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       flag_values=flag_values)
   flags.DEFINE_bool('debug', False, 'Show the full traceback of user errors.', flag_values=flag_values)
   flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export'],
-                    'train (resumes from the latest checkpoint); evaluate: print the eval metrics of the '
-                    'latest checkpoint (running and SWA model) as JSON; export: write its weights.',
+                    'train (resumes from the latest checkpoint); evaluate: print the table of the latest '
+                    'checkpoint\'s models (single, SWA, SWAG, ensembles) and write evaluation.json; '
+                    'export: write its weights.',
                     flag_values=flag_values)
   flags.DEFINE_string('export_path', None,
                       'export: an .npz of flat "params/..." and "batch_stats/..." arrays, or a .pt torch '
@@ -199,7 +201,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     if mode == 'train':
       train.train_and_evaluate(config, workdir)
     elif mode == 'evaluate':
-      print(json.dumps(train.evaluate_checkpoint(config, workdir)))
+      _evaluate(config, workdir)
     else:
       _export(config, workdir, flag_values.export_path, flag_values.export_model)
   except (ConfigError, DataError) as e:
@@ -218,6 +220,18 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
       raise
     _exit_with_error(f'writing to --workdir={workdir} failed: {e}; free space or choose another '
                      '--workdir (training resumes from the last checkpoint)', USER_ERROR_STATUS)
+
+
+def _evaluate(config, workdir: str) -> None:
+  """Prints the evaluation table of the latest checkpoint and writes it, with the metrics, to
+  `workdir/evaluation.json`."""
+  out = train.evaluate_checkpoint(config, workdir)
+  path = os.path.join(workdir, EVALUATION_FILE)
+  with open(path, 'w') as f:
+    json.dump(out, f, indent=1)
+  print(f"{workdir} at step {out['step']} ({out['split']}):")
+  print(train.format_table(out['table']))
+  print(f'Written to {path}')
 
 
 def _export(config, workdir: str, path: str | None, which: str) -> None:

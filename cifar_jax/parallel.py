@@ -270,15 +270,16 @@ class Parallel:
     """
     return self.lower(fn, *args, donate_argnums=donate_argnums, in_axes=in_axes)()
 
-  def lower(self, fn, *args, donate_argnums=(), in_axes=0):
+  def lower(self, fn, *args, donate_argnums=(), in_axes=0, out_replicated=False):
     """`compile` in two halves: traces and lowers `fn` now, and returns the function that compiles it.
 
     The compile runs in XLA without Python, so a run compiles its programs in threads at once
-    (`program.Program.compile`).
+    (`program.Program.compile`). `out_replicated` (jit): outputs without a seed axis (an ensemble's).
     """
     if self.mode == 'jit':
       # With seeds every output has the leading seed axis (`seeded`), split like the inputs.
-      out = self.replicated if self.num_seeds == 1 else NamedSharding(self.mesh, P(SEED_AXIS))
+      seeded = self.num_seeds > 1 and not out_replicated
+      out = NamedSharding(self.mesh, P(SEED_AXIS)) if seeded else self.replicated
       return jax.jit(fn, out_shardings=out, donate_argnums=donate_argnums).lower(*args).compile
     pmapped = jax.pmap(fn, axis_name=DATA_AXIS, in_axes=in_axes, donate_argnums=donate_argnums)
     if jax.process_count() > 1:  # across processes pmap cannot lower ahead; its first call compiles

@@ -19,13 +19,16 @@ import time
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cifar_jax import calibration
 from cifar_jax import input_pipeline
 from cifar_jax import parallel
 from cifar_jax import steps
 from cifar_jax import swa
+from cifar_jax import swag
 
 # Auto `steps_per_dispatch` on the CPU (scripts/bench_dispatch.py, BENCHMARKS.md).
 CPU_STEPS_PER_DISPATCH = 8
@@ -34,8 +37,9 @@ FUNCTION_PREFIX = 'cifar_jax_'
 
 # The kinds of a compiled function's arguments: a tree of every seed (a leading seed axis when
 # num_seeds > 1, mapped by vmap), a device array the seeds share (the dataset, the eval set), or a host
-# scalar (under pmap not split over the devices either).
-SEED, SHARED, HOST = 'seed', 'shared', 'host'
+# scalar (under pmap not split over the devices either). SEEDS: every seed's tree, which the function
+# reduces over (an ensemble over the seeds: not vmap-ed; its outputs have no seed axis).
+SEED, SHARED, HOST, SEEDS = 'seed', 'shared', 'host', 'seeds'
 ARG_KINDS = {
     'train': dict(state=SEED, acc=SEED, images=SHARED, labels=SHARED, perm=SEED, data_key=SEED,
                   num_steps=HOST),
@@ -44,6 +48,13 @@ ARG_KINDS = {
     'recalibrate': dict(params=SEED, running=SEED, images=SHARED, labels=SHARED, perm=SEED,
                         data_key=SEED, epoch=HOST, index=HOST),
     'permutation': dict(data_key=SEED, epoch=HOST),
+    'ensemble': dict(log_probs=SEEDS, labels=SHARED, mask=SHARED),
+    'calibrate': dict(log_probs=SEED, labels=SHARED, mask=SHARED),
+    'swag_sample': dict(state=SEED, sample_key=SEED, first=HOST),
+    'swag_recalibrate': dict(params=SEED, running=SEED, images=SHARED, labels=SHARED, perm=SEED,
+                             data_key=SEED, epoch=HOST, index=HOST),
+    'swag_predict': dict(params=SEED, batch_stats=SEED, acc=SEED, images=SHARED, labels=SHARED,
+                         mask=SHARED),
 }
 
 
@@ -158,7 +169,10 @@ class Program:
   `train[size]`, `eval`, `swa_update`, `swa_eval`, `recalibrate[size]` and `permutation` are compiled
   (under jit, ahead-of-time executables with `as_text()`), or `Compiling` while a background thread
   compiles them; `traces` counts how often each was traced (once per batch size: a second trace would be a
-  second compilation).
+  second compilation). With num_seeds > 1 `eval` and `swa_eval` also return every eval example's log
+  probabilities and `ensemble` averages them over the seeds; with SWAG, `swag_sample`,
+  `swag_recalibrate[size]`, `swag_predict` and `calibrate` sample, recalibrate and evaluate `swag_chunk`
+  samples per seed in one call (`swag_evaluate`).
   """
 
   par: parallel.Parallel
@@ -174,6 +188,13 @@ class Program:
   swa_eval: Any = None
   recalibrate: dict[int, Any] = dataclasses.field(default_factory=dict)
   reset_batch_stats: Any = None
+  ensemble: Any = None
+  calibrate: Any = None
+  swag_sample: Any = None
+  swag_recalibrate: dict[int, Any] = dataclasses.field(default_factory=dict)
+  swag_predict: Any = None
+  swag_chunk: int = 0
+  swag_batches: int = 0  # the batches of each SWAG sample's BatchNorm pass
   traces: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   calls: list[int] = dataclasses.field(default_factory=list)  # the steps of each train call so far
   compile_seconds: float = 0.0  # before `compile` returned (the first step's functions)
@@ -209,6 +230,8 @@ class Program:
 
       traced.__name__ = traced.__qualname__ = FUNCTION_PREFIX + name
 
+      if SEEDS in kinds:  # over every seed at once
+        return par.lower(traced, *args, out_replicated=True)
       seeded = par.seeded(traced, in_axes=tuple(0 if k == SEED else None for k in kinds))
       return _Pending(lambda: par.lower(seeded, *args, donate_argnums=donate,
                                         in_axes=tuple(None if k == HOST else 0 for k in kinds))())
@@ -219,6 +242,7 @@ class Program:
                                                          num_examples=n), data_key, 0).compile()
     first_perm = permutation(data_key, 0)
     max_steps_per_call = steps_per_dispatch(config, par.num_devices)
+    ensemble = par.num_seeds > 1  # the seeds' eval log probabilities, averaged by `ensemble`
     step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
                                 batch_size=config.batch_size, augment=config.data.augment,
                                 axis_name=par.axis_name, shard_batch=par.shard_batch)
@@ -230,15 +254,19 @@ class Program:
         train={size: build('train', functools.partial(step_fn, size=size), state, acc, images, labels,
                            first_perm, data_key, np.int32(1), donate=(0, 1))
                for size in sorted(set(sizes))},
-        eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name),
+        eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name,
+                                             with_log_probs=ensemble),
                    state, *eval_arrays),
         permutation=permutation, traces=traces)
     swa_config = config.swa
     if swa_config.enabled:
-      program.swa_update = build('swa_update', functools.partial(swa.update_swa, decay=swa_config.decay),
-                                 state, donate=0)
+      swa_update_fn = functools.partial(swa.update_swa, decay=swa_config.decay)
+      if config.swag.enabled:
+        swa_update_fn = functools.partial(swag.update_swa_and_swag, swa_update=swa_update_fn)
+      program.swa_update = build('swa_update', swa_update_fn, state, donate=0)
       program.swa_eval = build('eval', functools.partial(
-          steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name), state, *eval_arrays)
+          steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name, with_log_probs=ensemble),
+          state, *eval_arrays)
       if jax.tree.leaves(state.batch_stats):  # a model with BatchNorm
         pass_model = model.clone(bn_momentum=1.0)  # the batch's own statistics
         program.recalibrate = {
@@ -250,6 +278,8 @@ class Program:
             for size in sorted(set(sizes))}
         program.reset_batch_stats = par.place_per_seed(swa.reset_batch_stats(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(par.host_shape(x), x.dtype), state.batch_stats)))
+    if ensemble or config.swag.enabled:
+      program.build_ensemble_functions(config, model, build, state, first_perm)
     del first_perm
     first_size = sizes[first_step % spe]
     program.train[first_size] = program.train[first_size].compile()
@@ -259,15 +289,70 @@ class Program:
       program.compile_seconds = time.perf_counter() - start
     return program
 
+  def build_ensemble_functions(self, config, model, build, state, first_perm) -> None:
+    """`ensemble` and `calibrate` over eval log probabilities, and with SWAG its sampling, per-sample
+    BatchNorm pass and prediction, each over `swag_chunk` samples of every seed at once."""
+    par, eval_arrays = self.par, self.data['eval_arrays']
+    _, labels, mask = eval_arrays
+    per_seed_eval = par.seeded(functools.partial(steps.evaluate_on_device_data, with_log_probs=True),
+                               in_axes=(0, None, None, None))
+    shape = jax.eval_shape(per_seed_eval, state, *eval_arrays)[1]
+    log_probs = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=first_perm.sharding)
+    if par.num_seeds > 1:
+      self.ensemble = build('ensemble', calibration.ensemble_sums, log_probs, labels, mask)
+    self.calibrate = build('calibrate', calibration.calibration_sums, log_probs, labels, mask)
+    if not config.swag.enabled:
+      return
+    s = config.swag
+    chunk = self.swag_chunk = swag.samples_per_call(s)
+    self.data['swag_keys'] = par.place_per_seed(swag.sample_keys(config.seed, par.num_seeds))
+
+    def sample_chunk(st, key, first):
+      params = swag.sample_chunk(st, key, first, chunk=chunk, rank=s.rank, scale=s.scale,
+                                 var_clamp=s.var_clamp)
+      running = jax.tree.map(lambda x: jnp.broadcast_to(x, (chunk,) + x.shape),
+                             swa.reset_batch_stats(st.batch_stats))
+      return params, running
+
+    self.swag_sample = build('swag_sample', sample_chunk, state, self.data['swag_keys'], np.int32(0))
+    params, running = jax.eval_shape(par.seeded(sample_chunk, in_axes=(0, 0, None)), state,
+                                     self.data['swag_keys'], np.int32(0))
+    seed_sharding = first_perm.sharding
+    params, running = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=seed_sharding),
+                                   (params, running))
+    self.swag_batches = max(1, int(np.ceil(s.bn_update_fraction * self.steps_per_epoch)))
+    if jax.tree.leaves(state.batch_stats):
+      pass_model = model.clone(bn_momentum=1.0)
+      self.swag_recalibrate = {
+          size: build('swag_recalibrate', jax.vmap(functools.partial(
+              steps.recalibration_step_on_device_data, model=pass_model, batch_size=config.batch_size,
+              size=size, augment=config.swa.recalibration_augment, shard_batch=par.shard_batch),
+              in_axes=(0, 0) + (None,) * 6), params, running, self.data['images'], self.data['labels'],
+                      first_perm, self.data['recalibration_key'], 0, 0)
+          for size in sorted(set(self.sizes[:self.swag_batches]))}
+
+    def predict(params, batch_stats, acc, images, labels, mask):
+      member = functools.partial(steps.evaluate_variables, state.apply_fn, with_log_probs=True)
+      _, chunk_log_probs = jax.vmap(member, in_axes=(0, 0, None, None, None))(
+          params, batch_stats, images, labels, mask)
+      return jnp.logaddexp(acc, jax.nn.logsumexp(chunk_log_probs, axis=0))
+
+    self.swag_predict = build('swag_predict', predict, params, running, log_probs, *eval_arrays)
+    self.data['swag_acc'] = jax.device_put(
+        jnp.full(log_probs.shape, -jnp.inf, log_probs.dtype), seed_sharding)
+
   def compile_rest(self, background: bool) -> None:
     """Traces, lowers and compiles the functions not compiled yet (`_Pending`) in threads at once:
     XLA compiles each on a core of its own (a run's other batch sizes, eval, the SWA functions), or loads
     it from the compilation cache. In the `background` each becomes `Compiling` until it is done; otherwise
     this waits for them."""
-    pending = {(name, key): value for name in ('train', 'recalibrate')
-               for key, value in getattr(self, name).items() if isinstance(value, _Pending)}
-    pending.update({(name, None): getattr(self, name) for name in ('eval', 'swa_update', 'swa_eval')
-                    if isinstance(getattr(self, name), _Pending)})
+    pending = {}
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if isinstance(value, _Pending):
+        pending[field.name, None] = value
+      elif isinstance(value, dict):  # by batch size
+        pending.update({(field.name, key): v for key, v in value.items() if isinstance(v, _Pending)})
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
                                                  thread_name_prefix='cifar_jax_compile')
     futures = {slot: pool.submit(unbuilt.compile) for slot, unbuilt in pending.items()}
@@ -307,8 +392,37 @@ class Program:
     return state, acc, k
 
   def evaluate(self, state, use_swa: bool = False):
-    """The eval sums (loss_sum, correct, count) of the running model, or of the SWA model."""
-    return (self.swa_eval if use_swa else self.eval)(state, *self.data['eval_arrays'])
+    """The eval sums (loss_sum, correct, count, the calibration sums) of the running model, or of the
+    SWA model."""
+    return self.evaluate_members(state, use_swa)[0]
+
+  def evaluate_members(self, state, use_swa: bool = False):
+    """(each seed's eval sums, the ensemble's over the seeds or None with one seed)."""
+    out = (self.swa_eval if use_swa else self.eval)(state, *self.data['eval_arrays'])
+    if self.ensemble is None:
+      return out, None
+    sums, log_probs = out
+    return sums, self.ensemble(log_probs, *self.data['eval_arrays'][1:])
+
+  def swag_evaluate(self, state, epoch: int, num_samples: int):
+    """(each seed's SWAG sums, MultiSWAG's over the seeds or None): `num_samples` samples per seed, each
+    with its BatchNorm statistics recomputed over the first `swag_batches` batches of epoch `epoch`
+    (as SWA's, `recalibration_pass`), their probabilities averaged (Bayesian model average)."""
+    if num_samples % self.swag_chunk:
+      raise ValueError(f'{num_samples} samples in calls of {self.swag_chunk}')
+    key, (_, labels, mask) = self.data['recalibration_key'], self.data['eval_arrays']
+    perm = self.permutation(key, epoch)
+    acc = self.data['swag_acc']
+    for first in range(0, num_samples, self.swag_chunk):
+      params, running = self.swag_sample(state, self.data['swag_keys'], np.int32(first))
+      if self.swag_recalibrate:
+        running = recalibration_pass(self.swag_recalibrate, params, running, self.data['images'],
+                                     self.data['labels'], perm, key, epoch=epoch,
+                                     sizes=self.sizes[:self.swag_batches])
+      acc = self.swag_predict(params, running, acc, *self.data['eval_arrays'])
+    log_probs = acc - np.float32(np.log(num_samples))
+    sums = self.calibrate(log_probs, labels, mask)
+    return sums, (None if self.ensemble is None else self.ensemble(log_probs, labels, mask))
 
   def recalibrate_swa(self, state, epoch: int) -> steps.TrainState:
     """The SWA model's BatchNorm statistics recomputed over epoch `epoch`'s batches (torch's update_bn)."""

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cifar_jax import calibration
 from cifar_jax import input_pipeline
 from cifar_jax import swa
 
@@ -30,6 +31,8 @@ class TrainState(train_state.TrainState):
   swa_params: Any = None  # the running average of params (None when SWA is off)
   swa_batch_stats: Any = None  # the average's BatchNorm statistics (recalibrated at the end)
   swa_count: Any = None  # how many snapshots the average holds
+  swag_sq_mean: Any = None  # SWAG's second moment of the params (None when SWAG is off; swag.py)
+  swag_deviations: Any = None  # SWAG's last K deviations, (K, ...) per parameter (None: off or diag_only)
 
 
 def stack_seeds(trees):
@@ -161,35 +164,66 @@ def recalibration_step_on_device_data(params, running, images, labels, perm, dat
 
 
 def eval_step(state: TrainState, batch):
-  """Summed loss and correct predictions of a batch, in eval mode; masked examples count for nothing."""
+  """Summed loss and correct predictions of a batch, in eval mode; masked examples count for nothing.
+
+  Also the calibration sums (`calibration.calibration_sums`: Brier, ECE bins; `nll_sum` is `loss_sum`) and
+  the batch's log probabilities (for ensembles).
+  """
   images, labels, mask = batch
   logits = state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
                           train=False)
+  return eval_sums(logits, labels, mask)
+
+
+def eval_sums(logits, labels, mask):
+  """`eval_step`'s sums and log probabilities from a batch's logits."""
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = (jnp.argmax(logits, -1) == labels)
-  return {'loss_sum': jnp.sum(losses * mask), 'correct': jnp.sum(correct * mask),
-          'count': jnp.sum(mask)}
+  log_probs = jax.nn.log_softmax(logits)
+  sums = calibration.calibration_sums(log_probs, labels, mask)
+  sums.update(loss_sum=jnp.sum(losses * mask), correct=jnp.sum(correct * mask), count=jnp.sum(mask))
+  sums['nll_sum'] = sums['loss_sum']
+  return sums, log_probs
+
+
+def eval_zeros() -> dict[str, jax.Array]:
+  """The eval sums' starting values (`eval_step`'s keys)."""
+  shapes = jax.eval_shape(lambda: calibration.calibration_sums(
+      jnp.zeros((1, 2)), jnp.zeros((1,), jnp.int32), jnp.ones((1,))))
+  zeros = {k: jnp.zeros(v.shape, jnp.float32) for k, v in shapes.items()}
+  zeros['loss_sum'] = jnp.zeros((), jnp.float32)
+  return zeros
 
 
 def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False,
-                            axis_name: str | None = None):
+                            axis_name: str | None = None, with_log_probs: bool = False):
   """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch.
 
   Under pmap (`axis_name`) each device holds a slice of every batch and the sums are added over devices.
+  `with_log_probs`: also the (num_batches, batch, classes) log probabilities (jit only), for an ensemble
+  over the seeds (`calibration.ensemble_sums`).
   """
   if use_swa:
     state = state.replace(params=state.swa_params, batch_stats=state.swa_batch_stats)
+  return evaluate_variables(state.apply_fn, state.params, state.batch_stats, images, labels, mask,
+                            axis_name=axis_name, with_log_probs=with_log_probs)
+
+
+def evaluate_variables(apply_fn, params, batch_stats, images, labels, mask, *, axis_name=None,
+                       with_log_probs: bool = False):
+  """`evaluate_on_device_data` of the model `apply_fn` with `params` and `batch_stats`."""
 
   def body(totals, batch):
     x, y, m = batch
-    metrics = eval_step(state, (input_pipeline.normalize(x), y, m))
-    return jax.tree.map(jnp.add, totals, metrics), None
+    logits = apply_fn({'params': params, 'batch_stats': batch_stats}, input_pipeline.normalize(x),
+                      train=False)
+    sums, log_probs = eval_sums(logits, y, m)
+    return jax.tree.map(jnp.add, totals, sums), (log_probs if with_log_probs else None)
 
-  zeros = {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS}
-  totals, _ = jax.lax.scan(body, zeros, (images, labels, mask))
+  totals, log_probs = jax.lax.scan(body, eval_zeros(), (images, labels, mask))
   if axis_name is not None:
     totals = jax.lax.psum(totals, axis_name)
-  return totals
+  return (totals, log_probs) if with_log_probs else totals
 
 
 def batched_eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int, multiple_of: int = 1):
@@ -211,6 +245,14 @@ def batched_eval_arrays(images: np.ndarray, labels: np.ndarray, batch_size: int,
 def seed_summaries(sums, num_seeds: int) -> list[dict[str, float]]:
   """`summarize` of each seed's sums (one seed: a list of one)."""
   return [summarize(sums)] if num_seeds == 1 else summarize_seeds(sums)
+
+
+def seed_calibration(sums, num_seeds: int) -> list[dict[str, float]]:
+  """`calibration.summarize` (accuracy, nll, ece, brier) of each seed's eval sums."""
+  sums = jax.device_get(sums)
+  if num_seeds == 1:
+    return [calibration.summarize(sums)]
+  return [calibration.summarize(unstack_seed(sums, i)) for i in range(num_seeds)]
 
 
 def summarize(sums) -> dict[str, float]:

@@ -566,6 +566,53 @@ def _update_bn(loader, swa_model, device) -> None:
   swa_utils.update_bn(((x.to(device), y) for x, y in loader), swa_model, device=None)
 
 
+class TorchSwag:
+  """SWAG with the reference's formulas (`wjmaddox/swa_gaussian` swag/posteriors/swag.py, SWAG with
+  no_cov_mat=False): per collected model the mean and second moment m <- m n / (n + 1) + theta / (n + 1),
+  q <- q n / (n + 1) + theta^2 / (n + 1), the deviation theta - m appended to D, the oldest dropped beyond
+  K; a sample m + sqrt(s) (sqrt(clamp(q - m^2)) z1 + D^T z2 / sqrt(c - 1)). One change, as cifar_jax/swag.py:
+  c = min(n, K) deviations held (the reference divides by sqrt(K - 1) even before K are collected).
+  Here D is kept per parameter (the reference's sample_fullrank concatenates the same rows).
+  """
+
+  def __init__(self, model, rank: int, var_clamp: float = 1e-30):
+    torch = _torch()
+    self.rank, self.var_clamp, self.n = rank, var_clamp, 0
+    self.names = [name for name, _ in model.named_parameters()]
+    self.mean = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    self.sq_mean = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    self.deviations = {n: [] for n in self.names}
+
+  def collect(self, model) -> None:
+    n = self.n
+    with _torch().no_grad():
+      for name, p in model.named_parameters():
+        self.mean[name] = self.mean[name] * n / (n + 1.0) + p.data / (n + 1.0)
+        self.sq_mean[name] = self.sq_mean[name] * n / (n + 1.0) + p.data ** 2 / (n + 1.0)
+        self.deviations[name] = (self.deviations[name] + [p.data - self.mean[name]])[-self.rank:]
+    self.n += 1
+
+  def sample(self, scale: float, z1: dict, z2) -> dict:
+    """{name: sampled parameter} for the noises z1 {name: tensor} and z2 (the held deviations' own, oldest
+    first; the JAX side's z2 for its last min(n, K) columns)."""
+    torch = _torch()
+    held = min(self.n, self.rank)
+    out = {}
+    for name in self.names:
+      var = torch.clamp(self.sq_mean[name] - self.mean[name] ** 2, self.var_clamp)
+      noise = var.sqrt() * z1[name]
+      if held:
+        d = torch.stack(self.deviations[name])  # (held, ...)
+        noise = noise + torch.tensordot(z2[-held:], d, dims=1) / max(held - 1, 1) ** 0.5
+      out[name] = self.mean[name] + scale ** 0.5 * noise
+    return out
+
+  def load_sample(self, model, sample: dict) -> None:
+    with _torch().no_grad():
+      for name, p in model.named_parameters():
+        p.copy_(sample[name])
+
+
 def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', device=None, dataset=None):
   """Trains the blog's torch model with `config`, evaluating every epoch.
 

@@ -7,14 +7,15 @@ compiles every function of the run; `loop.py` calls them and runs the host's act
 """
 
 import concurrent.futures
-import functools
 import os
 
 from absl import logging
 import jax
 import ml_collections
+import numpy as np
 
 from cifar_jax import builders
+from cifar_jax import calibration
 from cifar_jax import checkpointing
 from cifar_jax import compilation_cache
 from cifar_jax import config_lib
@@ -24,6 +25,7 @@ from cifar_jax import metrics_writer
 from cifar_jax import parallel
 from cifar_jax import program as program_lib
 from cifar_jax import steps
+from cifar_jax import swag
 from cifar_jax import timing
 from cifar_jax.errors import ConfigError
 from cifar_jax.errors import NonFiniteLossError  # noqa: F401 (public: train.NonFiniteLossError)
@@ -83,6 +85,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     logging.warning('Resuming %s with a config that differs from the one it started with: %s',
                     workdir, '; '.join(changed))
   shapes = par.abstract_per_seed(initial.shapes())
+  if config.swag.enabled:  # before the state exists
+    swag.check_memory(config.swag, shapes[0].params, config.num_seeds)
   laps.lap('init')
 
   # The first train call compiles for the state's shapes while a thread computes the initial state
@@ -144,27 +148,82 @@ def _returned(par: parallel.Parallel, state: steps.TrainState, config) -> steps.
 # Using a finished (or partial) run ---------------------------------------------------------------------
 
 
-def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Eval loss and accuracy of the running model and, when present, the (recalibrated) SWA model."""
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """The latest checkpoint's eval metrics, and the table of every model it holds.
+
+  Keys: eval_loss and eval_accuracy of the running model and, when present, swa_eval_* of the SWA model
+  (per seed with several), and `table`: one row per model (`evaluation_rows`) with accuracy, NLL, ECE,
+  Brier and the reliability diagram's bins. SWAG draws `config.swag.num_samples` samples per seed (a
+  --config.swag.num_samples=... given here overrides the training run's).
+  """
   config_lib.validate(config)
   compilation_cache.configure(config.compilation_cache)
+  par = parallel.create(config.parallelism, num_seeds=config.num_seeds, seed_devices=config.seed_devices)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
-  state = checkpointing.restore_state(config, workdir, spe)
-  arrays = jax.device_put(steps.batched_eval_arrays(dataset.eval_images, dataset.eval_labels,
-                                                    config.eval_batch_size))
+  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
+  state, acc = par.place_per_seed(builders.create_initial_state(
+      config, model, builders.create_run_schedules(config, spe)))
+  restored = checkpointing.restore_checkpoint(checkpointing.checkpoint_manager(workdir, config),
+                                              par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc))
+  if restored is None:
+    raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
+  state, acc = par.to_step_layout(restored[0]), par.to_step_layout(restored[1])
+  program = program_lib.Program.compile(config, model, par, dataset, state, acc,
+                                        *builders.seed_data_keys(config))
   k = config.num_seeds
-  count = 0 if state.swa_count is None else checkpointing.scalar(state.swa_count)
-  out = {'step': checkpointing.scalar(state.step), 'split': dataset.eval_split}
+  step = checkpointing.scalar(par.host(state.step))
+  count = 0 if state.swa_count is None else checkpointing.scalar(par.host(state.swa_count))
+  out = {'step': step, 'split': dataset.eval_split}
+  rows = []
   for prefix, use_swa in (('', False), ('swa_', True))[:1 + (count > 0)]:
-    fn = functools.partial(steps.evaluate_on_device_data, use_swa=use_swa)
-    fn = fn if k == 1 else jax.vmap(fn, in_axes=(0, None, None, None))  # the seeds' states, stacked
-    ev = steps.seed_summaries(jax.jit(fn)(state, *arrays), k)
+    sums, ensemble = program.evaluate_members(state, use_swa=use_swa)
+    ev = steps.seed_summaries(par.host(sums), k)
     out.update(**steps.seed_metrics(f'{prefix}eval_loss', [e['loss'] for e in ev]),
                **steps.seed_metrics(f'{prefix}eval_accuracy', [e['accuracy'] for e in ev]))
+    rows += evaluation_rows(('SWA', 'MultiSWA') if use_swa else ('single model', 'deep ensemble'),
+                            par.host(sums), ensemble, k, 1)
   if count > 0:
     out['swa_count'] = count
+    if config.swag.enabled:
+      swag.log_divisor(count, config.swag.rank)
+      sums, ensemble = program.swag_evaluate(state, max(step - 1, 0) // spe, config.swag.num_samples)
+      rows += evaluation_rows(('SWAG', 'MultiSWAG'), par.host(sums), ensemble, k, config.swag.num_samples)
+  out['table'] = rows
   return out
+
+
+def evaluation_rows(names: tuple[str, str], sums, ensemble_sums, num_seeds: int, samples: int) -> list:
+  """The table's rows of one kind of model: each seed's (mean and std over the seeds) and, with several
+  seeds, their ensemble's; each with the reliability diagram's bins (the seeds' examples pooled)."""
+  members = steps.seed_calibration(sums, num_seeds)
+  pooled = jax.tree.map(lambda x: np.sum(np.asarray(x), axis=0) if num_seeds > 1 else x, sums)
+  row = {'model': names[0], 'models': samples, 'seeds': num_seeds,
+         'bins': calibration.reliability(pooled)}
+  for key in ('accuracy', 'nll', 'ece', 'brier'):
+    values = [m[key] for m in members]
+    row[key] = float(np.mean(values))
+    row[f'{key}_std'] = float(np.std(values, ddof=1)) if num_seeds > 1 else 0.0
+  rows = [row]
+  if ensemble_sums is not None:
+    ensemble = {'model': names[1], 'models': num_seeds * samples, 'seeds': num_seeds,
+                'bins': calibration.reliability(ensemble_sums)}
+    ensemble.update(calibration.summarize(ensemble_sums))
+    rows.append(ensemble)
+  return rows
+
+
+def format_table(rows: list) -> str:
+  """The evaluation table as text: model, models averaged, accuracy, NLL, ECE, Brier (mean +- std)."""
+  lines = [f"{'model':<14} {'models':>6} {'accuracy':>17} {'NLL':>17} {'ECE':>17} {'Brier':>17}"]
+  for row in rows:
+    cells = []
+    for key in ('accuracy', 'nll', 'ece', 'brier'):
+      std = row.get(f'{key}_std', 0.0)
+      cells.append(f'{row[key]:.4f} +- {std:.4f}' if row['seeds'] > 1 and f'{key}_std' in row
+                   else f'{row[key]:.4f}')
+    lines.append(f"{row['model']:<14} {row['models']:>6} " + ' '.join(f'{c:>17}' for c in cells))
+  return '\n'.join(lines)
 
 
 def export_variables(config: ml_collections.ConfigDict, workdir: str, use_swa: bool) -> dict:

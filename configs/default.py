@@ -98,6 +98,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.swa.recalibration_augment = True  # update_bn over augmented training batches, as the blog
   config.swa.eval_every_epoch = False  # also recalibrate and evaluate the SWA model every SWA epoch
 
+  # SWAG (Maddox et al. 2019; cifar_jax/swag.py): needs swa.enabled; collected whenever SWA averages,
+  # evaluated at the end (swag_eval_*; num_seeds > 1: MultiSWAG, multiswag_eval_*) and by --mode=evaluate.
+  config.swag = ml_collections.ConfigDict()
+  config.swag.enabled = False
+  config.swag.rank = 20  # K: the deviations kept (K floats per parameter per seed)
+  config.swag.scale = 0.5  # s: samples theta = m + sqrt(s) * (...); 0 = the SWA model
+  config.swag.num_samples = 30  # S: models averaged (each with its own BatchNorm pass)
+  config.swag.diag_only = False  # the diagonal variance only (no deviations held)
+  config.swag.var_clamp = 1e-30  # the diagonal variance's floor
+  config.swag.bn_update_fraction = 1.0  # each sample's BatchNorm pass: this fraction of an epoch's batches
+  config.swag.samples_per_call = 0  # samples recalibrated and evaluated in one vmap-ed call; 0 = auto (<= 4)
+
   # Data parallelism over every visible device (README, "Multi-GPU and multi-host"); the global batch,
   # its order, augmentation and BatchNorm statistics are the same on any number of devices.
   config.parallelism = 'jit'  # jit (one program over a device mesh) | pmap (per-device program)

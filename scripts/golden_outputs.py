@@ -15,6 +15,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -84,11 +85,18 @@ def _digest(value) -> str:
   return h.hexdigest()
 
 
+def added_after_golden(key: str) -> bool:
+  """Metric keys added after the hashes were recorded (issue 17's calibration and ensemble metrics)."""
+  return (key.startswith(('ensemble_', 'swa_ensemble_', 'swag_', 'multiswag_'))
+          or re.search(r'_(ece|brier)(_mean|_std|_per_seed)?$', key) is not None)
+
+
 def metrics_digest(workdir: str) -> tuple[str, list]:
   from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top
 
   with open(os.path.join(workdir, 'metrics.jsonl')) as f:
-    records = [{k: v for k, v in json.loads(line).items() if k not in metrics_writer.TIMING_KEYS}
+    records = [{k: v for k, v in json.loads(line).items()
+                if k not in metrics_writer.TIMING_KEYS and not added_after_golden(k)}
                for line in f if line.strip()]
   return hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest(), records
 
