@@ -8,7 +8,9 @@ between it and `models.ResNet`; `torch_batches` yields either exactly the JAX tr
 `cifar_jax` never needs it.
 """
 
+import copy
 import functools
+import itertools
 import math
 import os
 import time
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from cifar_jax import builders
+from cifar_jax import calibration
 from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
@@ -554,10 +557,12 @@ def _start_swa_lr(optimizer, config):
   return swa_scheduler
 
 
-def _swa_step_hook(swa_model, model, steps_before: int, every: int, i: int) -> None:
-  """With swa.update_every_steps: average after every `every`-th step of the SWA phase."""
+def _swa_step_hook(swa_model, model, steps_before: int, every: int, swag, i: int) -> None:
+  """With swa.update_every_steps: average (and collect SWAG) after every `every`-th step of the SWA phase."""
   if every and (steps_before + i + 1) % every == 0:
     swa_model.update_parameters(model)
+    if swag is not None:
+      swag.collect(model)
 
 
 def _update_bn(loader, swa_model, device) -> None:
@@ -613,6 +618,44 @@ class TorchSwag:
         p.copy_(sample[name])
 
 
+def eval_log_probs_torch(model, dataset, batch_size: int, device):
+  """(log_softmax of `model`'s logits (eval mode) on the eval split, labels), as numpy float32 / int."""
+  torch = _torch()
+  model.eval()
+  out, labels = [], []
+  with torch.no_grad():
+    for x, y in torch_eval_batches(dataset, batch_size):
+      out.append(torch.log_softmax(model(x.to(device)).float(), dim=1).cpu().numpy())
+      labels.append(y.numpy())
+  return np.concatenate(out), np.concatenate(labels)
+
+
+def swag_evaluate_torch(swag: 'TorchSwag', model, config, dataset, recalibration_batches,
+                        steps_per_epoch: int, device) -> dict:
+  """The SWAG Bayesian model average as the reference computes it: swag.num_samples samples (torch's own
+  noise, seeded from config.seed), each loaded into a copy of `model`, torch's update_bn over the first
+  ceil(bn_update_fraction * steps_per_epoch) batches of `recalibration_batches()`, its eval softmax
+  probabilities averaged over the samples. Returns `calibration.calibration_sums` of the average."""
+  torch = _torch()
+  s = config.swag
+  sample_model = copy.deepcopy(model)
+  generator = torch.Generator().manual_seed(config.seed)
+  held = min(swag.n, s.rank)
+  num_batches = max(1, math.ceil(s.bn_update_fraction * steps_per_epoch))
+  log_probs = []
+  for _ in range(s.num_samples):
+    z1 = {n: torch.randn(swag.mean[n].shape, generator=generator).to(device) for n in swag.names}
+    z2 = torch.randn(held, generator=generator).to(device)
+    if s.diag_only:
+      z2 = torch.zeros_like(z2)
+    swag.load_sample(sample_model, swag.sample(s.scale, z1, z2))
+    _update_bn(itertools.islice(recalibration_batches(), num_batches), sample_model, device)
+    sample_log_probs, labels = eval_log_probs_torch(sample_model, dataset, config.eval_batch_size, device)
+    log_probs.append(sample_log_probs)
+  mean_log_probs = calibration.mean_log_probs(jnp.asarray(np.stack(log_probs)))
+  return calibration.calibration_sums(mean_log_probs, jnp.asarray(labels), jnp.ones(labels.shape))
+
+
 def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', device=None, dataset=None):
   """Trains the blog's torch model with `config`, evaluating every epoch.
 
@@ -654,7 +697,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   scheduler = create_torch_scheduler(optimizer, config.schedule, main_epochs, steps_per_epoch)
   after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
   swa_config = config.swa
-  swa_model = swa_scheduler = None
+  swa_model = swa_scheduler = swag = None
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
   record, start_time = {}, time.perf_counter()
@@ -664,12 +707,14 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
       from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
       swa_model = swa_utils.AveragedModel(model)
       swa_scheduler = _start_swa_lr(optimizer, config)
+      if config.swag.enabled:
+        swag = TorchSwag(model, config.swag.rank, config.swag.var_clamp)
     if swa_scheduler is not None:
       swa_scheduler.step()
     if in_swa:
       hook = functools.partial(_swa_step_hook, swa_model, model,
                                (epoch - swa_config.start_epoch) * steps_per_epoch,
-                               swa_config.update_every_steps)
+                               swa_config.update_every_steps, swag)
     else:
       hook = functools.partial(after_batch, epoch)
     epoch_start = time.perf_counter()
@@ -682,17 +727,26 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
     if in_swa:
       if not swa_config.update_every_steps:
         swa_model.update_parameters(model)
+        if swag is not None:
+          swag.collect(model)
+      recal_config = config.copy_and_resolve_references()
+      recal_config.data.augment = swa_config.recalibration_augment
+      recal_key = jax.random.fold_in(jax_data_key(config.seed), steps.RECALIBRATION_SALT)
+
+      def recalibration_batches(epoch=epoch, recal_config=recal_config, recal_key=recal_key):
+        return torch_batches(dataset, recal_config, epoch if data_mode == 'identical' else
+                             config.num_epochs + epoch, data_mode, data_key=recal_key)
+
       if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
-        recal_config = config.copy_and_resolve_references()
-        recal_config.data.augment = swa_config.recalibration_augment
-        recal_key = jax.random.fold_in(jax_data_key(config.seed), steps.RECALIBRATION_SALT)
-        loader = torch_batches(dataset, recal_config, epoch if data_mode == 'identical' else
-                               config.num_epochs + epoch, data_mode, data_key=recal_key)
-        _update_bn(loader, swa_model, device)
+        _update_bn(recalibration_batches(), swa_model, device)
         swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device)
         swa_record = {'swa_eval_loss': swa_evals['eval_loss'],
                       'swa_eval_accuracy': swa_evals['eval_accuracy']}
       swa_record['swa_count'] = int(swa_model.n_averaged)
+      if swag is not None and epoch + 1 == config.num_epochs:
+        swag_sums = swag_evaluate_torch(swag, model, config, dataset, recalibration_batches, steps_per_epoch,
+                                        device)
+        swa_record.update({f'swag_eval_{k}': v for k, v in calibration.summarize(swag_sums).items()})
     evals = evaluate_torch(model, dataset, config.eval_batch_size, device)
     record = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch,
               'train_loss': train['train_loss'], 'train_accuracy': train['train_accuracy'],

@@ -7,9 +7,11 @@
 
 Writes WORKDIR/comparison.md (final and best eval accuracy as mean +- std per framework, the difference with
 a 95 % Welch interval, wall time, images per second, device) and WORKDIR/comparison.png (eval accuracy and
-loss curves, one line per seed). Each run lives in WORKDIR/{jax,torch}/seed_{i}; a finished run is not
-retrained, so `--only=jax` and `--only=torch` can split a long comparison across sessions. A JAX run resumes
-from its checkpoint; an unfinished torch run restarts.
+loss curves, one line per seed). With config.swag.enabled (configs/swag.py) both frameworks collect SWAG
+over the SWA phase (the torch twin with the reference's formulas, torch_reference.TorchSwag) and the table
+gains the SWAG Bayesian model average's accuracy, NLL, ECE and Brier per framework. Each run lives in
+WORKDIR/{jax,torch}/seed_{i}; a finished run is not retrained, so `--only=jax` and `--only=torch` can split
+a long comparison across sessions. A JAX run resumes from its checkpoint; an unfinished torch run restarts.
 """
 
 import os
@@ -35,6 +37,10 @@ flags.DEFINE_string('torch_device', None, "torch device (default 'cuda' when ava
 flags.mark_flags_as_required(['config', 'workdir'])
 
 FRAMEWORKS = ('jax', 'torch')
+SWAG_METRICS = ('accuracy', 'nll', 'ece', 'brier')
+SWAG_HEADERS = {'accuracy': 'accuracy (%)', 'nll': 'NLL', 'ece': 'ECE (15 bins)', 'brier': 'Brier'}
+
+
 def run_dir(workdir: str, framework: str, seed: int) -> str:
   return os.path.join(workdir, framework, f'seed_{seed}')
 
@@ -89,8 +95,37 @@ def summarize(workdir: str, seeds: list[int], num_epochs: int) -> dict:
         'best': [max(x['eval_accuracy'] for x in r) for r in runs],
         'wall': [r[-1]['elapsed_seconds'] for r in runs],
         'ips': [statistics.median(x['images_per_second'] for x in r) for r in runs],
+        'swag': {key: [r[-1][f'swag_eval_{key}'] for r in runs if f'swag_eval_{key}' in r[-1]]
+                 for key in SWAG_METRICS},
     }
   return out
+
+
+def swag_lines(summary: dict, config) -> list[str]:
+  """The SWAG table: each framework's Bayesian model average (S samples, each with its own update_bn) and
+  JAX - torch per metric with a 95 % Welch interval; no lines when no run has SWAG metrics."""
+  if not any(summary[f]['swag']['accuracy'] for f in FRAMEWORKS):
+    return []
+  s = config.swag
+  lines = [f'SWAG, the final models: {s.num_samples} samples at scale {s.scale}, rank {s.rank}'
+           f'{" (diagonal only)" if s.diag_only else ""}, each with its own BatchNorm pass over '
+           f'{s.bn_update_fraction:g} of an epoch; probabilities averaged over the samples.', '',
+           '| framework | seeds | ' + ' | '.join(SWAG_HEADERS[k] for k in SWAG_METRICS) + ' |',
+           '| --- | --- | ' + ' | '.join('---' for _ in SWAG_METRICS) + ' |']
+  for framework in FRAMEWORKS:
+    swag = summary[framework]['swag']
+    lines.append(f"| {framework} | {len(swag['accuracy'])} | " + ' | '.join(
+        _mean_std(swag[k], 100 if k == 'accuracy' else 1, 2 if k == 'accuracy' else 4)
+        for k in SWAG_METRICS) + ' |')
+  lines.append('')
+  if summary['jax']['swag']['accuracy'] and summary['torch']['swag']['accuracy']:
+    for key in SWAG_METRICS:
+      diff, lo, hi = welch_interval(summary['jax']['swag'][key], summary['torch']['swag'][key])
+      scale, unit = (100, ' points') if key == 'accuracy' else (1, '')
+      lines.append(f'JAX − torch, SWAG {SWAG_HEADERS[key]}: {scale * diff:+.4g}{unit}, 95 % Welch interval '
+                   f'[{scale * lo:+.4g}, {scale * hi:+.4g}].')
+    lines.append('')
+  return lines
 
 
 def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -126,6 +161,7 @@ def write_markdown(path: str, summary: dict, config, command: str, devices: dict
       lines.append(f'JAX − torch, {name} accuracy: {100 * diff:+.2f} points, 95 % Welch interval '
                    f'[{100 * lo:+.2f}, {100 * hi:+.2f}].')
     lines.append('')
+  lines += swag_lines(summary, config)
   lines.append('Mean ± sample standard deviation over seeds; an interval that contains 0 means the two '
                'frameworks are not distinguishable at this number of seeds.')
   with open(path, 'w') as f:

@@ -7,7 +7,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-from cifar_jax import stats
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import stats  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def test_welch_interval_against_a_hand_computation():
@@ -52,3 +54,28 @@ def test_compare_frameworks_end_to_end(tmp_path):
   result = subprocess.run(cmd + ['--only=torch'], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0 and result.stdout.count('finished, kept') == 2
+
+
+def test_swag_rows_from_each_frameworks_last_record(tmp_path):
+  """The SWAG table reads swag_eval_* of each framework's last record: mean ± std, and JAX − torch."""
+  import compare_frameworks  # pylint: disable=g-import-not-at-top
+
+  from configs import swag as swag_config  # pylint: disable=g-import-not-at-top
+
+  for framework, seed, acc, nll in (('jax', 0, 0.5, 1.25), ('jax', 1, 0.6, 1.0), ('torch', 0, 0.55, 1.5)):
+    path = compare_frameworks.run_dir(str(tmp_path), framework, seed)
+    os.makedirs(path)
+    writer = metrics_writer.MetricsWriter(path, tensorboard=False)
+    for epoch in (1, 2):
+      writer.write({'epoch': epoch, 'eval_accuracy': acc, 'elapsed_seconds': 1.0, 'images_per_second': 2.0,
+                    'swa_eval_accuracy': acc, 'swag_eval_accuracy': acc, 'swag_eval_nll': nll,
+                    'swag_eval_ece': 0.05, 'swag_eval_brier': 0.5})
+    writer.close()
+  summary = compare_frameworks.summarize(str(tmp_path), [0, 1], 2)
+  assert summary['jax']['swag']['nll'] == [1.25, 1.0] and summary['torch']['swag']['nll'] == [1.5]
+  lines = compare_frameworks.swag_lines(summary, swag_config.get_config())
+  assert '| jax | 2 | 55.00 ± 7.07 | 1.1250 ± 0.1768 | 0.0500 ± 0.0000 | 0.5000 ± 0.0000 |' in lines
+  assert '| torch | 1 | 55.00 ± nan | 1.5000 ± nan | 0.0500 ± nan | 0.5000 ± nan |' in lines
+  assert lines[0].startswith('SWAG, the final models: 30 samples at scale 0.5, rank 20')
+  assert compare_frameworks.swag_lines(compare_frameworks.summarize(str(tmp_path / 'none'), [0], 2),
+                                       swag_config.get_config()) == []

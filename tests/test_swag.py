@@ -254,3 +254,23 @@ def test_torch_reference_swag_agrees(tiny_config):
     jax_probs.append(jax.nn.log_softmax(logits))
   np.testing.assert_allclose(np.exp(calibration.mean_log_probs(jnp.stack(jax_probs))),
                              np.mean(torch_probs, axis=0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_twin_collects_swag_and_scale_zero_is_swa(tiny_config, tmp_path):
+  """train_and_evaluate_torch with swag.enabled collects at the SWA updates and writes swag_eval_*; at
+  scale 0 every sample is the SWA mean and, with the JAX trainer's batches ('identical') and a full
+  BatchNorm pass, the SWAG average is the SWA model (NLL = swa_eval_loss up to the two averaging formulas'
+  float32 rounding)."""
+  pytest.importorskip('torch')
+  from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
+
+  config = _swag_config(tiny_config)
+  config.num_epochs = 3
+  config.swag.update(scale=0.0, num_samples=2)
+  _, record = torch_reference.train_and_evaluate_torch(config, str(tmp_path), data_mode='identical',
+                                                       device='cpu')
+  assert record['swa_count'] == 2
+  assert record['swag_eval_accuracy'] == record['swa_eval_accuracy']
+  np.testing.assert_allclose(record['swag_eval_nll'], record['swa_eval_loss'], rtol=1e-4)
+  assert 0.0 <= record['swag_eval_ece'] <= 1.0 and 0.0 <= record['swag_eval_brier'] <= 2.0
