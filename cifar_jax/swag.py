@@ -88,11 +88,18 @@ def sample(mean, sq_mean, deviations, count, z1, z2, *, scale: float, var_clamp:
 
 
 def draw_noise(key, params, rank: int):
-  """z1 ~ N(0, I) shaped like `params` and z2 ~ N(0, I_K) from `key`."""
+  """z1 ~ N(0, I) shaped like `params` and z2 ~ N(0, I_K) from `key`.
+
+  z1 is one draw of every parameter's count, split into the leaves: one threefry program instead of one
+  per leaf, which XLA:CPU compiled 8x slower (ResNet18's 62 leaves: 286 s against 36 s, vmap-ed over 4
+  samples and 3 seeds, on the loaded 2-core CPU).
+  """
   leaves, treedef = jax.tree.flatten(params)
-  keys = jax.random.split(key, len(leaves) + 1)
-  z1 = [jax.random.normal(k, p.shape, p.dtype) for k, p in zip(keys[1:], leaves)]
-  return jax.tree.unflatten(treedef, z1), jax.random.normal(keys[0], (rank,), jnp.float32)
+  key_z2, key_z1 = jax.random.split(key)
+  sizes = [int(np.prod(p.shape)) for p in leaves]
+  flat = jax.random.normal(key_z1, (sum(sizes),), jnp.float32)
+  z1 = [x.reshape(p.shape).astype(p.dtype) for x, p in zip(jnp.split(flat, np.cumsum(sizes)[:-1]), leaves)]
+  return jax.tree.unflatten(treedef, z1), jax.random.normal(key_z2, (rank,), jnp.float32)
 
 
 def sample_chunk(state, sample_key, first, *, chunk: int, rank: int, scale: float, var_clamp: float):
