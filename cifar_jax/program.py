@@ -203,7 +203,8 @@ class Program:
   @classmethod
   def compile(cls, config: ml_collections.ConfigDict, model, par: parallel.Parallel,
               dataset: input_pipeline.Dataset, state: steps.TrainState, acc, data_key,
-              recalibration_key, first_step: int = 0, background: bool = True) -> 'Program':
+              recalibration_key, first_step: int = 0, background: bool = True,
+              training: bool = True) -> 'Program':
     """Places the data on the devices and compiles every function of a run of `config` for `state`.
 
     `state` and `acc` may be arrays or their shapes (`Parallel.abstract_per_seed`): only their shapes,
@@ -211,6 +212,8 @@ class Program:
 
     The permutation and the train call of step `first_step` (the first the run takes) are compiled before
     this returns; the rest in background threads when `background`, else before it returns too.
+    `training=False` (`train.evaluate_checkpoint`): no train calls and no SWA update, the evaluation's
+    functions only.
     """
     # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
     images, labels = par.replicate(dataset.train_images), par.replicate(dataset.train_labels)
@@ -253,7 +256,7 @@ class Program:
                   recalibration_key=recalibration_key),
         train={size: build('train', functools.partial(step_fn, size=size), state, acc, images, labels,
                            first_perm, data_key, np.int32(1), donate=(0, 1))
-               for size in sorted(set(sizes))},
+               for size in sorted(set(sizes)) if training},
         eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name,
                                              with_log_probs=ensemble),
                    state, *eval_arrays),
@@ -263,7 +266,8 @@ class Program:
       swa_update_fn = functools.partial(swa.update_swa, decay=swa_config.decay)
       if config.swag.enabled:
         swa_update_fn = functools.partial(swag.update_swa_and_swag, swa_update=swa_update_fn)
-      program.swa_update = build('swa_update', swa_update_fn, state, donate=0)
+      if training:
+        program.swa_update = build('swa_update', swa_update_fn, state, donate=0)
       program.swa_eval = build('eval', functools.partial(
           steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name, with_log_probs=ensemble),
           state, *eval_arrays)
@@ -282,7 +286,8 @@ class Program:
       program.build_ensemble_functions(config, model, build, state, first_perm)
     del first_perm
     first_size = sizes[first_step % spe]
-    program.train[first_size] = program.train[first_size].compile()
+    if training:
+      program.train[first_size] = program.train[first_size].compile()
     program.compile_seconds = time.perf_counter() - start
     program.compile_rest(background)
     if not background:
@@ -404,15 +409,20 @@ class Program:
     sums, log_probs = out
     return sums, self.ensemble(log_probs, *self.data['eval_arrays'][1:])
 
-  def swag_evaluate(self, state, epoch: int, num_samples: int):
-    """(each seed's SWAG sums, MultiSWAG's over the seeds or None): `num_samples` samples per seed, each
-    with its BatchNorm statistics recomputed over the first `swag_batches` batches of epoch `epoch`
-    (as SWA's, `recalibration_pass`), their probabilities averaged (Bayesian model average)."""
+  def member_log_probs(self, state, use_swa: bool = False):
+    """Each seed's eval log probabilities (seeds, batches, batch, classes), or None with one seed."""
+    if self.ensemble is None:
+      return None
+    return (self.swa_eval if use_swa else self.eval)(state, *self.data['eval_arrays'])[1]
+
+  def swag_log_probs(self, state, epoch: int, num_samples: int) -> list:
+    """Each seed's SWAG log probabilities after each call: [(samples so far, the log of their mean
+    probabilities)], `num_samples` samples per seed in all (see `swag_evaluate`)."""
     if num_samples % self.swag_chunk:
       raise ValueError(f'{num_samples} samples in calls of {self.swag_chunk}')
-    key, (_, labels, mask) = self.data['recalibration_key'], self.data['eval_arrays']
+    key = self.data['recalibration_key']
     perm = self.permutation(key, epoch)
-    acc = self.data['swag_acc']
+    acc, out = self.data['swag_acc'], []
     for first in range(0, num_samples, self.swag_chunk):
       params, running = self.swag_sample(state, self.data['swag_keys'], np.int32(first))
       if self.swag_recalibrate:
@@ -420,7 +430,16 @@ class Program:
                                      self.data['labels'], perm, key, epoch=epoch,
                                      sizes=self.sizes[:self.swag_batches])
       acc = self.swag_predict(params, running, acc, *self.data['eval_arrays'])
-    log_probs = acc - np.float32(np.log(num_samples))
+      done = first + self.swag_chunk
+      out.append((done, acc - np.float32(np.log(done))))
+    return out
+
+  def swag_evaluate(self, state, epoch: int, num_samples: int):
+    """(each seed's SWAG sums, MultiSWAG's over the seeds or None): `num_samples` samples per seed, each
+    with its BatchNorm statistics recomputed over the first `swag_batches` batches of epoch `epoch`
+    (as SWA's, `recalibration_pass`), their probabilities averaged (Bayesian model average)."""
+    _, labels, mask = self.data['eval_arrays']
+    log_probs = self.swag_log_probs(state, epoch, num_samples)[-1][1]
     sums = self.calibrate(log_probs, labels, mask)
     return sums, (None if self.ensemble is None else self.ensemble(log_probs, labels, mask))
 

@@ -170,27 +170,57 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
   state, acc = par.to_step_layout(restored[0]), par.to_step_layout(restored[1])
   program = program_lib.Program.compile(config, model, par, dataset, state, acc,
-                                        *builders.seed_data_keys(config))
+                                        *builders.seed_data_keys(config), training=False)
   k = config.num_seeds
   step = checkpointing.scalar(par.host(state.step))
   count = 0 if state.swa_count is None else checkpointing.scalar(par.host(state.swa_count))
   out = {'step': step, 'split': dataset.eval_split}
-  rows = []
+  rows, curves = [], {}
+  _, labels, mask = program.data['eval_arrays']
   for prefix, use_swa in (('', False), ('swa_', True))[:1 + (count > 0)]:
     sums, ensemble = program.evaluate_members(state, use_swa=use_swa)
     ev = steps.seed_summaries(par.host(sums), k)
     out.update(**steps.seed_metrics(f'{prefix}eval_loss', [e['loss'] for e in ev]),
                **steps.seed_metrics(f'{prefix}eval_accuracy', [e['accuracy'] for e in ev]))
-    rows += evaluation_rows(('SWA', 'MultiSWA') if use_swa else ('single model', 'deep ensemble'),
-                            par.host(sums), ensemble, k, 1)
+    names = ('SWA', 'MultiSWA') if use_swa else ('single model', 'deep ensemble')
+    rows += evaluation_rows(names, par.host(sums), ensemble, k, 1)
+    if k > 1:
+      curves[names[1]] = ensemble_curve([(1, program.member_log_probs(state, use_swa))], labels, mask, k)
   if count > 0:
     out['swa_count'] = count
     if config.swag.enabled:
       swag.log_divisor(count, config.swag.rank)
-      sums, ensemble = program.swag_evaluate(state, max(step - 1, 0) // spe, config.swag.num_samples)
+      partial = program.swag_log_probs(state, max(step - 1, 0) // spe, config.swag.num_samples)
+      log_probs = partial[-1][1]
+      sums = program.calibrate(log_probs, labels, mask)
+      ensemble = None if k == 1 else program.ensemble(log_probs, labels, mask)
       rows += evaluation_rows(('SWAG', 'MultiSWAG'), par.host(sums), ensemble, k, config.swag.num_samples)
+      curves['MultiSWAG' if k > 1 else 'SWAG'] = ensemble_curve(partial, labels, mask, k)
   out['table'] = rows
+  out['nll_by_models'] = curves
   return out
+
+
+def ensemble_curve(partial: list, labels, mask, num_seeds: int) -> list:
+  """Metrics of the average over more and more models, as the papers plot NLL against models averaged:
+  seed 0's average over each count of samples in `partial` ([(samples, each seed's log probabilities of
+  their average)]), then the first 2, .., k seeds' averages of all the samples. One row per size:
+  models, accuracy, nll, ece, brier."""
+  labels, mask = np.asarray(jax.device_get(labels)), np.asarray(jax.device_get(mask))
+
+  def host(log_probs):  # (seeds, ...), with a seed axis also for one seed
+    log_probs = np.asarray(jax.device_get(log_probs))
+    return log_probs if num_seeds > 1 else log_probs[None]
+
+  curve = []
+  for samples, log_probs in partial:
+    sums = calibration.calibration_sums(host(log_probs)[0], labels, mask)
+    curve.append({'models': samples, **calibration.summarize(sums)})
+  samples, log_probs = partial[-1][0], host(partial[-1][1])
+  for seeds in range(2, num_seeds + 1):
+    sums = calibration.calibration_sums(calibration.mean_log_probs(log_probs[:seeds]), labels, mask)
+    curve.append({'models': seeds * samples, **calibration.summarize(sums)})
+  return curve
 
 
 def evaluation_rows(names: tuple[str, str], sums, ensemble_sums, num_seeds: int, samples: int) -> list:

@@ -5,8 +5,10 @@ averaged (single model -> deep ensemble, SWA -> MultiSWA, SWAG -> MultiSWAG), as
   cifar-jax --config=configs/multiswag.py --workdir=runs/multiswag --mode=evaluate
   python scripts/plot_calibration.py runs/multiswag        # writes runs/multiswag/calibration.png
 
-The NLL lines join the points the table holds (1 and k seeds; SWAG: S and k S samples), not every
-ensemble size in between.
+The NLL lines show every ensemble size evaluate wrote (`nll_by_models` in evaluation.json): the deep
+ensemble and MultiSWA of the first 1, .., k seeds; SWAG of seed 0 after each call of its samples
+(swag.samples_per_call, 2 c, .., S), then MultiSWAG of the first 2, .., k seeds' S samples each. An older
+evaluation.json without it gives the table's points only (1 and k seeds; S and k S samples).
 """
 
 import argparse
@@ -28,7 +30,9 @@ def plot_calibration(workdir: str, out: str) -> str:
   if not os.path.exists(path):
     raise SystemExit(f'{path}: not found; run cifar-jax --mode=evaluate on {workdir} first')
   with open(path) as f:
-    rows = {row['model']: row for row in json.load(f)['table']}
+    evaluation = json.load(f)
+  rows = {row['model']: row for row in evaluation['table']}
+  curves = evaluation.get('nll_by_models', {})
   fig, (reliability, nll) = plt.subplots(1, 2, figsize=(11, 4.5))
   reliability.plot([0, 1], [0, 1], color='gray', linestyle=':', label='perfectly calibrated')
   for name, row in rows.items():
@@ -40,8 +44,10 @@ def plot_calibration(workdir: str, out: str) -> str:
   reliability.legend(fontsize=7)
   for family in FAMILIES:
     present = [rows[name] for name in family if name in rows]
-    if present:
-      nll.plot([r['models'] for r in present], [r['nll'] for r in present], marker='o',
+    curve = next((curves[name] for name in family[::-1] if name in curves), None)
+    points = curve or present
+    if points:
+      nll.plot([r['models'] for r in points], [r['nll'] for r in points], marker='o', markersize=3,
                label=' -> '.join(r['model'] for r in present))
   nll.set(xscale='log', xlabel='models averaged', ylabel='NLL', title='NLL against number of models')
   nll.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())

@@ -1,5 +1,9 @@
 """Calibration and ensemble metrics (cifar_jax/calibration.py) against hand-computed arrays and numpy."""
 
+import json
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -100,3 +104,25 @@ def test_eval_step_sums_keep_the_loss_and_add_calibration():
   m = calibration.summarize(sums)
   for key, value in expected.items():
     np.testing.assert_allclose(m[key], value, rtol=1e-5, err_msg=key)
+
+
+def test_plot_calibration_draws_every_ensemble_size(tmp_path):
+  """scripts/plot_calibration.py: one PNG from evaluation.json; the NLL lines take `nll_by_models` (every
+  ensemble size) when evaluate wrote it, else the table's two points per family."""
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+  import plot_calibration  # pylint: disable=g-import-not-at-top
+
+  bins = {'count': [0] * 13 + [3, 5], 'confidence': [None] * 13 + [0.88, 0.97],
+          'accuracy': [None] * 13 + [0.67, 1.0]}
+  table = [{'model': m, 'models': n, 'seeds': 2, 'accuracy': 0.9, 'nll': nll, 'ece': 0.05, 'brier': 0.2,
+            'bins': bins} for m, n, nll in (('single model', 1, 0.5), ('deep ensemble', 2, 0.4),
+                                            ('SWAG', 4, 0.45), ('MultiSWAG', 8, 0.35))]
+  curves = {'deep ensemble': [{'models': 1, 'nll': 0.5}, {'models': 2, 'nll': 0.4}],
+            'MultiSWAG': [{'models': 2, 'nll': 0.48}, {'models': 4, 'nll': 0.45}, {'models': 8, 'nll': 0.35}]}
+  for name, evaluation in (('curves', {'table': table, 'nll_by_models': curves}),
+                           ('table', {'table': table})):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    (workdir / 'evaluation.json').write_text(json.dumps(evaluation))
+    out = plot_calibration.plot_calibration(str(workdir), str(workdir / 'calibration.png'))
+    assert os.path.getsize(out) > 10_000

@@ -181,6 +181,12 @@ def test_evaluation_table(tiny_config, tmp_path):
   np.testing.assert_allclose(rows['SWAG']['nll'], record['swag_eval_nll'], rtol=1e-6)
   assert sum(rows['SWAG']['bins']['count']) == 2 * 64
   assert 'MultiSWAG' in train.format_table(out['table'])
+  # NLL against models averaged: every ensemble size, each curve ending at its table row.
+  curves = out['nll_by_models']
+  assert [c['models'] for c in curves['deep ensemble']] == [1, 2]
+  assert [c['models'] for c in curves['MultiSWAG']] == [2, 4, 8]  # seed 0's 2 and 4 samples, then 2 x 4
+  for name in ('deep ensemble', 'MultiSWA', 'MultiSWAG'):
+    np.testing.assert_allclose(curves[name][-1]['nll'], rows[name]['nll'], rtol=1e-5)
   config.swag.num_samples = 2
   rows = {row['model']: row for row in train.evaluate_checkpoint(config, str(tmp_path))['table']}
   assert rows['MultiSWAG']['models'] == 4 and rows['MultiSWAG']['nll'] != record['multiswag_eval_nll']
