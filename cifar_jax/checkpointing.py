@@ -6,6 +6,7 @@ devices (`parallel.Parallel.to_checkpoint_layout`), so it restores on any device
 state (elapsed seconds, the plateau controllers).
 """
 
+import dataclasses
 import json
 import os
 import time
@@ -54,10 +55,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, 
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'state': state, 'train_metrics': acc})
   errors, damaged = [], []
   for step in steps:
     try:
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {'state': _state_fields(manager, step, state), 'train_metrics': acc})
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
@@ -70,11 +72,21 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, 
       _set_aside(manager, damaged)
       logging.warning('Resumed from step %d; moved unreadable checkpoints %s to %s_damaged/', step,
                       damaged, manager.directory)
-    return (restored['state']['state'], restored['state']['train_metrics'],
+    return (state.replace(**restored['state']['state']), restored['state']['train_metrics'],
             dict(restored['extra'] or {}))
   raise ConfigError(
       f'{manager.directory}: no readable checkpoint ({", ".join(errors)}); move the folder away to '
       'start afresh')
+
+
+def _state_fields(manager: ocp.CheckpointManager, step: int, state: steps.TrainState) -> dict:
+  """The TrainState's arrays by field, as checkpoint `step` holds them: a field the checkpoint predates
+  (SWAG's, added 2026-11-30) is left out when this run does not use it (None)."""
+  path = manager.directory / str(step) / 'state'  # an epath.Path
+  on_disk = ocp.StandardCheckpointHandler().metadata(path).tree['state']
+  fields = (f.name for f in dataclasses.fields(state) if f.metadata.get('pytree_node', True))
+  return {name: getattr(state, name) for name in fields
+          if name in on_disk or getattr(state, name) is not None}
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:

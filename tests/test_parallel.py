@@ -345,6 +345,22 @@ def test_check_batch_sizes_names_the_field_and_the_count():
     parallel.create('pjit')
 
 
+@pytest.mark.parametrize('mode,num_seeds', [('jit', 1), ('jit', 2), ('pmap', 1)])
+def test_abstract_per_seed_is_what_place_per_seed_gives(mode, num_seeds):
+  """The shapes the first train call compiles for (before the state exists) are the placed state's:
+  shape, dtype (a Python int and int64 canonicalised) and sharding, leaf by leaf."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import steps  # pylint: disable=g-import-not-at-top
+
+  par = parallel.create(mode, num_seeds=num_seeds)
+  one = {'w': np.ones((3, 2), np.float32), 'count': np.zeros((), np.int64), 'step': 0}
+  placed = par.place_per_seed(steps.per_seed([one] * num_seeds))
+  abstract = par.abstract_per_seed(jax.eval_shape(lambda: one))
+  describe = lambda x: (x.shape, x.dtype, x.sharding)
+  assert jax.tree.map(describe, abstract) == jax.tree.map(describe, placed)
+
+
 def test_initialize_distributed_reads_config_then_environment(monkeypatch):
   import jax  # pylint: disable=g-import-not-at-top
 
