@@ -231,7 +231,7 @@ class Program:
       traced.__name__ = traced.__qualname__ = FUNCTION_PREFIX + name
 
       if SEEDS in kinds:  # over every seed at once
-        return par.lower(traced, *args, out_replicated=True)
+        return _Pending(lambda: par.lower(traced, *args, out_replicated=True)())
       seeded = par.seeded(traced, in_axes=tuple(0 if k == SEED else None for k in kinds))
       return _Pending(lambda: par.lower(seeded, *args, donate_argnums=donate,
                                         in_axes=tuple(None if k == HOST else 0 for k in kinds))())
