@@ -24,6 +24,7 @@ import numpy as np
 
 from cifar_jax import config_lib
 from cifar_jax import cpu_backend
+from cifar_jax import errors
 from cifar_jax import parallel
 from cifar_jax import preemption
 from cifar_jax import torch_reference
@@ -79,19 +80,19 @@ def _config_root_on_path(argv) -> None:
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops the INFO chatter of orbax and TFDS; their warnings and errors still show, without the traceback
-  orbax logs for a save that failed (the run reports that failure in one line, `--debug` shows it)."""
+  """Drops the INFO chatter of orbax and TFDS; their warnings and errors still show. A failed write that
+  orbax's threads (or asyncio, under them) log shows without its traceback: the run reports that failure in
+  one line (WriteError), and `--debug` shows the tracebacks."""
 
   def __init__(self, tracebacks: bool = False):
     super().__init__()
     self.tracebacks = tracebacks
 
   def filter(self, record):
-    if not any(lib in record.pathname for lib in ('/orbax/', '/tensorflow_datasets/', '/etils/')):
-      return True
-    if record.exc_info and '/orbax/' in record.pathname and not self.tracebacks:
+    if record.exc_info and not self.tracebacks and errors.os_error(record.exc_info[1]) is not None:
       record.exc_info, record.exc_text = None, None
-    return record.levelno >= pylogging.WARNING
+    return record.levelno >= pylogging.WARNING or not any(
+        lib in record.pathname for lib in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
 
 
 def _exit_with_error(error: BaseException, status: int) -> None:

@@ -5,6 +5,7 @@ Most cases run the command line in-process (`main.parse_flags` then `main.main` 
 """
 
 import errno
+import logging as pylogging
 import os
 import pickle
 import socket
@@ -328,6 +329,32 @@ def test_disk_full_during_training(cli, monkeypatch):
 
   monkeypatch.setattr(train, 'train_and_evaluate', checkpoint_failed)
   assert_user_error(cli(), 'writing the checkpoint of step 6', '(Read-only file system); then', status=4)
+
+
+def _logged(error, pathname):
+  """The log record of a library's `logging.exception` while `error` is raised, from `pathname`."""
+  try:
+    raise error
+  except Exception:  # pylint: disable=broad-except
+    return pylogging.LogRecord('asyncio', pylogging.ERROR, pathname, 1, 'Task exception was never retrieved',
+                               None, sys.exc_info())
+
+
+def test_failed_writes_logged_by_libraries_show_without_a_traceback():
+  """orbax's threads and asyncio log each failed write of a checkpoint with its traceback before the run
+  reports it in one line: the log keeps their message; `--debug` keeps the traceback too."""
+  disk = ValueError("RESOURCE_EXHAUSTED: Failed to write 5557 bytes: No space left on device "
+                    "[os_error_code='28']")
+  bug = KeyError('not a disk')
+  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  debug = main._QuietLibraries(tracebacks=True)  # pylint: disable=protected-access
+  for pathname in ('/usr/lib/python3.11/asyncio/base_events.py', '/x/orbax/checkpoint/future.py'):
+    record = _logged(disk, pathname)
+    assert quiet.filter(record) and record.exc_info is None
+    record = _logged(disk, pathname)
+    assert debug.filter(record) and record.exc_info[1] is disk
+    record = _logged(bug, pathname)
+    assert quiet.filter(record) and record.exc_info[1] is bug
 
 
 # The real command line --------------------------------------------------------------------------------

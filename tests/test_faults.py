@@ -266,12 +266,9 @@ def test_a_second_run_on_a_held_workdir_stops_at_once(tiny_config, tmp_path):
            'since ' in lines[0], lines[0]
     assert 'Data:' not in result.stderr  # stopped before the data, the model or any compilation
     assert _contents(workdir) == before
-    evaluate = subprocess.run(_tiny_cmd(workdir, '--mode=evaluate'), cwd=ROOT, env=_env(),
-                              capture_output=True, text=True, timeout=300)
-    assert evaluate.returncode == 0 and json.loads(evaluate.stdout)['step'] == 4, evaluate.stderr[-3000:]
-    export = subprocess.run(_tiny_cmd(workdir, '--mode=export', f'--export_path={tmp_path / "m.npz"}'),
-                            cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert export.returncode == 0 and os.path.isfile(tmp_path / 'm.npz'), export.stderr[-3000:]
+    tiny_config.num_epochs = 1  # what --mode=evaluate and --mode=export call: they read, beside the holder
+    assert train.evaluate_checkpoint(tiny_config, workdir)['step'] == 4
+    assert set(train.export_variables(tiny_config, workdir, use_swa=False)) == {'params', 'batch_stats'}
     assert _contents(workdir) == before
   finally:
     holder.kill()
@@ -438,6 +435,8 @@ main.run()
 '''
 
 
+@pytest.mark.slow  # 2 runs of the command line (33 s on 2 loaded cores); test_sigkill_then_same_command
+# kills the default run at random moments, background saves included
 def test_sigkill_during_a_background_save_then_same_command_is_bitwise_equal(uninterrupted, tmp_path):
   """The first checkpoint whose background write is still going on when its save returns: SIGKILL then.
   It was never committed, so the same command resumes from the one before and ends bitwise equal."""
