@@ -1,8 +1,9 @@
 """Command line: `cifar-jax --config=configs/default.py --workdir=runs/default [--config.FIELD=VALUE]`.
 
 Loads the config, logs the devices, and calls `train.train_and_evaluate`. A user error (a bad flag or
-config field, a missing data file, an unusable workdir) ends with one line on stderr and exit status 2;
-`--debug` shows its traceback instead. A non-finite training loss ends with exit status 3.
+config field, a missing or bad data file, an unusable workdir or one another run holds) ends with one line
+on stderr and exit status 2; `--debug` shows its traceback instead. A non-finite training loss ends with
+exit status 3, a failed write of a checkpoint or the metrics (a full or failing disk) with exit status 4.
 """
 
 import errno
@@ -23,6 +24,7 @@ import numpy as np
 
 from cifar_jax import config_lib
 from cifar_jax import cpu_backend
+from cifar_jax import errors
 from cifar_jax import parallel
 from cifar_jax import preemption
 from cifar_jax import torch_reference
@@ -30,16 +32,18 @@ from cifar_jax import train
 from cifar_jax.errors import ConfigError
 from cifar_jax.errors import DataError
 from cifar_jax.errors import NonFiniteLossError
+from cifar_jax.errors import WriteError
 
 FLAGS = flags.FLAGS
 USER_ERROR_STATUS = 2
 NONFINITE_LOSS_STATUS = 3
+WRITE_FAILURE_STATUS = 4
 # absl's own help flags: with one of them the command line is not checked, absl prints the help.
 HELP_FLAGS = ('-h', '-?', '--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-helpfull',
               '--helpxml', '-helpxml')
 CONFIG_EXAMPLE = 'a config file such as configs/default.py'
-# Writing to the workdir failed for lack of space or permission: a user error even mid-run.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# Writing to the workdir failed (space, permission, the disk): the run stops, its last checkpoint kept.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 EVALUATION_FILE = 'evaluation.json'
 
 
@@ -78,9 +82,17 @@ def _config_root_on_path(argv) -> None:
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops the INFO chatter of orbax and TFDS; their warnings and errors still show."""
+  """Drops the INFO chatter of orbax and TFDS; their warnings and errors still show. A failed write that
+  orbax's threads (or asyncio, under them) log shows without its traceback: the run reports that failure in
+  one line (WriteError), and `--debug` shows the tracebacks."""
+
+  def __init__(self, tracebacks: bool = False):
+    super().__init__()
+    self.tracebacks = tracebacks
 
   def filter(self, record):
+    if record.exc_info and not self.tracebacks and errors.os_error(record.exc_info[1]) is not None:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= pylogging.WARNING or not any(
         lib in record.pathname for lib in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
 
@@ -195,7 +207,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     elif not os.path.isdir(workdir):
       raise ConfigError(f'--workdir={workdir}: no such folder; --mode={mode} needs the '
                         'workdir of a training run')
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(_QuietLibraries(tracebacks=flag_values.debug))
     logging.info('JAX %s, process %d/%d, devices: %s (XLA:CPU settings added: %s)', jax.__version__,
                  jax.process_index(), jax.process_count(), jax.devices(), cpu_flags or 'none')
     if mode == 'train':
@@ -212,14 +224,18 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     if flag_values.debug:
       raise
     _exit_with_error(e, NONFINITE_LOSS_STATUS)
+  except WriteError as e:
+    if flag_values.debug:
+      raise
+    _exit_with_error(e, WRITE_FAILURE_STATUS)
   except preemption.Preempted as e:
     print(f'cifar-jax: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)  # the shell's status for a process ended by that signal
   except OSError as e:
     if flag_values.debug or e.errno not in DISK_ERRNOS:
       raise
-    _exit_with_error(f'writing to --workdir={workdir} failed: {e}; free space or choose another '
-                     '--workdir (training resumes from the last checkpoint)', USER_ERROR_STATUS)
+    _exit_with_error(f'writing to --workdir={workdir} failed: {e}; free space or fix the disk, then run '
+                     'the same command (training resumes from the last checkpoint)', WRITE_FAILURE_STATUS)
 
 
 def _evaluate(config, workdir: str) -> None:

@@ -130,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.checkpoint_every_steps = 0  # > 0: also checkpoint every this many steps (else every epoch)
   config.keep_checkpoints = 3
+  # Write each checkpoint in the background while training goes on (orbax's async checkpointing; the next
+  # save and the run's end wait for it, and only a committed checkpoint is resumed). False: wait for each.
+  config.async_checkpoints = True
   # Train steps per call of the compiled step (a loop on the device); 0 = auto: 8 on a one-device CPU run,
   # where each call pays for fresh temporary buffers, else 1. Logs, checkpoints, SWA updates end a call.
   config.steps_per_dispatch = 0

@@ -242,7 +242,7 @@ def runs(tmp_path_factory):
 
 def _final(result) -> dict:
   """The final state's arrays by key path."""
-  with np.load(result['final']) as f:
+  with np.load(result['final'], allow_pickle=False) as f:
     return dict(f)
 
 
