@@ -9,6 +9,7 @@ import ml_collections
 
 from cifar_jax import builders
 from cifar_jax import input_pipeline
+from cifar_jax import lr_curves
 from cifar_jax import models
 from cifar_jax import parallel
 from cifar_jax.errors import ConfigError
@@ -110,6 +111,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _validate_schedule(config.schedule)
   if config.swa.enabled:
     _validate_swa(config)
+  if 'lr_find' in config:
+    _validate_lr_find(config.lr_find)
   _int_at_least(config.checkpoint_every_steps, 'checkpoint_every_steps', 0, ' (0 = every epoch)')
   _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
   _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
@@ -190,6 +193,21 @@ def _validate_swa(config: ml_collections.ConfigDict) -> None:
   _int_at_least(swa_config.update_every_steps, 'swa.update_every_steps', 0, ' (0 = every epoch)')
   _require(config.schedule.name != 'plateau',
            'swa.enabled does not combine with schedule.name=plateau; use another schedule.name')
+
+
+def _validate_lr_find(lf: ml_collections.ConfigDict) -> None:
+  """The LR range test's fields (`--mode=lr_find`, cifar_jax/lr_find.py)."""
+  _positive(lf.start_lr, 'lr_find.start_lr')
+  _positive(lf.end_lr, 'lr_find.end_lr')
+  _require(lf.end_lr > lf.start_lr,
+           f'lr_find.end_lr must exceed lr_find.start_lr, got {lf.end_lr} <= {lf.start_lr}')
+  _int_at_least(lf.num_steps, 'lr_find.num_steps', lr_curves.MIN_STEPS,
+                ' (the fewest points torch-lr-finder suggests from)')
+  _choice(lf.smoothing, 'lr_find.smoothing', lr_curves.SMOOTHINGS)
+  factor = lf.diverge_factor
+  _require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and (factor == 0 or factor > 1),
+           f"lr_find.diverge_factor must be 0 (the smoothing's anchor's) or above 1, got {factor!r}")
+  _choice(lf.suggestion, 'lr_find.suggestion', tuple(lr_curves.SUGGESTIONS))
 
 
 def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:

@@ -150,12 +150,16 @@ class Program:
   @classmethod
   def compile(cls, config: ml_collections.ConfigDict, model, par: parallel.Parallel,
               dataset: input_pipeline.Dataset, state: steps.TrainState, acc, data_key,
-              recalibration_key) -> 'Program':
-    """Places the data on the devices and compiles every function of a run of `config` for `state`."""
+              recalibration_key, evaluate: bool = True) -> 'Program':
+    """Places the data on the devices and compiles every function of a run of `config` for `state`.
+
+    `evaluate=False` (the LR range test) leaves out the eval set and the eval function.
+    """
     # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
     images, labels = par.replicate(dataset.train_images), par.replicate(dataset.train_labels)
     eval_arrays = par.shard_eval_arrays(steps.batched_eval_arrays(
-        dataset.eval_images, dataset.eval_labels, config.eval_batch_size, par.eval_batch_multiple))
+        dataset.eval_images, dataset.eval_labels, config.eval_batch_size,
+        par.eval_batch_multiple)) if evaluate else None
     data_key, recalibration_key = par.place_per_seed((data_key, recalibration_key))
     n = dataset.num_train
     spe = input_pipeline.steps_per_epoch(n, config.batch_size, config.data.drop_remainder)
@@ -192,7 +196,7 @@ class Program:
                            first_perm, data_key, np.int32(1), donate=(0, 1))
                for size in sorted(set(sizes))},
         eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name),
-                   state, *eval_arrays),
+                   state, *eval_arrays) if evaluate else None,
         permutation=permutation, traces=traces)
     swa_config = config.swa
     if swa_config.enabled:

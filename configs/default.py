@@ -98,6 +98,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.swa.recalibration_augment = True  # update_bn over augmented training batches, as the blog
   config.swa.eval_every_epoch = False  # also recalibrate and evaluate the SWA model every SWA epoch
 
+  # The LR range test (`--mode=lr_find`, cifar_jax/lr_find.py): this config's training with the lr growing
+  # exponentially from start_lr to end_lr over num_steps steps (fastai's defaults: 1e-7, 10, 100); it
+  # suggests schedule.max_lr for the one-cycle configs (README, "Picking max_lr").
+  config.lr_find = ml_collections.ConfigDict()
+  config.lr_find.start_lr = 1e-7
+  config.lr_find.end_lr = 10.0
+  config.lr_find.num_steps = 100
+  # fastai: lr_i = start * (end / start)^(i / n), the loss a debiased moving average (beta 0.98);
+  # torch_lr_finder: i / (n - 1), 0.05 * loss + 0.95 * the previous smoothed loss
+  config.lr_find.smoothing = 'fastai'
+  # stop once the smoothed loss exceeds this times the best; 0 = the anchor's (fastai 4, torch_lr_finder 5)
+  config.lr_find.diverge_factor = 0.0
+  # the suggestion printed as --config.schedule.max_lr (median over seeds): valley (fastai's default),
+  # steep, minimum, slide (fastai) or steepest (torch-lr-finder)
+  config.lr_find.suggestion = 'valley'
+
   # Data parallelism over every visible device (README, "Multi-GPU and multi-host"); the global batch,
   # its order, augmentation and BatchNorm statistics are the same on any number of devices.
   config.parallelism = 'jit'  # jit (one program over a device mesh) | pmap (per-device program)
