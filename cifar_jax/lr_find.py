@@ -177,7 +177,7 @@ def report(result: dict) -> str:
 
 def plot(result: dict, path: str) -> None:
   """lr_find.png: the smoothed loss against the lr (log axis), each seed and the band over seeds, and
-  each suggestion's median (line) and range over seeds (shaded)."""
+  each suggestion's median over seeds (a line; solid for the one printed as max_lr) and range (shaded)."""
   from matplotlib.figure import Figure  # only the range test plots; a training run does not import it
 
   fig = Figure(figsize=(8, 5), layout='constrained')
@@ -189,14 +189,15 @@ def plot(result: dict, path: str) -> None:
   if len(curves) > 1:
     ax.fill_between(lrs, np.nanmin(band, 0), np.nanmax(band, 0), color='C0', alpha=0.25,
                     label=f'min-max over {len(curves)} seeds')
-  for seed, c in zip(result['seeds'], curves):
-    ax.plot(c['lr'], c['smoothed_loss'], lw=0.8, alpha=0.8 if len(curves) > 1 else 1.0,
-            label=f'seed {seed}')
+  for i, c in enumerate(curves):
+    ax.plot(c['lr'], c['smoothed_loss'], color='C0', lw=0.8,
+            label=f"each seed ({', '.join(map(str, result['seeds']))})" if i == 0 else None)
   for i, (name, s) in enumerate(result['suggestions'].items()):
     if s['median'] is None:
       continue
-    color = f'C{i + 1}'
-    ax.axvline(s['median'], color=color, ls='--', lw=1, label=f"{name} {s['median']:.3g}")
+    color, chosen = f'C{i + 1}', name == result['suggestion']
+    ax.axvline(s['median'], color=color, ls='-' if chosen else '--', lw=2 if chosen else 1,
+               label=f"{name} {s['median']:.3g}" + (' (max_lr)' if chosen else ''))
     if s['max'] > s['min']:
       ax.axvspan(s['min'], s['max'], color=color, alpha=0.12)
   finite = band[np.isfinite(band)]
