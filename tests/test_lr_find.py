@@ -164,8 +164,6 @@ def recorded_arrays():
   arrays['nan_at_70'] = nan
   arrays['no_divergence'] = range_test_losses(8, low=200)
   arrays['noise'] = 2.3 + np.random.default_rng(9).normal(0.0, 0.3, 100)
-  if not os.path.exists(os.path.join(ROOT, 'tests', 'fixtures', 'lr_find_resnet18_w025.json')):  # TMP
-    return arrays
   with open(os.path.join(ROOT, 'tests', 'fixtures', 'lr_find_resnet18_w025.json')) as f:
     for seed, raw in enumerate(json.load(f)['raw_loss']):
       arrays[f'resnet18_seed{seed}'] = np.array([np.nan if x is None else x for x in raw])
