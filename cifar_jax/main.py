@@ -1,6 +1,7 @@
 """Command line: `cifar-jax --config=configs/default.py --workdir=runs/default [--config.FIELD=VALUE]`.
 
-Loads the config, logs the devices, and calls `train.train_and_evaluate`. A user error (a bad flag or
+Loads the config, logs the devices, and calls `train.train_and_evaluate` (or, with --mode, evaluates or
+exports a checkpoint, or runs the LR range test: `lr_find.range_test`). A user error (a bad flag or
 config field, a missing or bad data file, an unusable workdir or one another run holds) ends with one line
 on stderr and exit status 2; `--debug` shows its traceback instead. A non-finite training loss ends with
 exit status 3, a failed write of a checkpoint or the metrics (a full or failing disk) with exit status 4.
@@ -25,6 +26,7 @@ import numpy as np
 from cifar_jax import config_lib
 from cifar_jax import cpu_backend
 from cifar_jax import errors
+from cifar_jax import lr_find
 from cifar_jax import parallel
 from cifar_jax import preemption
 from cifar_jax import torch_reference
@@ -52,10 +54,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard events.',
                       flag_values=flag_values)
   flags.DEFINE_bool('debug', False, 'Show the full traceback of user errors.', flag_values=flag_values)
-  flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export'],
+  flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export', 'lr_find'],
                     'train (resumes from the latest checkpoint); evaluate: print the table of the latest '
                     'checkpoint\'s models (single, SWA, SWAG, ensembles) and write evaluation.json; '
-                    'export: write its weights.',
+                    'export: write its weights; lr_find: the LR range test of the config (config.lr_find), '
+                    'writing lr_find.json and lr_find.png to the workdir and printing the suggested '
+                    "--config.schedule.max_lr (the workdir's checkpoints and metrics are not touched).",
                     flag_values=flag_values)
   flags.DEFINE_string('export_path', None,
                       'export: an .npz of flat "params/..." and "batch_stats/..." arrays, or a .pt torch '
@@ -201,7 +205,7 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     config_lib.validate(config)
     cpu_flags = cpu_backend.configure(config)  # before anything touches a device
     parallel.initialize_distributed(config.distributed)
-    if mode == 'train':
+    if mode in ('train', 'lr_find'):
       config_lib.validate_devices(config, jax.device_count())
       config_lib.check_workdir(workdir)
     elif not os.path.isdir(workdir):
@@ -214,6 +218,8 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
       train.train_and_evaluate(config, workdir)
     elif mode == 'evaluate':
       _evaluate(config, workdir)
+    elif mode == 'lr_find':
+      print(lr_find.report(lr_find.range_test(config, workdir)))
     else:
       _export(config, workdir, flag_values.export_path, flag_values.export_model)
   except (ConfigError, DataError) as e:

@@ -6,7 +6,8 @@ import os
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'cifar_jax')
 # Imported where they are used, so that a run without them (or without needing them) does not pay for them.
-OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX')
+# matplotlib: only the LR range test plots (lr_find.plot); a training run does not import it.
+OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX', 'matplotlib')
 
 
 def _modules() -> dict[str, ast.Module]:
