@@ -217,8 +217,23 @@ def _tiny_cmd(workdir, *extra):
   return [sys.executable, '-m', 'cifar_jax.main', f'--workdir={workdir}', '--config=configs/tiny.py', *extra]
 
 
-def _error_lines(stderr):
-  """The `cifar-jax: error:` lines of a command's stderr (the log lines before them aside)."""
+# After a failed asynchronous write orbax closes its event loop while tensorstore's C++ threads still post
+# callbacks to it; each prints this traceback from C++ (neither logging nor sys.excepthook sees it),
+# sometimes interleaved with log lines. Seen in about one full-disk run in three on the 2-core VM: the
+# library's noise after the one-line error.
+CLOSED_LOOP_LINES = re.compile(
+    r'Traceback \(most recent call last\):|  File "[^"]*/asyncio/base_events\.py", line \d+, in '
+    r"(call_soon_threadsafe|_check_closed)|    self\._check_closed\(\)|    raise RuntimeError\('Event loop "
+    r"is closed'\)|RuntimeError: Event loop is closed")
+
+
+def _error_lines(stderr, closed_loop_noise: bool = False):
+  """The `cifar-jax: error:` lines of a command's stderr (the log lines before them aside); no traceback
+  (but tensorstore's closed-loop ones after a failed asynchronous write, with `closed_loop_noise`)."""
+  if closed_loop_noise:
+    kept = [line for line in stderr.splitlines() if not CLOSED_LOOP_LINES.fullmatch(line)]
+    assert not any(line.startswith('  File "') for line in kept), stderr[-3000:]
+    return [line for line in kept if line.startswith('cifar-jax: error: ')]
   assert 'Traceback' not in stderr, stderr[-3000:]
   return [line for line in stderr.splitlines() if line.startswith('cifar-jax: error: ')]
 
@@ -339,7 +354,7 @@ def test_a_full_disk_mid_checkpoint_stops_with_status_4_then_resumes_bitwise(uni
     filler = _fill(disk, _bytes_under(os.path.join(ckpt, first)) // 2)
     proc.send_signal(signal.SIGCONT)
     _, stderr = proc.communicate(timeout=300)
-    lines = _error_lines(stderr)
+    lines = _error_lines(stderr, closed_loop_noise=True)
     assert proc.returncode == 4 and len(lines) == 1, stderr[-3000:]
     assert re.search(r'writing the checkpoint of step \d+ to \S+/checkpoints failed \(No space left on '
                      r'device\); the last complete checkpoint is step \d+', lines[0]), lines[0]
