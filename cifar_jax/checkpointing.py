@@ -1,11 +1,14 @@
-"""Checkpoints and the saved config: orbax save and restore (with the damaged-checkpoint fallback), the
-host-side state saved beside the arrays, `config.json` and the comparison a resumed run makes with it.
+"""Checkpoints and the saved config: orbax save (in the background) and restore (with the damaged-checkpoint
+fallback), the host-side state saved beside the arrays, `config.json` and the comparison a resumed run
+makes with it.
 
 A checkpoint holds the TrainState and the epoch's running metric sums as one pytree replicated over the
 devices (`parallel.Parallel.to_checkpoint_layout`), so it restores on any device count, and a JSON of host
 state (elapsed seconds, the plateau controllers).
 """
 
+import contextlib
+import dataclasses
 import json
 import os
 import time
@@ -17,10 +20,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from cifar_jax import builders
+from cifar_jax import errors
 from cifar_jax import steps
 from cifar_jax.errors import ConfigError
 
 CONFIG_FILE = 'config.json'
+CHECKPOINTS = 'checkpoints'
 
 
 def scalar(x) -> int:
@@ -30,51 +35,112 @@ def scalar(x) -> int:
   return int(np.asarray(x).reshape(-1)[0])
 
 
-def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                         enable_async_checkpointing=False)
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, 'checkpoints')), options=options)
+def checkpoint_manager(workdir: str, config: ml_collections.ConfigDict,
+                       read_only: bool = False) -> ocp.CheckpointManager:
+  """orbax's manager of `workdir/checkpoints`: a training run's (which holds the workdir's lock, so it may
+  clear the temporary folders of a save that a kill cut short), or a reader's (evaluate, export)."""
+  if read_only:
+    options = ocp.CheckpointManagerOptions(read_only=True)
+  else:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=config.get('async_checkpoints', True))
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, CHECKPOINTS)), options=options)
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, acc, extra: dict) -> None:
-  """Saves the state, the epoch's running metric sums and host-side state (JSON) at `state.step`."""
-  step = scalar(state.step)
-  manager.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave({'state': state, 'train_metrics': acc}),
-      extra=ocp.args.JsonSave(extra)), force=True)
-  manager.wait_until_finished()
+class CheckpointWriter:
+  """A run's checkpoint saves: in the background (orbax's async checkpointing), failures as WriteError.
+
+  `save` returns once the arrays are copied to the host, and the next steps run while orbax writes them
+  into a temporary folder that it renames when complete: a checkpoint counts (is listed, is restored)
+  only once committed, so a kill during a write leaves the one before it. Each save first waits for the
+  previous one, and `close` (at the end of a run, however it ends) for the last.
+  """
+
+  def __init__(self, manager: ocp.CheckpointManager):
+    self.manager = manager
+    self.pending = None  # the step being written in the background
+
+  def save(self, state: steps.TrainState, acc, extra: dict) -> None:
+    """Saves the state, the epoch's running metric sums and host-side state (JSON) at `state.step`."""
+    self.wait()
+    self.pending = scalar(state.step)
+    with self._disk_failures():
+      self.manager.save(self.pending, args=ocp.args.Composite(
+          state=ocp.args.StandardSave({'state': state, 'train_metrics': acc}),
+          extra=ocp.args.JsonSave(extra)), force=True)
+
+  def wait(self) -> None:
+    """Blocks until the save in progress is committed (WriteError if the disk refused it)."""
+    if self.pending is not None:
+      with self._disk_failures():
+        self.manager.wait_until_finished()
+      self.pending = None
+
+  def close(self) -> None:
+    self.wait()
+    self.manager.close()
+
+  @contextlib.contextmanager
+  def _disk_failures(self):
+    """A save that the disk refused, as one WriteError naming the step and the last complete checkpoint
+    (any other failure, a bug, propagates as it is)."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      step, self.pending = self.pending, None
+      complete = [s for s in self.manager.all_steps() if s != step]
+      last = f'the last complete checkpoint is step {max(complete)}' if complete else 'no complete checkpoint'
+      then = f'{last}: free space or fix the disk, then run the same command to resume'
+      failure = errors.write_error(f'the checkpoint of step {step}', self.manager.directory, e, then)
+      if failure is None:
+        raise
+      raise failure from e
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, acc):
+def restore_checkpoint(manager: ocp.CheckpointManager, state: steps.TrainState, acc,
+                       move_damaged: bool = True):
   """The newest readable checkpoint restored into the structure of (state, acc), or None if none exists.
 
   orbax writes into a temporary folder and renames it when complete, so a checkpoint cut short by a kill
-  is never listed. One that is listed but damaged is skipped with a warning for the one before it.
+  is never listed. One that is listed but damaged is skipped with a warning for the one before it (and
+  moved aside when `move_damaged`: a training run's, which holds the workdir; a reader changes nothing).
   """
   steps = sorted(manager.all_steps(), reverse=True)
   if not steps:
     return None
-  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, {'state': state, 'train_metrics': acc})
-  errors, damaged = [], []
+  failures, damaged = [], []
   for step in steps:
     try:
+      target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
+                            {'state': _state_fields(manager, step, state), 'train_metrics': acc})
       restored = manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()))
     except Exception as e:  # pylint: disable=broad-except
       logging.warning('Checkpoint at step %d is unreadable (%s: %s); trying an older one.', step,
                       type(e).__name__, str(e).splitlines()[0][:200] if str(e) else '')
-      errors.append(f'step {step}: {type(e).__name__}')
+      failures.append(f'step {step}: {type(e).__name__}')
       damaged.append(step)
       continue
-    if errors:
+    if failures and move_damaged:
       _set_aside(manager, damaged)
       logging.warning('Resumed from step %d; moved unreadable checkpoints %s to %s_damaged/', step,
                       damaged, manager.directory)
-    return (restored['state']['state'], restored['state']['train_metrics'],
+    return (state.replace(**restored['state']['state']), restored['state']['train_metrics'],
             dict(restored['extra'] or {}))
   raise ConfigError(
-      f'{manager.directory}: no readable checkpoint ({", ".join(errors)}); move the folder away to '
+      f'{manager.directory}: no readable checkpoint ({", ".join(failures)}); move the folder away to '
       'start afresh')
+
+
+def _state_fields(manager: ocp.CheckpointManager, step: int, state: steps.TrainState) -> dict:
+  """The TrainState's arrays by field, as checkpoint `step` holds them: a field the checkpoint predates
+  (SWAG's, added 2026-11-30) is left out when this run does not use it (None)."""
+  path = manager.directory / str(step) / 'state'  # an epath.Path
+  on_disk = ocp.StandardCheckpointHandler().metadata(path).tree['state']
+  fields = (f.name for f in dataclasses.fields(state) if f.metadata.get('pytree_node', True))
+  return {name: getattr(state, name) for name in fields
+          if name in on_disk or getattr(state, name) is not None}
 
 
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
@@ -107,11 +173,15 @@ def load_plateaus(plateaus, extra: dict) -> None:
 
 def restore_state(config: ml_collections.ConfigDict, workdir: str,
                   steps_per_epoch: int) -> steps.TrainState:
-  """The latest checkpoint of `workdir` as a TrainState for `config` (several seeds: stacked)."""
+  """The latest checkpoint of `workdir` as a TrainState for `config` (several seeds: stacked); reads only,
+  so it may run beside the training run that writes the workdir."""
   model = builders.create_model(config.model)
   state, acc = builders.create_initial_state(
       config, model, builders.create_run_schedules(config, steps_per_epoch))
-  restored = restore_checkpoint(checkpoint_manager(workdir, config), state, acc)
+  if not os.path.isdir(os.path.join(workdir, CHECKPOINTS)):
+    raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/{CHECKPOINTS}')
+  restored = restore_checkpoint(checkpoint_manager(workdir, config, read_only=True), state, acc,
+                                move_damaged=False)
   if restored is None:
     raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
   return restored[0]
@@ -123,9 +193,13 @@ def restore_state(config: ml_collections.ConfigDict, workdir: str,
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes the config used to `workdir/config.json`."""
   path = os.path.join(workdir, CONFIG_FILE)
-  with open(path + '.tmp', 'w') as f:
-    f.write(config.to_json_best_effort(indent=2))
-  os.replace(path + '.tmp', path)
+  try:
+    with open(path + '.tmp', 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+    os.replace(path + '.tmp', path)
+  except OSError as e:
+    raise errors.write_error(CONFIG_FILE, workdir, e, 'free space or fix the disk, then run the same '
+                             'command') from e
 
 
 # Fields whose change makes a checkpoint unusable (its arrays would not fit), and fields whose change a

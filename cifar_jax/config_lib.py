@@ -9,6 +9,7 @@ import ml_collections
 
 from cifar_jax import builders
 from cifar_jax import input_pipeline
+from cifar_jax import lr_curves
 from cifar_jax import models
 from cifar_jax import parallel
 from cifar_jax import swag
@@ -113,6 +114,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_swa(config)
   if config.get('swag') is not None and config.swag.enabled:
     _validate_swag(config)
+  if 'lr_find' in config:
+    _validate_lr_find(config.lr_find)
   _int_at_least(config.checkpoint_every_steps, 'checkpoint_every_steps', 0, ' (0 = every epoch)')
   _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
   _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
@@ -212,6 +215,21 @@ def _validate_swag(config: ml_collections.ConfigDict) -> None:
   _require(s.num_samples % chunk == 0,
            f'swag.num_samples={s.num_samples} must be a multiple of swag.samples_per_call={chunk}; '
            f'use swag.samples_per_call=0 (auto) or a divisor of {s.num_samples}')
+
+
+def _validate_lr_find(lf: ml_collections.ConfigDict) -> None:
+  """The LR range test's fields (`--mode=lr_find`, cifar_jax/lr_find.py)."""
+  _positive(lf.start_lr, 'lr_find.start_lr')
+  _positive(lf.end_lr, 'lr_find.end_lr')
+  _require(lf.end_lr > lf.start_lr,
+           f'lr_find.end_lr must exceed lr_find.start_lr, got {lf.end_lr} <= {lf.start_lr}')
+  _int_at_least(lf.num_steps, 'lr_find.num_steps', lr_curves.MIN_STEPS,
+                ' (the fewest points torch-lr-finder suggests from)')
+  _choice(lf.smoothing, 'lr_find.smoothing', lr_curves.SMOOTHINGS)
+  factor = lf.diverge_factor
+  _require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and (factor == 0 or factor > 1),
+           f"lr_find.diverge_factor must be 0 (the smoothing's anchor's) or above 1, got {factor!r}")
+  _choice(lf.suggestion, 'lr_find.suggestion', tuple(lr_curves.SUGGESTIONS))
 
 
 def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:

@@ -95,11 +95,12 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
                     'y_train (data.source=cifar10_python reads the cifar-10-batches-py folder)')
   if not os.path.isfile(path):
     raise DataError(f'data.path: no such file {path!r} (an .npz with x_train, y_train)')
-  try:
-    with np.load(path) as f:
+  try:  # no pickles: an object array would run code when loaded
+    with np.load(path, allow_pickle=False) as f:
       arrays = {k: f[k] for k in f.files}
-  except Exception as e:  # a corrupt zip, a pickle, a text file
-    raise DataError(f'data.path: cannot read {path!r} as an .npz file ({e})') from e
+  except Exception as e:  # a truncated or corrupt zip, a pickled object array, a text file
+    raise DataError(f'data.path: cannot read {path!r} as an .npz file of arrays ({type(e).__name__}: '
+                    f'{e})') from e
   missing = {'x_train', 'y_train'} - set(arrays)
   if missing:
     raise DataError(f'data.path: {path!r} lacks {sorted(missing)}; it has {sorted(arrays)} '
@@ -115,14 +116,43 @@ def load_npz(path: str) -> dict[str, np.ndarray]:
   return out
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+  """A pickle names a global that a CIFAR batch never holds."""
+
+
+class _CifarBatchUnpickler(pickle.Unpickler):
+  """Unpickles what a CIFAR batch holds and nothing else.
+
+  `pickle.load` calls whatever a file names (os.system, open, ...), so a crafted file runs code when it
+  is read; torchvision reads these files so. A batch is a dict of bytes, str, lists, ints and one numpy
+  array: dicts, lists, bytes, str and ints need no global, and the array only these (Python 2 and 3
+  pickles, numpy 1 and 2 names). Any other global is refused before it is looked up.
+  """
+
+  ALLOWED_GLOBALS = frozenset({
+      ('numpy', 'ndarray'), ('numpy', 'dtype'),
+      ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+      ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+      ('_codecs', 'encode'),  # bytes in a protocol-2 pickle written by Python 3
+  })
+
+  def find_class(self, module, name):
+    if (module, name) not in self.ALLOWED_GLOBALS:
+      raise _RefusedGlobal(f'{module}.{name}')
+    return super().find_class(module, name)
+
+
 def _unpickle(path: str) -> dict:
   with open(path, 'rb') as f:
-    return pickle.load(f, encoding='bytes')
+    return _CifarBatchUnpickler(f, encoding='bytes').load()
 
 
 def _pickle_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
   try:
     d = _unpickle(path)
+  except _RefusedGlobal as e:
+    raise DataError(f'data.path: {path!r} asks to run {e} when unpickled, which a CIFAR batch never does; '
+                    'refused (a crafted or foreign file: get cifar-10-batches-py afresh)') from e
   except Exception as e:
     raise DataError(f'data.path: cannot unpickle {path!r} ({e})') from e
   if not isinstance(d, dict) or b'data' not in d or b'labels' not in d:

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 
 from cifar_jax import calibration
 from cifar_jax import checkpointing
@@ -40,7 +39,7 @@ class Run:
   program: program_lib.Program
   state: steps.TrainState
   acc: Any  # the epoch's running metric sums, on the devices
-  manager: ocp.CheckpointManager
+  checkpoints: checkpointing.CheckpointWriter
   writer: metrics_writer.MetricsWriter | None
   plateaus: list | None
   start_step: int
@@ -83,9 +82,10 @@ class Run:
     check_finite(self.host_acc() if host_acc is None else host_acc, self.config, self.steps_per_epoch)
 
   def save(self) -> None:
-    """Checkpoints the state, the epoch's metric sums and the host state at this step."""
-    checkpointing.save_checkpoint(
-        self.manager, self.par.to_checkpoint_layout(self.state), self.par.to_checkpoint_layout(self.acc),
+    """Checkpoints the state, the epoch's metric sums and the host state at this step (written in the
+    background: `checkpoints.wait()` for it to be committed)."""
+    self.checkpoints.save(
+        self.par.to_checkpoint_layout(self.state), self.par.to_checkpoint_layout(self.acc),
         checkpointing.host_extra(self.plateaus, time.perf_counter() - self.run_start))
     self.saved_step = self.step
 
@@ -306,6 +306,7 @@ def preempt(run: Run) -> None:
   if run.saved_step != run.step:
     run.check_finite()
     run.save()
+  run.checkpoints.wait()  # Preempted says the checkpoint is there: it must be committed
   if run.step < run.config.num_epochs * run.steps_per_epoch:
     raise preemption.Preempted(run.stop.signum, run.step, run.workdir)
 

@@ -1,8 +1,10 @@
 """Command line: `cifar-jax --config=configs/default.py --workdir=runs/default [--config.FIELD=VALUE]`.
 
-Loads the config, logs the devices, and calls `train.train_and_evaluate`. A user error (a bad flag or
-config field, a missing data file, an unusable workdir) ends with one line on stderr and exit status 2;
-`--debug` shows its traceback instead. A non-finite training loss ends with exit status 3.
+Loads the config, logs the devices, and calls `train.train_and_evaluate` (or, with --mode, evaluates or
+exports a checkpoint, or runs the LR range test: `lr_find.range_test`). A user error (a bad flag or
+config field, a missing or bad data file, an unusable workdir or one another run holds) ends with one line
+on stderr and exit status 2; `--debug` shows its traceback instead. A non-finite training loss ends with
+exit status 3, a failed write of a checkpoint or the metrics (a full or failing disk) with exit status 4.
 """
 
 import errno
@@ -23,6 +25,8 @@ import numpy as np
 
 from cifar_jax import config_lib
 from cifar_jax import cpu_backend
+from cifar_jax import errors
+from cifar_jax import lr_find
 from cifar_jax import parallel
 from cifar_jax import preemption
 from cifar_jax import torch_reference
@@ -30,16 +34,18 @@ from cifar_jax import train
 from cifar_jax.errors import ConfigError
 from cifar_jax.errors import DataError
 from cifar_jax.errors import NonFiniteLossError
+from cifar_jax.errors import WriteError
 
 FLAGS = flags.FLAGS
 USER_ERROR_STATUS = 2
 NONFINITE_LOSS_STATUS = 3
+WRITE_FAILURE_STATUS = 4
 # absl's own help flags: with one of them the command line is not checked, absl prints the help.
 HELP_FLAGS = ('-h', '-?', '--help', '-help', '--helpshort', '-helpshort', '--helpfull', '-helpfull',
               '--helpxml', '-helpxml')
 CONFIG_EXAMPLE = 'a config file such as configs/default.py'
-# Writing to the workdir failed for lack of space or permission: a user error even mid-run.
-DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+# Writing to the workdir failed (space, permission, the disk): the run stops, its last checkpoint kept.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)
 EVALUATION_FILE = 'evaluation.json'
 
 
@@ -48,10 +54,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and TensorBoard events.',
                       flag_values=flag_values)
   flags.DEFINE_bool('debug', False, 'Show the full traceback of user errors.', flag_values=flag_values)
-  flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export'],
+  flags.DEFINE_enum('mode', 'train', ['train', 'evaluate', 'export', 'lr_find'],
                     'train (resumes from the latest checkpoint); evaluate: print the table of the latest '
                     'checkpoint\'s models (single, SWA, SWAG, ensembles) and write evaluation.json; '
-                    'export: write its weights.',
+                    'export: write its weights; lr_find: the LR range test of the config (config.lr_find), '
+                    'writing lr_find.json and lr_find.png to the workdir and printing the suggested '
+                    "--config.schedule.max_lr (the workdir's checkpoints and metrics are not touched).",
                     flag_values=flag_values)
   flags.DEFINE_string('export_path', None,
                       'export: an .npz of flat "params/..." and "batch_stats/..." arrays, or a .pt torch '
@@ -78,9 +86,17 @@ def _config_root_on_path(argv) -> None:
 
 
 class _QuietLibraries(pylogging.Filter):
-  """Drops the INFO chatter of orbax and TFDS; their warnings and errors still show."""
+  """Drops the INFO chatter of orbax and TFDS; their warnings and errors still show. A failed write that
+  orbax's threads (or asyncio, under them) log shows without its traceback: the run reports that failure in
+  one line (WriteError), and `--debug` shows the tracebacks."""
+
+  def __init__(self, tracebacks: bool = False):
+    super().__init__()
+    self.tracebacks = tracebacks
 
   def filter(self, record):
+    if record.exc_info and not self.tracebacks and errors.os_error(record.exc_info[1]) is not None:
+      record.exc_info, record.exc_text = None, None
     return record.levelno >= pylogging.WARNING or not any(
         lib in record.pathname for lib in ('/orbax/', '/tensorflow_datasets/', '/etils/'))
 
@@ -189,19 +205,21 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     config_lib.validate(config)
     cpu_flags = cpu_backend.configure(config)  # before anything touches a device
     parallel.initialize_distributed(config.distributed)
-    if mode == 'train':
+    if mode in ('train', 'lr_find'):
       config_lib.validate_devices(config, jax.device_count())
       config_lib.check_workdir(workdir)
     elif not os.path.isdir(workdir):
       raise ConfigError(f'--workdir={workdir}: no such folder; --mode={mode} needs the '
                         'workdir of a training run')
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    logging.get_absl_handler().addFilter(_QuietLibraries(tracebacks=flag_values.debug))
     logging.info('JAX %s, process %d/%d, devices: %s (XLA:CPU settings added: %s)', jax.__version__,
                  jax.process_index(), jax.process_count(), jax.devices(), cpu_flags or 'none')
     if mode == 'train':
       train.train_and_evaluate(config, workdir)
     elif mode == 'evaluate':
       _evaluate(config, workdir)
+    elif mode == 'lr_find':
+      print(lr_find.report(lr_find.range_test(config, workdir)))
     else:
       _export(config, workdir, flag_values.export_path, flag_values.export_model)
   except (ConfigError, DataError) as e:
@@ -212,14 +230,18 @@ def main(argv, flag_values: flags.FlagValues = FLAGS):
     if flag_values.debug:
       raise
     _exit_with_error(e, NONFINITE_LOSS_STATUS)
+  except WriteError as e:
+    if flag_values.debug:
+      raise
+    _exit_with_error(e, WRITE_FAILURE_STATUS)
   except preemption.Preempted as e:
     print(f'cifar-jax: {e}', file=sys.stderr)
     sys.exit(128 + e.signum)  # the shell's status for a process ended by that signal
   except OSError as e:
     if flag_values.debug or e.errno not in DISK_ERRNOS:
       raise
-    _exit_with_error(f'writing to --workdir={workdir} failed: {e}; free space or choose another '
-                     '--workdir (training resumes from the last checkpoint)', USER_ERROR_STATUS)
+    _exit_with_error(f'writing to --workdir={workdir} failed: {e}; free space or fix the disk, then run '
+                     'the same command (training resumes from the last checkpoint)', WRITE_FAILURE_STATUS)
 
 
 def _evaluate(config, workdir: str) -> None:

@@ -204,7 +204,7 @@ class Program:
   def compile(cls, config: ml_collections.ConfigDict, model, par: parallel.Parallel,
               dataset: input_pipeline.Dataset, state: steps.TrainState, acc, data_key,
               recalibration_key, first_step: int = 0, background: bool = True,
-              training: bool = True) -> 'Program':
+              training: bool = True, evaluate: bool = True) -> 'Program':
     """Places the data on the devices and compiles every function of a run of `config` for `state`.
 
     `state` and `acc` may be arrays or their shapes (`Parallel.abstract_per_seed`): only their shapes,
@@ -214,11 +214,13 @@ class Program:
     this returns; the rest in background threads when `background`, else before it returns too.
     `training=False` (`train.evaluate_checkpoint`): no train calls and no SWA update, the evaluation's
     functions only.
+    `evaluate=False` (the LR range test) leaves out the eval set and the eval functions.
     """
     # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
     images, labels = par.replicate(dataset.train_images), par.replicate(dataset.train_labels)
     eval_arrays = par.shard_eval_arrays(steps.batched_eval_arrays(
-        dataset.eval_images, dataset.eval_labels, config.eval_batch_size, par.eval_batch_multiple))
+        dataset.eval_images, dataset.eval_labels, config.eval_batch_size,
+        par.eval_batch_multiple)) if evaluate else None
     data_key, recalibration_key = par.place_per_seed((data_key, recalibration_key))
     n = dataset.num_train
     spe = input_pipeline.steps_per_epoch(n, config.batch_size, config.data.drop_remainder)
@@ -259,7 +261,7 @@ class Program:
                for size in sorted(set(sizes)) if training},
         eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name,
                                              with_log_probs=ensemble),
-                   state, *eval_arrays),
+                   state, *eval_arrays) if evaluate else None,
         permutation=permutation, traces=traces)
     swa_config = config.swa
     if swa_config.enabled:
@@ -282,7 +284,7 @@ class Program:
             for size in sorted(set(sizes))}
         program.reset_batch_stats = par.place_per_seed(swa.reset_batch_stats(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(par.host_shape(x), x.dtype), state.batch_stats)))
-    if ensemble or config.swag.enabled:
+    if evaluate and (ensemble or config.swag.enabled):
       program.build_ensemble_functions(config, model, build, state, first_perm)
     del first_perm
     first_size = sizes[first_step % spe]

@@ -27,6 +27,7 @@ from cifar_jax import program as program_lib
 from cifar_jax import steps
 from cifar_jax import swag
 from cifar_jax import timing
+from cifar_jax import workdir_lock
 from cifar_jax.errors import ConfigError
 from cifar_jax.errors import NonFiniteLossError  # noqa: F401 (public: train.NonFiniteLossError)
 
@@ -56,14 +57,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   parallel.initialize_distributed(config.distributed)
   compilation_cache.configure(config.compilation_cache)
+  os.makedirs(workdir, exist_ok=True)
+  # One writer per workdir, taken before anything reads or writes its checkpoints or metrics.
+  with workdir_lock.WorkdirLock(workdir, hold=jax.process_index() == 0):
+    return _train_and_evaluate(config, workdir, actions, laps, imports)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions, laps: timing.Laps,
+                        imports: float) -> steps.TrainState:
+  """`train_and_evaluate` once the workdir is this run's."""
   par = parallel.create(config.parallelism, num_seeds=config.num_seeds, seed_devices=config.seed_devices)
   logging.info('parallelism=%s: batch %d over %d devices (%d processes)', par.mode,
                config.batch_size, par.data_devices, jax.process_count())
   if config.num_seeds > 1:
     logging.info('%d seeds (%d..%d) in one vmap-ed step, mesh %s', config.num_seeds, config.seed,
                  config.seed + config.num_seeds - 1, dict(par.mesh.shape))
-  os.makedirs(workdir, exist_ok=True)
-
   laps.lap('devices')
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)
@@ -80,6 +88,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
   initial = builders.initial_state_fn(config, model, run_schedules)
   manager = checkpointing.checkpoint_manager(workdir, config)
+  checkpoints = checkpointing.CheckpointWriter(manager)
   changed = checkpointing.check_resume(config, workdir, bool(manager.all_steps()))
   if changed and par.is_main_process:
     logging.warning('Resuming %s with a config that differs from the one it started with: %s',
@@ -119,6 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if par.is_main_process:
       print(f'{workdir}: training already finished at step {start_step}/{num_steps}; nothing to do.')
       writer.close()
+    checkpoints.close()
     return _returned(par, state, config)
   if start_step:
     logging.info('Resuming from step %d (epoch %d).', start_step, start_step // spe)
@@ -130,13 +140,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                'compile %.1f (batch sizes %s; compilation cache: %s).', startup, imports,
                *(laps.seconds[k] for k in ('devices', 'data', 'init', 'compile')),
                sorted(set(program.sizes)), jax.config.jax_compilation_cache_dir or 'off')
-  run = loop.Run(config=config, workdir=workdir, program=program, state=state, acc=acc, manager=manager,
-                 writer=writer, plateaus=run_schedules.plateaus, start_step=start_step,
-                 elapsed_before=float(extra.get('elapsed_seconds', 0.0)), startup_seconds=startup)
-  loop.run_loop(run, loop.default_actions(config, spe) + list(actions))
+  run = loop.Run(config=config, workdir=workdir, program=program, state=state, acc=acc,
+                 checkpoints=checkpoints, writer=writer, plateaus=run_schedules.plateaus,
+                 start_step=start_step, elapsed_before=float(extra.get('elapsed_seconds', 0.0)),
+                 startup_seconds=startup)
+  try:
+    loop.run_loop(run, loop.default_actions(config, spe) + list(actions))
+  finally:  # however the loop ends (a signal, a NaN, a failed write), the last save is committed or failed
+    checkpoints.close()
   if writer is not None:
     writer.close()
-  manager.close()
   return _returned(par, run.state, config)
 
 
@@ -164,8 +177,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
   state, acc = par.place_per_seed(builders.create_initial_state(
       config, model, builders.create_run_schedules(config, spe)))
-  restored = checkpointing.restore_checkpoint(checkpointing.checkpoint_manager(workdir, config),
-                                              par.to_checkpoint_layout(state), par.to_checkpoint_layout(acc))
+  restored = checkpointing.restore_checkpoint(
+      checkpointing.checkpoint_manager(workdir, config, read_only=True), par.to_checkpoint_layout(state),
+      par.to_checkpoint_layout(acc), move_damaged=False)  # a reader: the workdir may be a live run's
   if restored is None:
     raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
   state, acc = par.to_step_layout(restored[0]), par.to_step_layout(restored[1])

@@ -109,6 +109,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.swag.var_clamp = 1e-30  # the diagonal variance's floor
   config.swag.bn_update_fraction = 1.0  # each sample's BatchNorm pass: this fraction of an epoch's batches
   config.swag.samples_per_call = 0  # samples recalibrated and evaluated in one vmap-ed call; 0 = auto (<= 4)
+  # The LR range test (`--mode=lr_find`, cifar_jax/lr_find.py): this config's training with the lr growing
+  # exponentially from start_lr to end_lr over num_steps steps (fastai's defaults: 1e-7, 10, 100); it
+  # suggests schedule.max_lr for the one-cycle configs (README, "Picking max_lr").
+  config.lr_find = ml_collections.ConfigDict()
+  config.lr_find.start_lr = 1e-7
+  config.lr_find.end_lr = 10.0
+  config.lr_find.num_steps = 100
+  # fastai: lr_i = start * (end / start)^(i / n), the loss a debiased moving average (beta 0.98);
+  # torch_lr_finder: i / (n - 1), 0.05 * loss + 0.95 * the previous smoothed loss
+  config.lr_find.smoothing = 'fastai'
+  # stop once the smoothed loss exceeds this times the best; 0 = the anchor's (fastai 4, torch_lr_finder 5)
+  config.lr_find.diverge_factor = 0.0
+  # the suggestion printed as --config.schedule.max_lr (median over seeds): steep (fastai: the steepest
+  # fall against log lr), valley (fastai's default), minimum, slide (fastai) or steepest (torch-lr-finder).
+  # steep: one-cycle at its 0.06 matched the blog's 0.1 and valley's 0.0044 lost 14 points (RESULTS.md)
+  config.lr_find.suggestion = 'steep'
 
   # Data parallelism over every visible device (README, "Multi-GPU and multi-host"); the global batch,
   # its order, augmentation and BatchNorm statistics are the same on any number of devices.
@@ -130,6 +146,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.checkpoint_every_steps = 0  # > 0: also checkpoint every this many steps (else every epoch)
   config.keep_checkpoints = 3
+  # Write each checkpoint in the background while training goes on (orbax's async checkpointing; the next
+  # save and the run's end wait for it, and only a committed checkpoint is resumed). False: wait for each.
+  config.async_checkpoints = True
   # Train steps per call of the compiled step (a loop on the device); 0 = auto: 8 on a one-device CPU run,
   # where each call pays for fresh temporary buffers, else 1. Logs, checkpoints, SWA updates end a call.
   config.steps_per_dispatch = 0

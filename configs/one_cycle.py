@@ -3,6 +3,8 @@
 (blog Part 2, "One Cycle LR"). Blog: 94.65 %, the best result of the series.
 
   cifar-jax --config=configs/one_cycle.py --workdir=runs/one_cycle
+
+max_lr for another model, width or batch size: the LR range test, `--mode=lr_find` (README, "Picking max_lr").
 """
 
 from configs import multistep

@@ -35,7 +35,7 @@ VARIANTS = ('jax_cold', 'jax_warm', 'torch')
 
 
 def make_data(path: str, num_train: int, num_test: int) -> None:
-  with np.load(DATA) as f:
+  with np.load(DATA, allow_pickle=False) as f:
     x, y = f['x_train'], f['y_train']
   np.savez(path, x_train=x[:num_train], y_train=y[:num_train],
            x_test=x[num_train:num_train + num_test], y_test=y[num_train:num_train + num_test])

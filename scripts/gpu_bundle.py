@@ -202,7 +202,7 @@ def main():
   else:
     if not os.path.isfile(args.npz):
       sys.exit(f'gpu_bundle: no {args.npz}; give --npz=FILE (x_train, y_train) or --synthetic=N')
-    with np.load(args.npz) as f:
+    with np.load(args.npz, allow_pickle=False) as f:
       images, labels = f['x_train'], f['y_train']
     source = {'file': os.path.basename(args.npz),
               'x_train_sha256': hashlib.sha256(images.tobytes()).hexdigest(),

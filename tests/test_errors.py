@@ -5,6 +5,7 @@ Most cases run the command line in-process (`main.parse_flags` then `main.main` 
 """
 
 import errno
+import logging as pylogging
 import os
 import pickle
 import socket
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 
 from cifar_jax import config_lib
+from cifar_jax import errors
 from cifar_jax import main
 from cifar_jax import train
 
@@ -47,11 +49,12 @@ def cli(monkeypatch, capsys, tmp_path):
   logging.set_verbosity(verbosity)
 
 
-def assert_user_error(result, *fragments):
-  """Status 2, exactly one non-empty line on stderr, no traceback, and every fragment in that line."""
-  status, stderr = result
+def assert_user_error(result, *fragments, status=2):
+  """Status 2 (or `status`), exactly one non-empty line on stderr, no traceback, and every fragment in
+  that line."""
+  code, stderr = result
   lines = [line for line in stderr.splitlines() if line.strip()]
-  assert status == 2, stderr
+  assert code == status, stderr
   assert len(lines) == 1 and lines[0].startswith('cifar-jax: error: '), stderr
   assert 'Traceback' not in stderr
   for fragment in fragments:
@@ -178,6 +181,10 @@ def _npz(path, n=4, **changes):
     (dict(y_train=np.full(4, 10)), ('labels must lie in 0..9', '0..10')),
     (dict(y_train=np.zeros(3, np.int64)), ('labels must have shape (4,)',)),
     (dict(y_train=np.zeros(4, np.float32)), ('labels must be integers',)),
+    (dict(x_train=np.zeros((0, 32, 32, 3), np.uint8), y_train=np.zeros(0, np.int64)), ('has no examples',)),
+    (dict(x_test=np.zeros((0, 32, 32, 3), np.uint8), y_test=np.zeros(0, np.int64)),
+     ('x_test, y_test', 'has no examples')),
+    (dict(x_train=np.zeros((4, 32, 32), np.uint8)), ('(N, 32, 32, 3)', '(4, 32, 32)')),
 ])
 def test_npz_with_wrong_contents(cli, tmp_path, changes, fragments):
   path = _npz(tmp_path / 'bad.npz', **changes)
@@ -196,6 +203,48 @@ def test_npz_missing_or_unreadable(cli, tmp_path):
   assert_user_error(cli(source, f'--config.data.path={corrupt}'), 'data.path', 'cannot read', 'corrupt.npz')
 
 
+def test_npz_truncated_or_corrupt(cli, tmp_path):
+  """A copy cut short, bytes flipped inside an array, a pickled object array: one line each."""
+  source = '--config.data.source=npz'
+  good = open(_npz(tmp_path / 'good.npz', n=64), 'rb').read()
+  (tmp_path / 'truncated.npz').write_bytes(good[:len(good) // 2])
+  assert_user_error(cli(source, f'--config.data.path={tmp_path / "truncated.npz"}'), 'cannot read',
+                    'truncated.npz', 'BadZipFile')
+  middle = len(good) // 3  # inside x_train's bytes: the zip's CRC check fails on reading it
+  (tmp_path / 'corrupt.npz').write_bytes(good[:middle] + bytes(b ^ 0xFF for b in good[middle:middle + 64]) +
+                                         good[middle + 64:])
+  assert_user_error(cli(source, f'--config.data.path={tmp_path / "corrupt.npz"}'), 'cannot read',
+                    'corrupt.npz', 'CRC')
+
+
+class _CreatesAFile:
+  """Unpickled by plain `pickle.load`, this creates `path`: what a crafted data file can do."""
+
+  def __init__(self, path):
+    self.path = path
+
+  def __reduce__(self):
+    return (open, (self.path, 'w'))
+
+
+def test_npz_with_a_pickled_object_array_is_refused(cli, tmp_path):
+  victim = tmp_path / 'created_by_the_npz'
+  np.savez(tmp_path / 'crafted.npz', x_train=np.array([_CreatesAFile(str(victim))], dtype=object),
+           y_train=np.zeros(1, np.int64))
+  assert_user_error(cli('--config.data.source=npz', f'--config.data.path={tmp_path / "crafted.npz"}'),
+                    'cannot read', 'crafted.npz', 'allow_pickle=False')
+  assert not victim.exists()
+
+
+def test_validation_size_larger_than_the_data(cli, tmp_path):
+  assert_user_error(cli('--config.data.synthetic_train_size=100', '--config.data.validation_size=100'),
+                    'data.validation_size=100 must be below the training set size 100')
+  path = _npz(tmp_path / 'four.npz')
+  assert_user_error(cli('--config.data.source=npz', f'--config.data.path={path}',
+                        '--config.data.validation_size=7'),
+                    'data.validation_size=7 must be below the training set size 4')
+
+
 def _cifar10_python(folder, bad_batch=None):
   folder.mkdir()
   for name in [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']:
@@ -211,11 +260,28 @@ def _cifar10_python(folder, bad_batch=None):
     ({b'data': np.zeros((2, 3072), np.float64), b'labels': [0, 1]}, ('uint8 (N, 3072)', 'float64')),
     ({b'data': np.zeros((2, 3072), np.uint8), b'labels': [0, 12]}, ('labels must lie in 0..9', '0..12')),
     ([1, 2, 3], ("b'data' and b'labels'", 'list')),
+    ({b'data': np.zeros((2, 3072), np.uint8), b'labels': [0]}, ('labels must have shape (2,)', '(1,)')),
+    ({b'data': np.zeros((0, 3072), np.uint8), b'labels': []}, ('has no examples',)),
 ])
 def test_cifar10_python_with_wrong_contents(cli, tmp_path, bad_batch, fragments):
   folder = _cifar10_python(tmp_path / 'cifar-10-batches-py', bad_batch)
   assert_user_error(cli('--config.data.source=cifar10_python', f'--config.data.path={folder}'),
                     'data.path', 'data_batch_3', *fragments)
+
+
+def test_cifar10_python_crafted_pickle_is_refused_before_it_runs(cli, tmp_path):
+  """A batch file that creates a file when `pickle.load` reads it (as torchvision does): the restricted
+  unpickler refuses the global it names, so the file is never created."""
+  demo = pickle.loads(pickle.dumps(_CreatesAFile(str(tmp_path / 'plain_pickle_victim'))))
+  demo.close()
+  assert (tmp_path / 'plain_pickle_victim').exists()  # plain pickle runs it
+  victim = tmp_path / 'created_by_the_batch'
+  folder = _cifar10_python(tmp_path / 'cifar-10-batches-py',
+                           bad_batch={b'data': _CreatesAFile(str(victim)), b'labels': [0, 9]})
+  line = assert_user_error(cli('--config.data.source=cifar10_python', f'--config.data.path={folder}'),
+                           'data_batch_3', 'asks to run', 'open', 'refused')
+  assert 'which a CIFAR batch never does' in line
+  assert not victim.exists()
 
 
 def test_cifar10_python_missing_or_unreadable(cli, tmp_path):
@@ -250,11 +316,45 @@ def test_workdir_that_cannot_hold_a_run(cli, tmp_path, monkeypatch):
 
 
 def test_disk_full_during_training(cli, monkeypatch):
+  """Exit status 4 for a failed write, whether the trainer named it (WriteError) or not (an OSError)."""
   def full(config, workdir):
     raise OSError(errno.ENOSPC, 'No space left on device', os.path.join(workdir, 'checkpoints'))
 
   monkeypatch.setattr(train, 'train_and_evaluate', full)
-  assert_user_error(cli(), 'No space left on device', '--workdir=')
+  assert_user_error(cli(), 'No space left on device', '--workdir=', status=4)
+
+  def checkpoint_failed(config, workdir):
+    raise errors.write_error('the checkpoint of step 6', os.path.join(workdir, 'checkpoints'),
+                             ValueError("Failed to write 4096 bytes: ... [os_error_code='30']"), 'then')
+
+  monkeypatch.setattr(train, 'train_and_evaluate', checkpoint_failed)
+  assert_user_error(cli(), 'writing the checkpoint of step 6', '(Read-only file system); then', status=4)
+
+
+def _logged(error, pathname):
+  """The log record of a library's `logging.exception` while `error` is raised, from `pathname`."""
+  try:
+    raise error
+  except Exception:  # pylint: disable=broad-except
+    return pylogging.LogRecord('asyncio', pylogging.ERROR, pathname, 1, 'Task exception was never retrieved',
+                               None, sys.exc_info())
+
+
+def test_failed_writes_logged_by_libraries_show_without_a_traceback():
+  """orbax's threads and asyncio log each failed write of a checkpoint with its traceback before the run
+  reports it in one line: the log keeps their message; `--debug` keeps the traceback too."""
+  disk = ValueError("RESOURCE_EXHAUSTED: Failed to write 5557 bytes: No space left on device "
+                    "[os_error_code='28']")
+  bug = KeyError('not a disk')
+  quiet = main._QuietLibraries()  # pylint: disable=protected-access
+  debug = main._QuietLibraries(tracebacks=True)  # pylint: disable=protected-access
+  for pathname in ('/usr/lib/python3.11/asyncio/base_events.py', '/x/orbax/checkpoint/future.py'):
+    record = _logged(disk, pathname)
+    assert quiet.filter(record) and record.exc_info is None
+    record = _logged(disk, pathname)
+    assert debug.filter(record) and record.exc_info[1] is disk
+    record = _logged(bug, pathname)
+    assert quiet.filter(record) and record.exc_info[1] is bug
 
 
 # The real command line --------------------------------------------------------------------------------

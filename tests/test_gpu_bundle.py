@@ -49,7 +49,7 @@ def test_made_images_round_trip_bit_exactly(tmp_path):
 
 @pytest.mark.skipif(not os.path.isfile(NPZ), reason=f'no {NPZ}')
 def test_cifar10_images_round_trip_bit_exactly(tmp_path):
-  with np.load(NPZ) as f:
+  with np.load(NPZ, allow_pickle=False) as f:
     images, labels = f['x_train'][:300], f['y_train'][:300]
   manifest = _round_trip(images, labels, tmp_path / 'data')
   assert manifest['count'] == 300

@@ -85,8 +85,13 @@ def test_cifar10_python_pickles(tmp_path):
     x, y = _images(4, seed=i)
     expected.append((x, y))
     chw = x.transpose(0, 3, 1, 2).reshape(4, -1)  # torchvision's layout: rows of CHW bytes
-    with open(folder / name, 'wb') as f:
-      pickle.dump({b'data': chw, b'labels': list(map(int, y))}, f)
+    batch = {b'batch_label': f'{name} of 5'.encode(), b'labels': list(map(int, y)), b'data': chw,
+             b'filenames': [f'{k}.png'.encode() for k in range(4)]}
+    if i % 2:  # a Python 3 pickle (protocol 5: numpy 2's _frombuffer)
+      blob = pickle.dumps(batch)
+    else:  # as the files from the CIFAR site: protocol 2, numpy 1's names (bytes via _codecs here)
+      blob = pickle.dumps(batch, protocol=2).replace(b'numpy._core.multiarray', b'numpy.core.multiarray')
+    (folder / name).write_bytes(blob)
   data = ip.load_dataset(_data_config(source='cifar10_python', path=str(folder)))
   np.testing.assert_array_equal(data.train_images, np.concatenate([e[0] for e in expected[:5]]))
   np.testing.assert_array_equal(data.train_labels, np.concatenate([e[1] for e in expected[:5]]))

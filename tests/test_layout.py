@@ -6,7 +6,8 @@ import os
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'cifar_jax')
 # Imported where they are used, so that a run without them (or without needing them) does not pay for them.
-OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX')
+# matplotlib: only the LR range test plots (lr_find.plot); a training run does not import it.
+OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX', 'matplotlib')
 
 
 def _modules() -> dict[str, ast.Module]:
@@ -83,3 +84,21 @@ def test_imports_at_the_top_except_optional_dependencies():
           nested += [f'{name}.{node.name}: {m}' for m in _imported(inner)
                      if m.split('.')[0] not in OPTIONAL]
   assert not nested, nested
+
+
+def test_every_np_load_refuses_pickles():
+  """`np.load` of a file holding an object array runs the pickle inside it unless allow_pickle=False; numpy's
+  default is False, and every call says so explicitly (package, scripts and tests)."""
+  root = os.path.dirname(PACKAGE)
+  loose = []
+  for folder in ('cifar_jax', 'scripts', 'tests'):
+    for name in sorted(os.listdir(os.path.join(root, folder))):
+      if not name.endswith('.py'):
+        continue
+      for node in ast.walk(ast.parse(open(os.path.join(root, folder, name)).read())):
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == 'load'
+            and isinstance(node.func.value, ast.Name) and node.func.value.id in ('np', 'numpy')):
+          allow = {k.arg: k.value for k in node.keywords}.get('allow_pickle')
+          if not (isinstance(allow, ast.Constant) and allow.value is False):
+            loose.append(f'{folder}/{name}:{node.lineno}')
+  assert not loose, loose

@@ -242,7 +242,7 @@ def runs(tmp_path_factory):
 
 def _final(result) -> dict:
   """The final state's arrays by key path."""
-  with np.load(result['final']) as f:
+  with np.load(result['final'], allow_pickle=False) as f:
     return dict(f)
 
 
@@ -343,6 +343,22 @@ def test_check_batch_sizes_names_the_field_and_the_count():
     parallel.check_batch_sizes('pmap', 3, 129, 50_000, False)  # 50_000 % 129 = 77
   with pytest.raises(config_lib.ConfigError, match='parallelism must be one of'):
     parallel.create('pjit')
+
+
+@pytest.mark.parametrize('mode,num_seeds', [('jit', 1), ('jit', 2), ('pmap', 1)])
+def test_abstract_per_seed_is_what_place_per_seed_gives(mode, num_seeds):
+  """The shapes the first train call compiles for (before the state exists) are the placed state's:
+  shape, dtype (a Python int and int64 canonicalised) and sharding, leaf by leaf."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import steps  # pylint: disable=g-import-not-at-top
+
+  par = parallel.create(mode, num_seeds=num_seeds)
+  one = {'w': np.ones((3, 2), np.float32), 'count': np.zeros((), np.int64), 'step': 0}
+  placed = par.place_per_seed(steps.per_seed([one] * num_seeds))
+  abstract = par.abstract_per_seed(jax.eval_shape(lambda: one))
+  describe = lambda x: (x.shape, x.dtype, x.sharding)
+  assert jax.tree.map(describe, abstract) == jax.tree.map(describe, placed)
 
 
 def test_initialize_distributed_reads_config_then_environment(monkeypatch):

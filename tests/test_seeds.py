@@ -224,7 +224,7 @@ def test_two_devices_split_seeds_or_batches_and_match_one_device(k_run, tmp_path
   reference = [np.asarray(x)[:2] for x in jax.tree.leaves((k_run['state'].params,
                                                           k_run['state'].batch_stats))]
   for seed_devices in (2, 1):
-    arrays = np.load(tmp_path / f'params_{seed_devices}.npz')
+    arrays = np.load(tmp_path / f'params_{seed_devices}.npz', allow_pickle=False)
     for i, expected in enumerate(reference):
       np.testing.assert_allclose(arrays[f'arr_{i}'], expected, **TOLERANCE)
 
