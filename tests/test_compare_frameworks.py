@@ -1,5 +1,6 @@
 """scripts/compare_frameworks.py: its statistics, and a tiny end-to-end comparison (slow)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -58,12 +59,8 @@ def test_compare_frameworks_end_to_end(tmp_path):
 
 def test_swag_rows_from_each_frameworks_last_record(tmp_path):
   """The SWAG table reads swag_eval_* of each framework's last record: mean ± std, and JAX − torch."""
-  import compare_frameworks  # pylint: disable=g-import-not-at-top
-
-  from configs import swag as swag_config  # pylint: disable=g-import-not-at-top
-
   for framework, seed, acc, nll in (('jax', 0, 0.5, 1.25), ('jax', 1, 0.6, 1.0), ('torch', 0, 0.55, 1.5)):
-    path = compare_frameworks.run_dir(str(tmp_path), framework, seed)
+    path = str(tmp_path / framework / f'seed_{seed}')  # compare_frameworks.run_dir's layout
     os.makedirs(path)
     writer = metrics_writer.MetricsWriter(path, tensorboard=False)
     for epoch in (1, 2):
@@ -71,11 +68,22 @@ def test_swag_rows_from_each_frameworks_last_record(tmp_path):
                     'swa_eval_accuracy': acc, 'swag_eval_accuracy': acc, 'swag_eval_nll': nll,
                     'swag_eval_ece': 0.05, 'swag_eval_brier': 0.5})
     writer.close()
-  summary = compare_frameworks.summarize(str(tmp_path), [0, 1], 2)
-  assert summary['jax']['swag']['nll'] == [1.25, 1.0] and summary['torch']['swag']['nll'] == [1.5]
-  lines = compare_frameworks.swag_lines(summary, swag_config.get_config())
+  # compare_frameworks.py defines absl flags at import (as cifar_jax.main does): checked in its own process.
+  script = (
+      'import json, sys; sys.path.insert(0, "scripts"); import compare_frameworks\n'
+      'from configs import swag\n'
+      'summary = compare_frameworks.summarize(sys.argv[1], [0, 1], 2)\n'
+      'none = compare_frameworks.summarize(sys.argv[2], [0], 2)\n'
+      'print(json.dumps({"nll": [summary["jax"]["swag"]["nll"], summary["torch"]["swag"]["nll"]],\n'
+      '                  "lines": compare_frameworks.swag_lines(summary, swag.get_config()),\n'
+      '                  "none": compare_frameworks.swag_lines(none, swag.get_config())}))\n')
+  result = subprocess.run([sys.executable, '-c', script, str(tmp_path), str(tmp_path / 'none')], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = json.loads(result.stdout.splitlines()[-1])
+  assert out['nll'] == [[1.25, 1.0], [1.5]]
+  lines = out['lines']
   assert '| jax | 2 | 55.00 ± 7.07 | 1.1250 ± 0.1768 | 0.0500 ± 0.0000 | 0.5000 ± 0.0000 |' in lines
   assert '| torch | 1 | 55.00 ± nan | 1.5000 ± nan | 0.0500 ± nan | 0.5000 ± nan |' in lines
   assert lines[0].startswith('SWAG, the final models: 30 samples at scale 0.5, rank 20')
-  assert compare_frameworks.swag_lines(compare_frameworks.summarize(str(tmp_path / 'none'), [0], 2),
-                                       swag_config.get_config()) == []
+  assert out['none'] == []
