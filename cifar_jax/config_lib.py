@@ -283,3 +283,15 @@ def validate_against_run(config: ml_collections.ConfigDict, steps_per_epoch: int
     _require(s.total_steps >= length,
              f'schedule.total_steps={s.total_steps} is shorter than the run ({length} {unit}); torch '
              'would raise when stepped past it (use -1 for the run length)')
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, par: parallel.Parallel, num_train: int) -> int:
+  """The steps of an epoch of `num_train` examples, after checking that the batches fit the data and the
+  devices (one ConfigError line otherwise)."""
+  spe = input_pipeline.steps_per_epoch(num_train, config.batch_size, config.data.drop_remainder)
+  if spe == 0:
+    raise ConfigError(f'batch_size={config.batch_size} exceeds the {num_train} training '
+                      'examples with data.drop_remainder=True')
+  parallel.check_batch_sizes(par.mode, par.data_devices, config.batch_size, num_train,
+                             config.data.drop_remainder)
+  return spe

@@ -66,12 +66,7 @@ def range_test(config: ml_collections.ConfigDict, workdir: str, write: bool = Tr
   run_config = range_test_config(config)
   par = parallel.create(config.parallelism, num_seeds=k, seed_devices=config.seed_devices)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
-  spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
-  if spe == 0:
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the {dataset.num_train} training '
-                      'examples with data.drop_remainder=True')
-  parallel.check_batch_sizes(par.mode, par.data_devices, config.batch_size, dataset.num_train,
-                             config.data.drop_remainder)
+  spe = config_lib.steps_per_epoch(config, par, dataset.num_train)
   lrs = lr_curves.lr_ramp(lf.start_lr, lf.end_lr, lf.num_steps, lf.smoothing)
   ratio, denominator = lf.end_lr / lf.start_lr, lr_curves.ramp_denominator(lf.num_steps, lf.smoothing)
   # start_lr * lambda(t): lr_ramp's values (the same float64 operations), as a float32 device table.

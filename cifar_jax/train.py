@@ -76,12 +76,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)
   laps.lap('data')
-  spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
-  if spe == 0:
-    raise ConfigError(f'batch_size={config.batch_size} exceeds the {dataset.num_train} training '
-                      'examples with data.drop_remainder=True')
-  parallel.check_batch_sizes(par.mode, par.data_devices, config.batch_size, dataset.num_train,
-                             config.data.drop_remainder)
+  spe = config_lib.steps_per_epoch(config, par, dataset.num_train)
   config_lib.validate_against_run(config, spe)
 
   run_schedules = builders.create_run_schedules(config, spe)
