@@ -56,7 +56,7 @@ def _cache_dir() -> str:
 
 def _build_command(compiler: str, output: str) -> list[str]:
   prefix = _prefix()
-  return [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+  return [compiler, '-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
           f'-I{jax.ffi.include_dir()}', f'-I{os.path.join(prefix, "include")}', SOURCE,
           '-o', output, f'-L{os.path.join(prefix, "lib")}', '-ldnnl',
           f'-Wl,-rpath,{os.path.join(prefix, "lib")}']
@@ -156,11 +156,13 @@ def _attrs(strides, padding) -> dict:
 
 
 def _call(target: str, out_shape, a, b, strides, padding):
-  # 'sequential': under vmap (several seeds in one run) each seed's convolution is its own call.
+  # 'expand_dims': under vmap (several seeds in one run, several SWAG samples) the handler gets every
+  # seed's operands in one call, with leading batch dimensions (size 1 where an operand is shared), and
+  # spreads the seeds' convolutions over the cores (csrc/onednn_conv.cc, `Run`).
   load()  # registered (once) before any program that calls it compiles or loads from a cache
   return jax.ffi.ffi_call(_target_name(target, _state['loaded']),
                           jax.ShapeDtypeStruct(out_shape, jnp.float32),
-                          vmap_method='sequential')(a, b, **_attrs(strides, padding))
+                          vmap_method='expand_dims')(a, b, **_attrs(strides, padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))

@@ -5,7 +5,10 @@ unchanged, and a checkpoint written before the Program/actions redesign that mus
   reproduced every case bitwise (commit 7fa5add). The fixture's resume still does.
 - tests/fixtures/golden.json: since the model's initialisers are compiled as one program (d7145b8:
   initial weights within float32 rounding of the op-by-op ones, so every case that initialises a model
-  moved); the fixture's resume, which restores its weights, kept the pre-redesign hashes.
+  moved); the fixture's resume, which restores its weights, kept the pre-redesign hashes. The
+  `seeds_2` case was recorded again when a k-seed run's oneDNN convolutions became one batched call
+  that runs each seed's convolution on one thread (issue 17; before, each seed's ran over both
+  threads, which sum a kernel gradient in another order): its losses moved in the 7th digit.
 
 Float bits depend on the CPU's instruction set (it picks the kernels), so bitwise comparisons run where
 the machine matches the one that recorded them (each file names it); elsewhere the fixture still has to

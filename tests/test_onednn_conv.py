@@ -67,6 +67,35 @@ def test_string_padding_and_vmap_over_kernels():
 
 
 @requires_onednn
+@pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', [CASES[1], CASES[4]])
+def test_nested_vmap_is_one_call_per_convolution_and_equals_lax(n, size, cin, cout, k, stride,
+                                                                padding):
+  """vmap over 2 samples of 3 seeds' kernels (as SWAG's per-seed samples), the input shared by the
+  samples: one batched custom call per convolution kind, each element's values and gradients lax's."""
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(3, n, size, size, cin)), jnp.float32)  # per seed
+  ws = jnp.asarray(rng.normal(size=(2, 3, k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.float32)
+
+  def batched(conv):
+    per_element = jax.value_and_grad(lambda x, w: _conv_loss(conv, x, w, stride, padding),
+                                     argnums=(0, 1), has_aux=True)
+    over_seeds = jax.vmap(per_element)  # x and w batched
+    return jax.jit(jax.vmap(over_seeds, in_axes=(None, 0)))  # the samples share x
+
+  (loss_ref, y_ref), (dx_ref, dw_ref) = batched(lax.conv_general_dilated)(x, ws)
+  (loss, y), (dx, dw) = batched(onednn_conv.conv_general_dilated)(x, ws)
+  assert y.shape == y_ref.shape == (2, 3) + y_ref.shape[2:] and dx.shape == (2,) + x.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+  hlo = batched(onednn_conv.conv_general_dilated).lower(x, ws).as_text()
+  for target in ('forward', 'backward_data', 'backward_weights'):
+    assert hlo.count(f'cifar_jax_onednn_conv_{target}_') == 1, target
+  assert 'while' not in hlo  # no loop over the elements
+
+
+@requires_onednn
 def test_other_convolutions_fall_back_to_lax():
   x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
   w = jnp.ones((3, 3, 4, 4), jnp.bfloat16)

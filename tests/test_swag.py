@@ -147,17 +147,23 @@ def test_swag_run_resumes_mid_collection_bitwise(tiny_config, tmp_path):
 def test_multiswag_equals_single_swag_runs(tiny_config, tmp_path):
   """k = 3 seeds in one run: each seed's SWAG state and SWAG metrics are its single run's; MultiSWAG's
   metrics are those of the average over all 3 * S samples."""
+  # XLA's convolutions: oneDNN's run a k-seed run's seeds on one thread each and a single run over
+  # both threads, and 4 epochs at this learning rate grow that rounding to 1e-4 on params of 1
+  # (measured; seeds 0-2 moved 3e-5, 3e-7 and 1e-4). With XLA's the largest difference is 5e-6 on
+  # params and 3e-6 on deviations of 1.5e-2. tests/test_onednn_conv.py checks the batched oneDNN call.
   config = _swag_config(tiny_config, num_seeds=3)
+  config.model.conv = 'xla'
   multi = train.train_and_evaluate(config, str(tmp_path / 'multi'))
   record = metrics_writer.read_metrics(str(tmp_path / 'multi'))[-1]
   for i in range(3):
     single_config = _swag_config(conftest.make_tiny_config())
+    single_config.model.conv = 'xla'
     single_config.seed = i
     single_config.data.synthetic_seed = 0  # the k-seed run's images (-1 would draw seed i's)
     single = train.train_and_evaluate(single_config, str(tmp_path / f'single_{i}'))
     single_record = metrics_writer.read_metrics(str(tmp_path / f'single_{i}'))[-1]
     for field in SWAG_FIELDS[1:-1]:
-      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+      jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5),
                    steps.unstack_seed(getattr(multi, field), i), getattr(single, field))
     np.testing.assert_allclose(record['swag_eval_nll_per_seed'][i], single_record['swag_eval_nll'],
                                rtol=1e-4)
@@ -207,7 +213,7 @@ def test_experiment_configs(name, seeds, swag_on):
 @pytest.mark.slow
 def test_torch_reference_swag_agrees(tiny_config):
   """The same snapshots and the same z: the torch twin's SWAG sample (the reference's formulas) equals
-  the JAX one within float32 rounding; so do the sample's update_bn statistics (relative 1e-4, as
+  the JAX one within float32 rounding; so do the sample's update_bn statistics (relative 1e-4 or 1e-5, as
   tests/test_swa.py: convolutions sum in another order) and the two samples' averaged probabilities."""
   torch = pytest.importorskip('torch')
   from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
@@ -252,7 +258,9 @@ def test_torch_reference_swag_agrees(tiny_config):
     for j, x in enumerate(images):
       running = step(sampled, running, jnp.int32(j), jnp.asarray(x))
     expected = torch_reference.torch_to_flax(torch_model.state_dict())['batch_stats']
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), running, expected)
+    # atol 1e-5: a channel's mean can be near 0 (2e-3) as a sum of O(1) activations, whose rounding
+    # (2e-6 measured) is then large relative to it.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), running, expected)
     torch_model.eval()
     with torch.no_grad():
       torch_probs.append(torch.softmax(torch_model(eval_images), -1).numpy())

@@ -7,11 +7,15 @@
 // reordered to whatever blocked layout oneDNN picks (they are small). Primitives are built once per shape
 // and cached.
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <vector>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -47,22 +51,71 @@ struct Geometry {
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadL() const { return {pt, pl}; }
   memory::dims PadR() const { return {pb, pr}; }
+  int64_t SrcSize() const { return n * h * w * c; }
+  int64_t DstSize() const { return n * oh * ow * o; }
+  int64_t WeightsSize() const { return kh * kw * c * o; }
 
-  std::string Key(const char* kind) const {
+  std::string Key(const char* kind, int threads) const {
     std::string key(kind);
     for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr}) {
       key += ',' + std::to_string(v);
     }
-    return key;
+    return key + ",threads=" + std::to_string(threads);
   }
 };
 
-ffi::Error MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> kernel,
-                        ffi::Span<const int64_t> out, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
-                        int64_t pl, int64_t pr, Geometry* g) {
-  if (in.size() != 4 || kernel.size() != 4 || out.size() != 4) {
-    return ffi::Error::InvalidArgument("onednn_conv: expected NHWC activations and an HWIO kernel");
+// A call's operands may carry leading batch dimensions (vmap over seeds or samples: the
+// 'expand_dims' rule, which gives an unbatched operand size-1 dimensions there). The output has them
+// all; an input's leading dimension is either the output's or 1 (the same tensor for every batch
+// element). `Batch` maps a batch element to each operand's offset.
+struct Batch {
+  std::vector<int64_t> dims;  // the output's leading dimensions
+  int64_t count = 1;
+
+  // The offset (in floats) of batch element `b` in an operand with leading dimensions `lead`.
+  int64_t Offset(int64_t b, ffi::Span<const int64_t> lead, int64_t inner) const {
+    int64_t offset = 0, stride = inner;
+    for (int64_t i = static_cast<int64_t>(dims.size()) - 1; i >= 0; --i) {
+      int64_t index = b % dims[i];
+      b /= dims[i];
+      if (lead[i] != 1) offset += index * stride;
+      stride *= lead[i];
+    }
+    return offset;
   }
+};
+
+ffi::Span<const int64_t> Leading(ffi::Span<const int64_t> dims) {
+  return ffi::Span<const int64_t>(dims.begin(), dims.size() - 4);
+}
+ffi::Span<const int64_t> Trailing(ffi::Span<const int64_t> dims) {
+  return ffi::Span<const int64_t>(dims.end() - 4, 4);
+}
+
+// `in`, `kernel` and `out` are the NHWC input, HWIO kernel and NHWC output of the convolution (of the
+// forward one, for the backward handlers), each with the same number of leading batch dimensions;
+// `result` is the one among them the handler writes (all its leading dimensions are the batch's).
+ffi::Error MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> kernel,
+                        ffi::Span<const int64_t> out, ffi::Span<const int64_t> result, int64_t sh,
+                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, Geometry* g,
+                        Batch* batch) {
+  if (in.size() < 4 || kernel.size() != in.size() || out.size() != in.size()) {
+    return ffi::Error::InvalidArgument(
+        "onednn_conv: expected NHWC activations and an HWIO kernel, with the same leading dimensions");
+  }
+  batch->dims.assign(result.begin(), result.end() - 4);
+  batch->count = 1;
+  for (size_t i = 0; i < batch->dims.size(); ++i) {
+    batch->count *= batch->dims[i];
+    for (auto operand : {in, kernel, out}) {
+      if (operand[i] != 1 && operand[i] != batch->dims[i]) {
+        return ffi::Error::InvalidArgument("onednn_conv: leading dimensions do not broadcast");
+      }
+    }
+  }
+  in = Trailing(in);
+  kernel = Trailing(kernel);
+  out = Trailing(out);
   *g = Geometry{in[0],  in[1],  in[2],  in[3], kernel[0], kernel[1], kernel[3], out[1],
                 out[2], sh,     sw,     pt,    pb,        pl,        pr};
   if (kernel[2] != in[3] || out[0] != in[0] || out[3] != kernel[3] ||
@@ -72,13 +125,15 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> ke
   return ffi::Error::Success();
 }
 
-// A cached primitive with the kernel layout it wants and the reorder to or from HWIO when that differs.
+// A cached primitive with the kernel layout it wants and the reorder to or from HWIO when that
+// differs. Primitives use a scratchpad the caller provides, so one primitive can run in several
+// threads at once (each with its own scratchpad and blocked-kernel buffer).
 struct Entry {
   dnnl::primitive conv;
   memory::desc weights;  // the layout the primitive reads or writes its kernel in
+  memory::desc scratchpad;
   bool reorder_weights = false;
   reorder weights_reorder;  // HWIO -> `weights` (forward, backward data), or back (weights)
-  std::unique_ptr<memory> blocked;  // the reordered kernel's buffer, kept between calls
 };
 
 std::mutex cache_mutex;
@@ -87,14 +142,22 @@ std::unordered_map<std::string, std::shared_ptr<Entry>>& Cache() {
   return *cache;
 }
 
+dnnl::primitive_attr UserScratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
 convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
   return convolution_forward::primitive_desc(
       CpuEngine(), prop_kind::forward_training, algorithm::convolution_direct, g.Src(),
-      g.Weights(tag::any), g.Dst(), g.Strides(), g.PadL(), g.PadR());
+      g.Weights(tag::any), g.Dst(), g.Strides(), g.PadL(), g.PadR(), UserScratchpad());
 }
 
+// The primitive for `kind` and `g`, built for the calling thread's OpenMP thread count (oneDNN splits
+// its work for that many threads, so the count is part of the key).
 std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
-  std::string key = g.Key(kind);
+  std::string key = g.Key(kind, omp_get_max_threads());
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto it = Cache().find(key);
   if (it != Cache().end()) return it->second;
@@ -106,22 +169,24 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
     auto pd = ForwardDesc(g);
     entry->conv = convolution_forward(pd);
     entry->weights = pd.weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
   } else if (k == "bwd_data") {
     auto pd = convolution_backward_data::primitive_desc(
         CpuEngine(), algorithm::convolution_direct, g.Src(), g.Weights(tag::any), g.Dst(),
-        g.Strides(), g.PadL(), g.PadR(), ForwardDesc(g));
+        g.Strides(), g.PadL(), g.PadR(), ForwardDesc(g), UserScratchpad());
     entry->conv = convolution_backward_data(pd);
     entry->weights = pd.weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
   } else {
     auto pd = convolution_backward_weights::primitive_desc(
         CpuEngine(), algorithm::convolution_direct, g.Src(), g.Weights(tag::any), g.Dst(),
-        g.Strides(), g.PadL(), g.PadR(), ForwardDesc(g));
+        g.Strides(), g.PadL(), g.PadR(), ForwardDesc(g), UserScratchpad());
     entry->conv = convolution_backward_weights(pd);
     entry->weights = pd.diff_weights_desc();
+    entry->scratchpad = pd.scratchpad_desc();
   }
   entry->reorder_weights = entry->weights != hwio;
   if (entry->reorder_weights) {
-    entry->blocked = std::make_unique<memory>(entry->weights, CpuEngine());
     entry->weights_reorder = k == "bwd_weights"
                                  ? reorder(reorder::primitive_desc(CpuEngine(), entry->weights,
                                                                    CpuEngine(), hwio))
@@ -132,42 +197,95 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
   return entry;
 }
 
-// Runs `kind` with `act` (the NHWC tensor on the input side: src or diff_src) and `grad_or_dst` (the
-// NHWC tensor on the output side: dst or diff_dst); `kernel` is the HWIO kernel (or diff kernel).
+// A thread's own buffers (the blocked kernel, the scratchpad), grown as needed and kept between calls.
+void* ThreadBuffer(int which, size_t bytes) {
+  thread_local std::vector<char> buffers[2];
+  std::vector<char>& buffer = buffers[which];
+  if (buffer.size() < bytes + 64) buffer.resize(bytes + 64);
+  // 64-byte aligned, as oneDNN prefers for its blocked layouts.
+  return reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buffer.data()) + 63) & ~uintptr_t(63));
+}
+
+// Runs one convolution of `kind` with `act` (the NHWC tensor on the input side: src or diff_src) and
+// `out_side` (the NHWC tensor on the output side: dst or diff_dst); `kernel` is the HWIO kernel (or diff
+// kernel). Uses the calling thread's OpenMP thread count.
+void RunOne(const char* kind, const Geometry& g, float* act, float* out_side, float* kernel) {
+  std::shared_ptr<Entry> entry = Lookup(kind, g);
+  engine& eng = CpuEngine();
+  stream s(eng);
+  memory act_mem(g.Src(), eng, act);
+  memory out_mem(g.Dst(), eng, out_side);
+  memory hwio_mem(g.Weights(tag::hwio), eng, kernel);
+  memory weights_mem = entry->reorder_weights
+                           ? memory(entry->weights, eng,
+                                    ThreadBuffer(0, entry->weights.get_size()))
+                           : hwio_mem;
+  memory scratch_mem(entry->scratchpad, eng, ThreadBuffer(1, entry->scratchpad.get_size()));
+  std::string k(kind);
+  if (k == "fwd") {
+    if (entry->reorder_weights) entry->weights_reorder.execute(s, hwio_mem, weights_mem);
+    entry->conv.execute(s, {{DNNL_ARG_SRC, act_mem},
+                            {DNNL_ARG_WEIGHTS, weights_mem},
+                            {DNNL_ARG_DST, out_mem},
+                            {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+  } else if (k == "bwd_data") {
+    if (entry->reorder_weights) entry->weights_reorder.execute(s, hwio_mem, weights_mem);
+    entry->conv.execute(s, {{DNNL_ARG_DIFF_DST, out_mem},
+                            {DNNL_ARG_WEIGHTS, weights_mem},
+                            {DNNL_ARG_DIFF_SRC, act_mem},
+                            {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+  } else {
+    entry->conv.execute(s, {{DNNL_ARG_SRC, act_mem},
+                            {DNNL_ARG_DIFF_DST, out_mem},
+                            {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
+                            {DNNL_ARG_SCRATCHPAD, scratch_mem}});
+    if (entry->reorder_weights) entry->weights_reorder.execute(s, weights_mem, hwio_mem);
+  }
+  s.wait();
+}
+
 // XLA:CPU may run independent thunks at once (a layer's backward-data and backward-weights calls);
-// each oneDNN call already spreads over every core, so they take turns instead of oversubscribing them.
+// each call already spreads over every core, so they take turns instead of oversubscribing them.
 std::mutex execute_mutex;
 
-ffi::Error Run(const char* kind, const Geometry& g, float* act, float* out_side, float* kernel) {
-  try {
-    std::shared_ptr<Entry> entry = Lookup(kind, g);
-    std::lock_guard<std::mutex> lock(execute_mutex);
-    engine& eng = CpuEngine();
-    stream s(eng);
-    memory act_mem(g.Src(), eng, act);
-    memory out_mem(g.Dst(), eng, out_side);
-    memory hwio_mem(g.Weights(tag::hwio), eng, kernel);
-    memory weights_mem = entry->reorder_weights ? *entry->blocked : hwio_mem;
-    std::string k(kind);
-    if (k == "fwd") {
-      if (entry->reorder_weights) entry->weights_reorder.execute(s, hwio_mem, weights_mem);
-      entry->conv.execute(s, {{DNNL_ARG_SRC, act_mem},
-                              {DNNL_ARG_WEIGHTS, weights_mem},
-                              {DNNL_ARG_DST, out_mem}});
-    } else if (k == "bwd_data") {
-      if (entry->reorder_weights) entry->weights_reorder.execute(s, hwio_mem, weights_mem);
-      entry->conv.execute(s, {{DNNL_ARG_DIFF_DST, out_mem},
-                              {DNNL_ARG_WEIGHTS, weights_mem},
-                              {DNNL_ARG_DIFF_SRC, act_mem}});
-    } else {
-      entry->conv.execute(s, {{DNNL_ARG_SRC, act_mem},
-                              {DNNL_ARG_DIFF_DST, out_mem},
-                              {DNNL_ARG_DIFF_WEIGHTS, weights_mem}});
-      if (entry->reorder_weights) entry->weights_reorder.execute(s, weights_mem, hwio_mem);
+// Runs `kind` for every element of `batch`; `act`, `out_side` and `kernel` are the operands' bases and
+// `*_lead` their leading dimensions. One element: oneDNN spreads the convolution over every thread.
+// Several (the seeds of a vmap-ed run): the elements are spread over the threads instead, each
+// convolution on one thread, so that k small convolutions keep every core busy without splitting each
+// one; a thread's elements run in order, and each element's result does not depend on the others'.
+ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, float* act,
+               ffi::Span<const int64_t> act_lead, float* out_side,
+               ffi::Span<const int64_t> out_lead, float* kernel,
+               ffi::Span<const int64_t> kernel_lead) {
+  std::lock_guard<std::mutex> lock(execute_mutex);
+  auto element = [&](int64_t b) {
+    RunOne(kind, g, act + batch.Offset(b, act_lead, g.SrcSize()),
+           out_side + batch.Offset(b, out_lead, g.DstSize()),
+           kernel + batch.Offset(b, kernel_lead, g.WeightsSize()));
+  };
+  int threads = static_cast<int>(std::min<int64_t>(batch.count, omp_get_max_threads()));
+  std::string error;
+  if (threads <= 1) {
+    try {
+      for (int64_t b = 0; b < batch.count; ++b) element(b);
+    } catch (const dnnl::error& e) {
+      error = e.what();
     }
-    s.wait();
-  } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("onednn_conv ") + kind + ": " + e.what());
+  } else {
+    std::mutex error_mutex;
+#pragma omp parallel num_threads(threads)
+    {
+      omp_set_num_threads(1);  // this thread's oneDNN calls run on it alone
+      try {
+        for (int64_t b = omp_get_thread_num(); b < batch.count; b += threads) element(b);
+      } catch (const dnnl::error& e) {
+        std::lock_guard<std::mutex> error_lock(error_mutex);
+        error = e.what();
+      }
+    }
+  }
+  if (!error.empty()) {
+    return ffi::Error::Internal(std::string("onednn_conv ") + kind + ": " + error);
   }
   return ffi::Error::Success();
 }
@@ -176,30 +294,36 @@ ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                        ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
                        int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
-  ffi::Error err =
-      MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), sh, sw, pt, pb, pl, pr, &g);
+  Batch batch;
+  ffi::Error err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), y->dimensions(), sh,
+                                sw, pt, pb, pl, pr, &g, &batch);
   if (err.failure()) return err;
-  return Run("fwd", g, x.typed_data(), y->typed_data(), w.typed_data());
+  return Run("fwd", g, batch, x.typed_data(), Leading(x.dimensions()), y->typed_data(),
+             Leading(y->dimensions()), w.typed_data(), Leading(w.dimensions()));
 }
 
 ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
                             int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
-  ffi::Error err =
-      MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, &g);
+  Batch batch;
+  ffi::Error err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dx->dimensions(),
+                                sh, sw, pt, pb, pl, pr, &g, &batch);
   if (err.failure()) return err;
-  return Run("bwd_data", g, dx->typed_data(), dy.typed_data(), w.typed_data());
+  return Run("bwd_data", g, batch, dx->typed_data(), Leading(dx->dimensions()), dy.typed_data(),
+             Leading(dy.dimensions()), w.typed_data(), Leading(w.dimensions()));
 }
 
 ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
                                ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
                                int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
-  ffi::Error err =
-      MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, pt, pb, pl, pr, &g);
+  Batch batch;
+  ffi::Error err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), dw->dimensions(),
+                                sh, sw, pt, pb, pl, pr, &g, &batch);
   if (err.failure()) return err;
-  return Run("bwd_weights", g, x.typed_data(), dy.typed_data(), dw->typed_data());
+  return Run("bwd_weights", g, batch, x.typed_data(), Leading(x.dimensions()), dy.typed_data(),
+             Leading(dy.dimensions()), dw->typed_data(), Leading(dw->dimensions()));
 }
 
 }  // namespace
@@ -230,4 +354,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeightsImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
 
-extern "C" int onednn_conv_abi_version() { return 1; }
+extern "C" int onednn_conv_abi_version() { return 2; }
