@@ -5,7 +5,10 @@ CPU, and XLA surrounds every weight-gradient convolution with transposes of its 
 of a ResNet18 step, BENCHMARKS.md). `csrc/onednn_conv.cc` calls oneDNN's forward, backward-data and
 backward-weights convolutions on the NHWC activations where they lie, through XLA's FFI; this module
 builds it on first use (a C++ compiler and the `onednn-devel-cpu-gomp` headers, both checked), caches the
-library under ~/.cache/cifar_jax, registers the three handlers and gives them a `custom_vjp`.
+library under ~/.cache/cifar_jax, registers the three handlers and gives them a `custom_vjp`. Under
+`jax.vmap` (k seeds in one run, SWAG's samples) a convolution stays one call over every batch element,
+which the handler spreads over the cores, one convolution per core on one thread (BENCHMARKS.md, "Seeds
+in one run").
 
 `available()` says whether it can be used here; `conv_general_dilated` hands every convolution it does not
 support (`supports`) to lax; callers pick it only when `available()` is true

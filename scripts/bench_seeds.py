@@ -1,16 +1,19 @@
 """Throughput of k seeds in one run (k = 1, 2, 4 by default): what one more seed costs on this machine.
 
-  python scripts/bench_seeds.py --config=configs/one_cycle.py --seeds=1,2,4 --epochs=2 \
+  python scripts/bench_seeds.py --config=configs/one_cycle.py --seeds=1,2,4 --epochs=2 --rounds=3 \
       --set=model.width_multiplier=0.125 --set=data.source=synthetic --set=data.synthetic_train_size=2048
 
-Each k trains `--epochs` epochs (fresh workdir under --workdir) with num_seeds=k and reads metrics.jsonl:
-images per second of the last epoch (all seeds together; compilation is outside it), per seed, and the time
-of an epoch relative to k = 1. Prints a markdown table and writes it to WORKDIR/bench_seeds.md.
+Each round trains every k in turn for `--epochs` epochs (fresh workdir under --workdir) with num_seeds=k
+and reads metrics.jsonl: images per second of the last epoch (all seeds together; compilation is outside
+it). Rounds alternate the k values, so a change in the machine's load reaches every k alike; the table
+gives each k's median over the rounds (and the range), per seed, and the time of an epoch relative to
+k = 1 from the medians. Prints a markdown table and writes it to WORKDIR/bench_seeds.md.
 """
 
 import argparse
 import os
 import shutil
+import statistics
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +26,7 @@ def main():
   parser.add_argument('--config', default='configs/one_cycle.py')
   parser.add_argument('--seeds', default='1,2,4', help='comma-separated k values')
   parser.add_argument('--epochs', type=int, default=2)
+  parser.add_argument('--rounds', type=int, default=3, help='alternating rounds over the k values')
   parser.add_argument('--set', action='append', default=[], help='FIELD=VALUE override (repeatable)')
   parser.add_argument('--workdir', default='/tmp/bench_seeds')
   args = parser.parse_args()
@@ -40,28 +44,34 @@ def main():
   from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top
   from cifar_jax import train  # pylint: disable=g-import-not-at-top
 
-  rows = []
-  for k in seeds:
-    config, _ = sweep.load_config(args.config)
-    config = sweep.apply_overrides(config, [sweep.parse_override(o) for o in args.set])
-    config.num_seeds, config.num_epochs, config.progress_bar = k, args.epochs, False
-    workdir = os.path.join(args.workdir, f'k{k}')
-    shutil.rmtree(workdir, ignore_errors=True)
-    train.train_and_evaluate(config, workdir)
-    records = metrics_writer.read_metrics(workdir)
-    ips = records[-1]['images_per_second']
-    rows.append((k, ips, records[0].get('compile_seconds', float('nan')), config))
-    print(f'k={k}: {ips:.0f} images/s (all seeds)', flush=True)
-  c = rows[0][3]
+  runs = {k: [] for k in seeds}  # images/s of each round
+  compile_seconds, config = {}, None
+  for round_index in range(args.rounds):
+    for k in seeds:
+      config, _ = sweep.load_config(args.config)
+      config = sweep.apply_overrides(config, [sweep.parse_override(o) for o in args.set])
+      config.num_seeds, config.num_epochs, config.progress_bar = k, args.epochs, False
+      workdir = os.path.join(args.workdir, f'k{k}')
+      shutil.rmtree(workdir, ignore_errors=True)
+      train.train_and_evaluate(config, workdir)
+      records = metrics_writer.read_metrics(workdir)
+      runs[k].append(records[-1]['images_per_second'])
+      compile_seconds.setdefault(k, records[0].get('compile_seconds', float('nan')))
+      # scripts/gpu_stages.py reads these lines: 'k=K: IPS images/s ...'.
+      print(f'k={k}: {runs[k][-1]:.0f} images/s (all seeds), round {round_index + 1}', flush=True)
   import jax  # pylint: disable=g-import-not-at-top
-  lines = [f'Config {args.config}: {c.model.name} width {c.model.width_multiplier}, batch {c.batch_size}, '
-           f'{c.data.source} data; images/s of epoch {args.epochs} '
-           f'(of {args.epochs}); {sweep.device_name()}, {jax.device_count()} device(s).', '',
-           '| seeds k | images/s, all seeds | images/s per seed | epoch time vs k = 1 | compile (s) |',
+  median = {k: statistics.median(v) for k, v in runs.items()}
+  lines = [f'Config {args.config}: {config.model.name} width {config.model.width_multiplier}, batch '
+           f'{config.batch_size}, {config.data.source} data; images/s of epoch {args.epochs} (of '
+           f'{args.epochs}), median of {args.rounds} alternating round(s); {sweep.device_name()}, '
+           f'{jax.device_count()} device(s).', '',
+           '| seeds k | images/s, all seeds (median; range) | images/s per seed | epoch time vs k = 1 '
+           '| compile (s, round 1) |',
            '| --- | --- | --- | --- | --- |']
-  for k, ips, compile_s, _ in rows:
-    ratio = (k / ips) / (rows[0][0] / rows[0][1])  # an epoch's time is k * examples / (images/s)
-    lines.append(f'| {k} | {ips:.0f} | {ips / k:.0f} | {ratio:.2f}x | {compile_s:.1f} |')
+  for k in seeds:
+    ratio = (k / median[k]) / (seeds[0] / median[seeds[0]])  # an epoch's time is k * examples / (images/s)
+    lines.append(f'| {k} | {median[k]:.0f} ({min(runs[k]):.0f}-{max(runs[k]):.0f}) | '
+                 f'{median[k] / k:.0f} | {ratio:.2f}x | {compile_seconds[k]:.1f} |')
   os.makedirs(args.workdir, exist_ok=True)
   with open(os.path.join(args.workdir, 'bench_seeds.md'), 'w') as f:
     f.write('\n'.join(lines) + '\n')

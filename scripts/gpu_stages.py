@@ -427,7 +427,7 @@ def seeds(args) -> None:
   workdir = os.path.join(args.work, 'seeds')
   ks = [int(k) for k in args.seeds.split(',')]
   cmd = [sys.executable, os.path.join(SCRIPTS, 'bench_seeds.py'), '--config=configs/one_cycle.py',
-         f'--seeds={args.seeds}', f'--epochs={args.epochs}', f'--workdir={workdir}',
+         f'--seeds={args.seeds}', f'--epochs={args.epochs}', '--rounds=1', f'--workdir={workdir}',
          f'--set=model.name={args.model}', f'--set=model.width_multiplier={args.width}',
          f'--set=batch_size={args.batch}', '--set=data.source=synthetic',
          f'--set=data.synthetic_train_size={args.train_size}', f'--set=data.synthetic_eval_size={args.batch}']

@@ -46,16 +46,21 @@ def _jax_profile(args) -> None:
   y = jnp.asarray(rng.integers(0, 10, args.batch))
   variables = model.init(jax.random.key(0), x[:2])
 
-  def loss(params, batch_stats):
+  def loss(params, batch_stats, x):
     logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats'])
     return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)), new
 
-  grad = jax.jit(jax.grad(loss, has_aux=True))
-  jax.block_until_ready(grad(variables['params'], variables['batch_stats']))
+  grad = jax.grad(loss, has_aux=True)
+  if args.seeds > 1:  # k models in one vmap-ed call, as config.num_seeds = k (each its own images)
+    variables = jax.tree.map(lambda v: jnp.stack([v] * args.seeds), variables)
+    x = jnp.asarray(rng.random((args.seeds,) + x.shape, np.float32))
+    grad = jax.vmap(grad)
+  grad = jax.jit(grad)
+  jax.block_until_ready(grad(variables['params'], variables['batch_stats'], x))
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.steps):
-        jax.block_until_ready(grad(variables['params'], variables['batch_stats']))
+        jax.block_until_ready(grad(variables['params'], variables['batch_stats'], x))
     path = glob.glob(os.path.join(trace_dir, '**', '*perfetto_trace.json.gz'), recursive=True)[0]
     with gzip.open(path) as f:
       events = json.load(f)
@@ -68,8 +73,8 @@ def _jax_profile(args) -> None:
     kind = re.sub(r'\.\d+$', '', name)
     total[kind] += e['dur'] / 1e3 / args.steps  # us -> ms, per step
     count[kind] += 1 / args.steps
-  print(f'JAX {args.model} width {args.width}, batch {args.batch}, {model.conv_impl} convolutions: '
-        'XLA ops, ms per gradient step')
+  print(f'JAX {args.model} width {args.width}, batch {args.batch}, {args.seeds} seed(s), '
+        f'{model.conv_impl} convolutions: XLA ops, ms per gradient step')
   for kind, ms in total.most_common(args.top):
     print(f'  {ms:8.1f} ms  x{count[kind]:4.0f}  {kind}')
   print(f'  {sum(total.values()):8.1f} ms  all ops')
@@ -113,6 +118,7 @@ def main() -> None:
   parser.add_argument('--width', type=float, default=0.25)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=3)
+  parser.add_argument('--seeds', type=int, default=1, help='k models in one vmap-ed step')
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--conv', default='auto', help="config.model.conv: auto | xla | onednn")
   parser.add_argument('--torch', action='store_true', help='also profile the torch reference')
