@@ -20,6 +20,7 @@ def _bench_config():
   return config
 
 
+@pytest.mark.slow  # 48 s: a development tool's smoke test, kept out of the default run's ~10 minutes
 def test_benchmark_writes_finite_positive_throughputs(tmp_path):
   pytest.importorskip('torch')
   out = tmp_path / 'bench.json'

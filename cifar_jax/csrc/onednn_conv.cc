@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <exception>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -268,7 +269,7 @@ ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, float* a
   if (threads <= 1) {
     try {
       for (int64_t b = 0; b < batch.count; ++b) element(b);
-    } catch (const dnnl::error& e) {
+    } catch (const std::exception& e) {  // dnnl::error, bad_alloc: the call's error
       error = e.what();
     }
   } else {
@@ -276,9 +277,10 @@ ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, float* a
 #pragma omp parallel num_threads(threads)
     {
       omp_set_num_threads(1);  // this thread's oneDNN calls run on it alone
+      const int team = omp_get_num_threads();  // the runtime may give fewer threads than asked
       try {
-        for (int64_t b = omp_get_thread_num(); b < batch.count; b += threads) element(b);
-      } catch (const dnnl::error& e) {
+        for (int64_t b = omp_get_thread_num(); b < batch.count; b += team) element(b);
+      } catch (const std::exception& e) {  // dnnl::error, bad_alloc: none may leave an OpenMP region
         std::lock_guard<std::mutex> error_lock(error_mutex);
         error = e.what();
       }
