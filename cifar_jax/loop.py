@@ -220,7 +220,7 @@ class EndOfEpoch(Action):
     train = run.epoch_train['summaries']
     record.update(**steps.seed_metrics('train_loss', [t['loss'] for t in train]),
                   **steps.seed_metrics('train_accuracy', [t['accuracy'] for t in train]))
-    sums, ensemble = run.program.evaluate_members(run.state)
+    sums, ensemble, _ = run.program.evaluate_members(run.state)
     ev = steps.seed_summaries(run.par.host(sums), k)
     record.update(**steps.seed_metrics('eval_loss', [e['loss'] for e in ev]),
                   **steps.seed_metrics('eval_accuracy', [e['accuracy'] for e in ev]),
@@ -252,7 +252,7 @@ class EndOfEpoch(Action):
     record = {}
     if self.config.swa.eval_every_epoch or epoch + 1 == self.config.num_epochs:
       run.state = run.program.recalibrate_swa(run.state, epoch)
-      sums, ensemble = run.program.evaluate_members(run.state, use_swa=True)
+      sums, ensemble, _ = run.program.evaluate_members(run.state, use_swa=True)
       swa_ev = steps.seed_summaries(run.par.host(sums), run.num_seeds)
       record.update(**steps.seed_metrics('swa_eval_loss', [e['loss'] for e in swa_ev]),
                     **steps.seed_metrics('swa_eval_accuracy', [e['accuracy'] for e in swa_ev]),
@@ -261,7 +261,7 @@ class EndOfEpoch(Action):
     record['swa_count'] = checkpointing.scalar(run.par.host(run.state.swa_count))
     if self.config.swag.enabled and epoch + 1 == self.config.num_epochs:
       swag.log_divisor(record['swa_count'], self.config.swag.rank)
-      sums, ensemble = run.program.swag_evaluate(run.state, epoch, self.config.swag.num_samples)
+      sums, ensemble, _ = run.program.swag_evaluate(run.state, epoch, self.config.swag.num_samples)
       record.update(swag_record(run.par.host(sums), ensemble, run.num_seeds))
     return record
 

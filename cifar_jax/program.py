@@ -404,22 +404,17 @@ class Program:
     return self.evaluate_members(state, use_swa)[0]
 
   def evaluate_members(self, state, use_swa: bool = False):
-    """(each seed's eval sums, the ensemble's over the seeds or None with one seed)."""
+    """(each seed's eval sums, the ensemble's over the seeds, each seed's eval log probabilities (seeds,
+    batches, batch, classes)); the last two None with one seed."""
     out = (self.swa_eval if use_swa else self.eval)(state, *self.data['eval_arrays'])
     if self.ensemble is None:
-      return out, None
+      return out, None, None
     sums, log_probs = out
-    return sums, self.ensemble(log_probs, *self.data['eval_arrays'][1:])
-
-  def member_log_probs(self, state, use_swa: bool = False):
-    """Each seed's eval log probabilities (seeds, batches, batch, classes), or None with one seed."""
-    if self.ensemble is None:
-      return None
-    return (self.swa_eval if use_swa else self.eval)(state, *self.data['eval_arrays'])[1]
+    return sums, self.ensemble(log_probs, *self.data['eval_arrays'][1:]), log_probs
 
   def swag_log_probs(self, state, epoch: int, num_samples: int) -> list:
     """Each seed's SWAG log probabilities after each call: [(samples so far, the log of their mean
-    probabilities)], `num_samples` samples per seed in all (see `swag_evaluate`)."""
+    probabilities)], `num_samples` samples per seed in all (`swag_evaluate`)."""
     if num_samples % self.swag_chunk:
       raise ValueError(f'{num_samples} samples in calls of {self.swag_chunk}')
     key = self.data['recalibration_key']
@@ -437,13 +432,15 @@ class Program:
     return out
 
   def swag_evaluate(self, state, epoch: int, num_samples: int):
-    """(each seed's SWAG sums, MultiSWAG's over the seeds or None): `num_samples` samples per seed, each
-    with its BatchNorm statistics recomputed over the first `swag_batches` batches of epoch `epoch`
-    (as SWA's, `recalibration_pass`), their probabilities averaged (Bayesian model average)."""
+    """(each seed's SWAG sums, MultiSWAG's over the seeds or None, `swag_log_probs`'s list):
+    `num_samples` samples per seed, each with its BatchNorm statistics recomputed over the first
+    `swag_batches` batches of epoch `epoch` (as SWA's, `recalibration_pass`), their probabilities averaged
+    (Bayesian model average)."""
     _, labels, mask = self.data['eval_arrays']
-    log_probs = self.swag_log_probs(state, epoch, num_samples)[-1][1]
+    partial = self.swag_log_probs(state, epoch, num_samples)
+    log_probs = partial[-1][1]
     sums = self.calibrate(log_probs, labels, mask)
-    return sums, (None if self.ensemble is None else self.ensemble(log_probs, labels, mask))
+    return sums, (None if self.ensemble is None else self.ensemble(log_probs, labels, mask)), partial
 
   def recalibrate_swa(self, state, epoch: int) -> steps.TrainState:
     """The SWA model's BatchNorm statistics recomputed over epoch `epoch`'s batches (torch's update_bn)."""

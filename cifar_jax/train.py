@@ -187,22 +187,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   rows, curves = [], {}
   _, labels, mask = program.data['eval_arrays']
   for prefix, use_swa in (('', False), ('swa_', True))[:1 + (count > 0)]:
-    sums, ensemble = program.evaluate_members(state, use_swa=use_swa)
+    sums, ensemble, log_probs = program.evaluate_members(state, use_swa=use_swa)
     ev = steps.seed_summaries(par.host(sums), k)
     out.update(**steps.seed_metrics(f'{prefix}eval_loss', [e['loss'] for e in ev]),
                **steps.seed_metrics(f'{prefix}eval_accuracy', [e['accuracy'] for e in ev]))
     names = ('SWA', 'MultiSWA') if use_swa else ('single model', 'deep ensemble')
     rows += evaluation_rows(names, par.host(sums), ensemble, k, 1)
     if k > 1:
-      curves[names[1]] = ensemble_curve([(1, program.member_log_probs(state, use_swa))], labels, mask, k)
+      curves[names[1]] = ensemble_curve([(1, log_probs)], labels, mask, k)
   if count > 0:
     out['swa_count'] = count
     if config.swag.enabled:
       swag.log_divisor(count, config.swag.rank)
-      partial = program.swag_log_probs(state, max(step - 1, 0) // spe, config.swag.num_samples)
-      log_probs = partial[-1][1]
-      sums = program.calibrate(log_probs, labels, mask)
-      ensemble = None if k == 1 else program.ensemble(log_probs, labels, mask)
+      sums, ensemble, partial = program.swag_evaluate(state, max(step - 1, 0) // spe,
+                                                      config.swag.num_samples)
       rows += evaluation_rows(('SWAG', 'MultiSWAG'), par.host(sums), ensemble, k, config.swag.num_samples)
       curves['MultiSWAG' if k > 1 else 'SWAG'] = ensemble_curve(partial, labels, mask, k)
   out['table'] = rows
