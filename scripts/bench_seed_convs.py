@@ -52,8 +52,8 @@ def main() -> None:
     c, s = (int(v) for v in layer.split('x'))
     x = jnp.asarray(rng.normal(size=(k, args.batch, s, s, c)), jnp.float32)
     w = jnp.asarray(rng.normal(size=(k, 3, 3, c, c)) / np.sqrt(9 * c), jnp.float32)
-    calls = {'one': lambda: jax.block_until_ready(one(x[0], w[0])),
-             'batched': lambda: jax.block_until_ready(batched(x, w))}
+    calls = {'one': lambda x=x, w=w: jax.block_until_ready(one(x[0], w[0])),
+             'batched': lambda x=x, w=w: jax.block_until_ready(batched(x, w))}
     times = {name: [] for name in calls}
     for call in calls.values():
       call()  # compile
