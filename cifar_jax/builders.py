@@ -64,13 +64,25 @@ def conv_impl(model_config: ml_collections.ConfigDict, num_devices: int = 1, mod
   return 'onednn' if num_devices == 1 and onednn_conv.available() else 'xla'
 
 
+def model_attributes(model_config: ml_collections.ConfigDict) -> dict:
+  """The attributes of `models.MODELS[model_config.name]` that `config.model` sets (its family's fields)."""
+  m = model_config
+  if m.name in models.RESNETS:
+    return dict(width_multiplier=m.width_multiplier, norm=m.norm, zero_init_residual=m.zero_init_residual,
+                shakedrop_p_last=m.shakedrop.p_last, shakedrop_level=m.shakedrop.level)
+  if m.name == 'shake_shake':
+    return dict(depth=m.depth, base_width=m.base_width, shake_forward=m.shake.forward,
+                shake_backward=m.shake.backward, shake_level=m.shake.level)
+  return dict(depth=m.depth, alpha=m.pyramid_alpha, block=m.block, shakedrop_p_last=m.shakedrop.p_last,
+              shakedrop_level=m.shakedrop.level)
+
+
 def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, mode: str = 'jit',
-                 **kwargs) -> models.ResNet:
-  """The ResNet that `config.model` describes, for a run over `num_devices` (see `conv_impl`)."""
-  return models.create_model(
-      model_config.name, width_multiplier=model_config.width_multiplier, norm=model_config.norm,
-      zero_init_residual=model_config.zero_init_residual, dtype=DTYPES[model_config.dtype],
-      conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
+                 **kwargs):
+  """The model that `config.model` describes, for a run over `num_devices` (see `conv_impl`)."""
+  return models.create_model(model_config.name, **model_attributes(model_config),
+                             dtype=DTYPES[model_config.dtype],
+                             conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
 
 
 # XLA's optimisation level for the initial state (the model's initialisers, the optimizer's zeros): the
@@ -80,19 +92,19 @@ INIT_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_
 INPUT_SHAPE = (1, 32, 32, 3)  # what `lazy_init` traces the forward pass with (for the shapes only)
 
 
-def _variables(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
+def _variables(key: jax.Array, model) -> tuple[Any, Any]:
   """The model's initial params and batch stats ({} for GroupNorm models) for `key`."""
   variables = model.lazy_init(key, jax.ShapeDtypeStruct(INPUT_SHAPE, jnp.float32), train=False)
   return variables['params'], variables.get('batch_stats', {})
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_init(model: models.ResNet):
+def _compiled_init(model):
   """`_variables` jitted once per model (every call reuses it), as `create_train_state` compiles it."""
   return jax.jit(functools.partial(_variables, model=model), compiler_options=INIT_COMPILER_OPTIONS)
 
 
-def initialized(key: jax.Array, model: models.ResNet) -> tuple[Any, Any]:
+def initialized(key: jax.Array, model) -> tuple[Any, Any]:
   """Initial params and batch stats ({} for GroupNorm models), as the initial TrainState holds them.
 
   Compiled as one program the initialisers' values differ from an op-by-op `model.init` by float32
@@ -123,7 +135,7 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn,
       weight_decay=opt.weight_decay, nesterov=opt.nesterov)
 
 
-def _fresh_state(key: jax.Array, *, model: models.ResNet, tx: optax.GradientTransformation,
+def _fresh_state(key: jax.Array, *, model, tx: optax.GradientTransformation,
                  swa_config: ml_collections.ConfigDict, swag_config: ml_collections.ConfigDict
                  ) -> steps.TrainState:
   params, batch_stats = _variables(key, model)
@@ -135,7 +147,7 @@ def _fresh_state(key: jax.Array, *, model: models.ResNet, tx: optax.GradientTran
   return state
 
 
-def state_initializer(config: ml_collections.ConfigDict, model: models.ResNet, learning_rate_fn,
+def state_initializer(config: ml_collections.ConfigDict, model, learning_rate_fn,
                       momentum_fn=None) -> Callable[[jax.Array], steps.TrainState]:
   """key -> a fresh TrainState for `model`: the initialisers, the optimizer's state and the SWA fields in
   one program, traced and compiled once for every seed (at `INIT_COMPILER_OPTIONS`; op by op, each
@@ -145,13 +157,13 @@ def state_initializer(config: ml_collections.ConfigDict, model: models.ResNet, l
                                    swag_config=config.swag), compiler_options=INIT_COMPILER_OPTIONS)
 
 
-def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model: models.ResNet,
+def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model,
                        learning_rate_fn, momentum_fn=None) -> steps.TrainState:
   """A fresh TrainState for `model`."""
   return state_initializer(config, model, learning_rate_fn, momentum_fn)(key)
 
 
-def create_seed_states(config: ml_collections.ConfigDict, model: models.ResNet, learning_rate_fn,
+def create_seed_states(config: ml_collections.ConfigDict, model, learning_rate_fn,
                        momentum_fn=None) -> steps.TrainState:
   """The fresh TrainState of each of `config.num_seeds` seeds (seed i: `run_keys(seed + i)`), per seed.
 
@@ -161,7 +173,7 @@ def create_seed_states(config: ml_collections.ConfigDict, model: models.ResNet, 
   return InitialState(config, state_initializer(config, model, learning_rate_fn, momentum_fn)).compute()[0]
 
 
-def create_initial_state(config: ml_collections.ConfigDict, model: models.ResNet,
+def create_initial_state(config: ml_collections.ConfigDict, model,
                          run_schedules: 'RunSchedules'):
   """(state, metric sums) of every seed at step 0, per seed."""
   return initial_state_fn(config, model, run_schedules).compute()
@@ -185,7 +197,7 @@ class InitialState:
             steps.per_seed([steps.init_train_metrics()] * k))
 
 
-def initial_state_fn(config: ml_collections.ConfigDict, model: models.ResNet,
+def initial_state_fn(config: ml_collections.ConfigDict, model,
                      run_schedules: 'RunSchedules') -> InitialState:
   """The run's `InitialState` (see `create_initial_state`)."""
   return InitialState(config, state_initializer(config, model, run_schedules.learning_rate,

@@ -77,16 +77,7 @@ def field_value(config: ml_collections.ConfigDict, name: str):
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field whose validity does not depend on the data; raises ConfigError."""
-  _choice(config.model.name, 'model.name', sorted(models.STAGE_SIZES))
-  _choice(config.model.norm, 'model.norm', ('batch', 'group_ws'))
-  _choice(config.model.dtype, 'model.dtype', tuple(builders.DTYPES))
-  _choice(config.model.get('conv', 'auto'), 'model.conv', ('auto', 'xla', 'onednn'))
-  _positive(config.model.width_multiplier, 'model.width_multiplier')
-  if config.model.norm == 'group_ws':
-    widths = models.ResNet(stage_sizes=(), width_multiplier=config.model.width_multiplier).widths()
-    _require(all(w % models.GROUP_SIZE == 0 for w in widths),
-             f'model.width_multiplier={config.model.width_multiplier} gives widths {widths}; '
-             f'group_ws needs multiples of {models.GROUP_SIZE}')
+  _validate_model(config.model)
   _choice(config.data.source, 'data.source', input_pipeline.SOURCES)
   if config.data.source in ('npz', 'cifar10_python', 'images'):
     what = {'npz': 'an .npz file with x_train, y_train', 'cifar10_python': 'the cifar-10-batches-py folder',
@@ -123,6 +114,42 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.get('compilation_cache', ''), str),
            "compilation_cache must be 'auto', a folder, or '' (off), got "
            f"{config.get('compilation_cache')!r}")
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+  """The model's name, dtype and convolutions, and the fields of its family."""
+  _choice(m.name, 'model.name', sorted(models.MODELS))
+  _choice(m.dtype, 'model.dtype', tuple(builders.DTYPES))
+  _choice(m.get('conv', 'auto'), 'model.conv', ('auto', 'xla', 'onednn'))
+  if m.name in models.RESNETS:
+    _choice(m.norm, 'model.norm', models.resnet.NORMS)
+    _positive(m.width_multiplier, 'model.width_multiplier')
+    if m.norm == 'group_ws':
+      widths = models.ResNet(stage_sizes=(), width_multiplier=m.width_multiplier).widths()
+      _require(all(w % models.GROUP_SIZE == 0 for w in widths),
+               f'model.width_multiplier={m.width_multiplier} gives widths {widths}; '
+               f'group_ws needs multiples of {models.GROUP_SIZE}')
+  elif m.name == 'shake_shake':
+    _require(m.depth >= 8 and (m.depth - 2) % 6 == 0,
+             f'model.depth={m.depth}: Shake-Shake needs 6n + 2 (8, 14, 20, 26, ...)')
+    _require(isinstance(m.base_width, int) and m.base_width >= 2 and m.base_width % 2 == 0,
+             f'model.base_width={m.base_width} must be an even integer >= 2 (each shortcut path has half)')
+    _choice(m.shake.forward, 'model.shake.forward', models.shake.FORWARD_MODES)
+    _choice(m.shake.backward, 'model.shake.backward', models.shake.BACKWARD_MODES)
+    _choice(m.shake.level, 'model.shake.level', models.shake.LEVELS)
+  else:
+    _choice(m.block, 'model.block', sorted(models.pyramidnet.BLOCKS))
+    per = models.pyramidnet.BLOCKS[m.block][0]
+    _require(m.depth >= per + 2 and (m.depth - 2) % per == 0,
+             f'model.depth={m.depth}: a {m.block} PyramidNet needs {per}n + 2 '
+             f'({", ".join(str(per * n + 2) for n in (1, 2, 3))}, ..., e.g. 110 basic, 272 bottleneck)')
+    _positive(m.pyramid_alpha, 'model.pyramid_alpha')
+  if m.name != 'shake_shake':
+    p_last = m.shakedrop.p_last
+    _require(0.0 < p_last <= 1.0,
+             f'model.shakedrop.p_last={p_last} must be in (0, 1] (the last block\'s keep probability; '
+             '1 = no ShakeDrop)')
+    _choice(m.shakedrop.level, 'model.shakedrop.level', models.shake.LEVELS)
 
 
 def _validate_seeds(config: ml_collections.ConfigDict) -> None:

@@ -21,6 +21,8 @@ from cifar_jax import swa
 
 # Folded into the data key for the SWA BatchNorm pass, so its order differs from every training epoch's.
 RECALIBRATION_SALT = 0x5BA
+# Folded into a batch's key for the Shake-Shake / ShakeDrop gates of the step that trains on it.
+SHAKE_SALT = 0x5AE
 METRIC_KEYS = ('loss_sum', 'correct', 'count')
 
 
@@ -64,14 +66,24 @@ def batch_metrics(logits, labels, loss) -> dict[str, jax.Array]:
           'count': jnp.asarray(n, jnp.float32)}
 
 
-def train_step(state: TrainState, batch, axis_name: str | None = None):
-  """One SGD step on a normalised batch (images NHWC float32, labels int); returns state and sums."""
+def shake_rngs(data_key, epoch, index) -> dict[str, jax.Array]:
+  """The rngs of batch `index` of epoch `epoch`'s forward pass in training mode: the Shake-Shake and
+  ShakeDrop gates' stream (`models.shake`), from the batch's key with a salt (so independent of its crop
+  and flip), hence the same for a seed in a k-seed run, after a resume, and on any number of devices."""
+  return {'shake': jax.random.fold_in(input_pipeline.batch_key(data_key, epoch, index), SHAKE_SALT)}
+
+
+def train_step(state: TrainState, batch, axis_name: str | None = None, rngs=None):
+  """One SGD step on a normalised batch (images NHWC float32, labels int); returns state and sums.
+
+  `rngs`: the forward pass's random streams (`shake_rngs`), for models with gates.
+  """
   images, labels = batch
 
   def loss_fn(params):
     logits, new_model_state = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'])
+        mutable=['batch_stats'], rngs=rngs)
     return cross_entropy_loss(logits, labels), (new_model_state, logits)
 
   (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -123,9 +135,11 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
   (parallel.Parallel supplies both); the batch drawn is the same on any number of devices.
   """
   step = state.step
-  batch = draw_batch(images, labels, perm, data_key, step // steps_per_epoch, step % steps_per_epoch,
-                     batch_size=batch_size, size=size, augment=augment)
-  state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name)
+  epoch, index = step // steps_per_epoch, step % steps_per_epoch
+  batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
+                     augment=augment)
+  state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name,
+                              rngs=shake_rngs(data_key, epoch, index))
   return state, accumulate(acc, metrics, step)
 
 
@@ -160,7 +174,8 @@ def recalibration_step_on_device_data(params, running, images, labels, perm, dat
   batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
                      augment=augment)
   images, _ = shard_batch(batch)
-  return swa.recalibration_step(model, params, running, index, images)
+  return swa.recalibration_step(model, params, running, index, images,
+                                rngs=shake_rngs(data_key, epoch, index))
 
 
 def eval_step(state: TrainState, batch):

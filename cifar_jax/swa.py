@@ -48,13 +48,14 @@ def reset_batch_stats(batch_stats):
           for k, v in batch_stats.items()}
 
 
-def recalibration_step(model, params, running, num_batches, images):
+def recalibration_step(model, params, running, num_batches, images, rngs=None):
   """Folds one batch's statistics into the running averages with torch's factor 1 / num_batches_tracked.
 
   `model` must be built with bn_momentum=1.0, so that its updated statistics are the batch's own mean and
-  unbiased variance.
+  unbiased variance. `rngs`: the training-mode forward pass's gates (Shake-Shake, ShakeDrop), drawn as
+  torch's update_bn draws them in model.train().
   """
   _, updates = model.apply({'params': params, 'batch_stats': running}, images, train=True,
-                           mutable=['batch_stats'])
+                           mutable=['batch_stats'], rngs=rngs)
   factor = 1.0 / (num_batches + 1).astype(jnp.float32)
   return jax.tree.map(lambda r, s: factor * s + (1.0 - factor) * r, running, updates['batch_stats'])

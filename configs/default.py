@@ -22,13 +22,31 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 1000
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = 'resnet18'  # resnet18 | resnet9
+  config.model.name = 'resnet18'  # resnet18 | resnet9 | shake_shake | pyramidnet
   config.model.norm = 'batch'  # batch | group_ws
   config.model.width_multiplier = 1.0  # stage widths 64/128/256/512 times this
   config.model.zero_init_residual = True
   config.model.dtype = 'float32'  # float32 | bfloat16 (compute dtype; params and BN stats stay float32)
   # auto | xla | onednn: convolutions through oneDNN on a one-device CPU run (auto), or XLA's own
   config.model.conv = 'auto'
+  # shake_shake (Shake-Shake-depth 2x{base_width}d) and pyramidnet (PyramidNet-depth, alpha): README,
+  # "Shake-Shake and ShakeDrop". depth: shake_shake 6n + 2; pyramidnet 6n + 2 (basic) or 9n + 2 (bottleneck)
+  config.model.depth = 26
+  config.model.base_width = 32  # shake_shake: N, the first stage's width (stages N, 2N, 4N)
+  config.model.pyramid_alpha = 270.0  # pyramidnet: the width added over the 3n blocks
+  config.model.block = 'basic'  # pyramidnet: basic | bottleneck
+  # shake_shake's gates: forward shake (a ~ U(0, 1)) | even (0.5); backward shake (an independent draw) |
+  # even | keep (the forward draw); level image (a draw per image) | batch (one per batch)
+  config.model.shake = ml_collections.ConfigDict()
+  config.model.shake.forward = 'shake'
+  config.model.shake.backward = 'shake'
+  config.model.shake.level = 'image'
+  # ShakeDrop on each residual branch (pyramidnet; resnet18 / resnet9 when p_last < 1): keep probability
+  # p_l = 1 - (l / L)(1 - p_last) for block l of L; 1.0 = no ShakeDrop (the blog's ResNets). level: b drawn
+  # per image (Google's flax_models) or once per batch (owruby/shake-drop_pytorch); a, c always per image
+  config.model.shakedrop = ml_collections.ConfigDict()
+  config.model.shakedrop.p_last = 1.0
+  config.model.shakedrop.level = 'image'
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'  # tfds | npz | cifar10_python | images (scripts/gpu_bundle.py) | synthetic

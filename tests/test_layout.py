@@ -11,31 +11,45 @@ OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX', 'matplotlib')
 
 
 def _modules() -> dict[str, ast.Module]:
-  return {name[:-3]: ast.parse(open(os.path.join(PACKAGE, name)).read())
-          for name in sorted(os.listdir(PACKAGE)) if name.endswith('.py') and name != '__init__.py'}
+  """Every module of the package by its dotted name below cifar_jax ('train', 'models', 'models.resnet')."""
+  modules = {}
+  for folder, _, names in os.walk(PACKAGE):
+    prefix = os.path.relpath(folder, PACKAGE).replace(os.sep, '.')
+    for name in sorted(names):
+      if not name.endswith('.py') or (name == '__init__.py' and prefix == '.'):
+        continue
+      module = prefix if name == '__init__.py' else (name[:-3] if prefix == '.' else f'{prefix}.{name[:-3]}')
+      modules[module] = ast.parse(open(os.path.join(folder, name)).read())
+  return modules
 
 
 def _imported(node) -> list[str]:
-  """The names a module-level or nested import statement brings in ('cifar_jax.x' or 'numpy')."""
+  """The names a module-level or nested import statement brings in ('cifar_jax.x', 'cifar_jax.models.x' or
+  'numpy')."""
   if isinstance(node, ast.Import):
     return [a.name for a in node.names]
   if isinstance(node, ast.ImportFrom) and node.module:
-    if node.module == 'cifar_jax':
-      return [f'cifar_jax.{a.name}' for a in node.names]
+    if node.module in ('cifar_jax', 'cifar_jax.models'):
+      return [f'{node.module}.{a.name}' for a in node.names]
     return [node.module]
   return []
 
 
 def import_graph(modules: dict[str, ast.Module]) -> dict[str, set[str]]:
-  """module -> the package's modules it imports (anywhere in it)."""
+  """module -> the package's modules it imports (anywhere in it); a package's module imports its package's
+  __init__ only when it names it."""
   graph = {}
   for name, tree in modules.items():
     targets = set()
     for node in ast.walk(tree):
       for imported in _imported(node):
         if imported.startswith('cifar_jax.'):
-          targets.add(imported.split('.')[1])
-    graph[name] = targets & set(modules)
+          dotted = imported[len('cifar_jax.'):]
+          while dotted and dotted not in modules:
+            dotted = dotted.rpartition('.')[0]
+          if dotted:
+            targets.add(dotted)
+    graph[name] = targets - {name}
   return graph
 
 
@@ -91,7 +105,9 @@ def test_every_np_load_refuses_pickles():
   default is False, and every call says so explicitly (package, scripts and tests)."""
   root = os.path.dirname(PACKAGE)
   loose = []
-  for folder in ('cifar_jax', 'scripts', 'tests'):
+  for folder in ('cifar_jax', 'cifar_jax/models', 'cifar_jax/torch_models', 'scripts', 'tests'):
+    if not os.path.isdir(os.path.join(root, folder)):
+      continue
     for name in sorted(os.listdir(os.path.join(root, folder))):
       if not name.endswith('.py'):
         continue

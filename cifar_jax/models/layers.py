@@ -1,12 +1,10 @@
-"""The blog's CIFAR ResNets in Flax: ResNet18/ResNet9 with BatchNorm (torch semantics) or GroupNorm + WS.
+"""Layers every model family shares: torch-semantics BatchNorm, weight standardisation, torch's initialisers.
 
-Layout follows the blog's edited copy of torchvision's `resnet.py` (blog.md, "Model"): a 3x3 stride-1 stem
-without max-pool, BasicBlocks with a 1x1 conv + norm shortcut on a shape change, global average pool, fc.
-Module names mirror torch's (`conv1`, `bn1`, `layer2_0/downsample_conv`, `fc`) so weights port one to one.
+Module names mirror torch's so weights port one to one (`torch_reference.torch_to_flax`).
 """
 
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -18,7 +16,6 @@ BN_MOMENTUM = 0.1  # torch convention: running = (1 - m) * running + m * batch_s
 NORM_EPSILON = 1e-5  # torch's default for BatchNorm and GroupNorm.
 WS_EPSILON = 1e-5  # added to the unbiased std, as in the blog's (and Qiao's) weight standardisation.
 GROUP_SIZE = 4  # nn.GroupNorm(C // 4, C): four channels per group.
-STAGE_WIDTHS = (64, 128, 256, 512)
 
 ModuleDef = Any
 
@@ -148,92 +145,37 @@ class StdConv(nn.Conv):
     return param
 
 
-def _conv3x3(conv: ModuleDef, features: int, strides: int, name: str) -> nn.Module:
+def conv3x3(conv: ModuleDef, features: int, strides: int, name: str) -> nn.Module:
   # Explicit torch padding=1: flax 'SAME' pads (0, 1) at stride 2, which shifts the sampling grid.
   return conv(features, (3, 3), (strides, strides), padding=((1, 1), (1, 1)), name=name)
 
 
-class BasicBlock(nn.Module):
-  """torchvision's BasicBlock: two 3x3 convs, identity or 1x1 conv + norm shortcut."""
-
-  features: int
-  strides: int
-  conv: ModuleDef
-  norm: ModuleDef
-  zero_init_residual: bool = False
-
-  @nn.compact
-  def __call__(self, x):
-    y = _conv3x3(self.conv, self.features, self.strides, 'conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
-    y = _conv3x3(self.conv, self.features, 1, 'conv2')(y)
-    last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
-    y = self.norm(scale_init=last_scale, name='bn2')(y)
-    residual = x
-    if x.shape[-1] != self.features or self.strides != 1:
-      residual = self.conv(self.features, (1, 1), (self.strides, self.strides),
-                           padding=((0, 0), (0, 0)), name='downsample_conv')(x)
-      residual = self.norm(name='downsample_bn')(residual)
-    return nn.relu(residual + y)
 
 
-class ResNet(nn.Module):
-  """CIFAR ResNet; `norm` is 'batch' (BatchNorm, torch semantics) or 'group_ws' (GroupNorm + WS)."""
-
-  stage_sizes: Sequence[int]
-  num_classes: int = 10
-  width_multiplier: float = 1.0
-  norm: str = 'batch'
-  zero_init_residual: bool = False
-  dtype: Any = jnp.float32
-  bn_momentum: float = BN_MOMENTUM
-  axis_name: str | None = None
-  # 'xla' (lax.conv_general_dilated) or 'onednn' (onednn_conv, XLA:CPU only); same params, same math.
-  conv_impl: str = 'xla'
-
-  def widths(self) -> tuple[int, ...]:
-    return tuple(max(1, int(round(w * self.width_multiplier))) for w in STAGE_WIDTHS)
-
-  @nn.compact
-  def __call__(self, x, train: bool = True):
-    if self.norm == 'batch':
-      conv_cls = nn.Conv
-      norm = functools.partial(TorchBatchNorm, use_running_average=not train,
-                               momentum=self.bn_momentum, dtype=self.dtype, axis_name=self.axis_name)
-    elif self.norm == 'group_ws':
-      conv_cls = StdConv
-      # torch's nn.GroupNorm(C // 4, C): biased two-pass variance, eps 1e-5.
-      norm = functools.partial(nn.GroupNorm, num_groups=None, group_size=GROUP_SIZE,
-                               epsilon=NORM_EPSILON, use_fast_variance=False, dtype=self.dtype)
-    else:
-      raise ValueError(f"model.norm must be 'batch' or 'group_ws', got {self.norm!r}")
-    if self.conv_impl not in ('xla', 'onednn'):
-      raise ValueError(f"conv_impl must be 'xla' or 'onednn', got {self.conv_impl!r}")
-    conv = functools.partial(conv_cls, use_bias=False, dtype=self.dtype, kernel_init=conv_kernel_init,
-                             conv_general_dilated=(onednn_conv.conv_general_dilated
-                                                   if self.conv_impl == 'onednn' else None))
-
-    widths = self.widths()
-    x = x.astype(self.dtype)
-    x = _conv3x3(conv, widths[0], 1, 'conv1')(x)
-    x = nn.relu(norm(name='bn1')(x))
-    for stage, (num_blocks, features) in enumerate(zip(self.stage_sizes, widths)):
-      for block in range(num_blocks):
-        strides = 2 if stage > 0 and block == 0 else 1
-        x = BasicBlock(features, strides, conv=conv, norm=norm,
-                       zero_init_residual=self.zero_init_residual,
-                       name=f'layer{stage + 1}_{block}')(x)
-    x = jnp.mean(x, axis=(1, 2))
-    x = nn.Dense(self.num_classes, dtype=self.dtype, kernel_init=dense_kernel_init,
-                 bias_init=dense_bias_init(widths[-1]), name='fc')(x)
-    return x.astype(jnp.float32)
+CONV_IMPLS = ('xla', 'onednn')
 
 
-STAGE_SIZES = {'resnet18': (2, 2, 2, 2), 'resnet9': (1, 1, 1, 1)}
+def conv_module(conv_impl: str, dtype: Any, conv_cls: ModuleDef = nn.Conv) -> ModuleDef:
+  """The models' convolution: no bias, torch's kaiming fan-out init, XLA's or oneDNN's kernels.
+
+  'xla' is lax.conv_general_dilated, 'onednn' `onednn_conv` (XLA:CPU only); same params, same math.
+  """
+  if conv_impl not in CONV_IMPLS:
+    raise ValueError(f"conv_impl must be 'xla' or 'onednn', got {conv_impl!r}")
+  return functools.partial(conv_cls, use_bias=False, dtype=dtype, kernel_init=conv_kernel_init,
+                           conv_general_dilated=(onednn_conv.conv_general_dilated
+                                                 if conv_impl == 'onednn' else None))
 
 
-def create_model(name: str, **kwargs) -> ResNet:
-  """Builds `resnet18` or `resnet9` with the given ResNet attributes."""
-  if name not in STAGE_SIZES:
-    raise ValueError(f'model.name must be one of {sorted(STAGE_SIZES)}, got {name!r}')
-  return ResNet(stage_sizes=STAGE_SIZES[name], **kwargs)
+def batch_norm(train: bool, dtype: Any, momentum: float = BN_MOMENTUM,
+               axis_name: str | None = None) -> ModuleDef:
+  """`TorchBatchNorm` in training (batch statistics) or eval mode (running statistics)."""
+  return functools.partial(TorchBatchNorm, use_running_average=not train, momentum=momentum, dtype=dtype,
+                           axis_name=axis_name)
+
+
+def torch_linear(num_classes: int, fan_in: int, dtype: Any, zero_bias: bool = False,
+                 name: str = 'fc') -> nn.Dense:
+  """torch's nn.Linear with its default init (bias zeroed, as Shake-Shake and PyramidNet do, if asked)."""
+  return nn.Dense(num_classes, dtype=dtype, kernel_init=dense_kernel_init,
+                  bias_init=nn.initializers.zeros if zero_bias else dense_bias_init(fan_in), name=name)
