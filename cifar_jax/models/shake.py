@@ -118,6 +118,6 @@ class ShakeDrop(nn.Module):
 
 
 def shakedrop_probability(block: int, num_blocks: int, p_last: float) -> float:
-  """p_l = 1 - (l / L)(1 - p_L) for block l = 1..L (the linear decay rule; Google's `_calc_shakedrop_mask_prob`)."""
+  """p_l = 1 - (l / L)(1 - p_L) for block l = 1..L (the linear decay rule, as Google's flax_models)."""
   return 1.0 - (block / num_blocks) * (1.0 - p_last)
 
