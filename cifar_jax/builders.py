@@ -6,6 +6,7 @@ Nothing here is compiled; `program.Program` compiles the steps over what these b
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import jax
@@ -83,6 +84,11 @@ def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, 
   return models.create_model(model_config.name, **model_attributes(model_config),
                              dtype=DTYPES[model_config.dtype],
                              conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
+
+
+def parameter_count(params) -> int:
+  """How many numbers `params` (arrays or their shapes, one seed's) holds."""
+  return sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
 
 
 # XLA's optimisation level for the initial state (the model's initialisers, the optimizer's zeros): the

@@ -25,12 +25,8 @@ from cifar_jax import calibration
 from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
-from cifar_jax import models
 from cifar_jax import steps
 
-WS_EPSILON = models.WS_EPSILON  # added to the unbiased std of each output channel's weights
-NORM_EPSILON = models.NORM_EPSILON
-GROUP_SIZE = models.GROUP_SIZE  # nn.GroupNorm(C // 4, C)
 DATA_MODES = ('identical', 'native')
 SCHEDULES = builders.SCHEDULE_NAMES
 
@@ -47,114 +43,27 @@ def _torch():
   return torch
 
 
-def stage_widths(width_multiplier: float) -> tuple[int, ...]:
-  """The stage widths, rounded exactly as `models.ResNet.widths`."""
-  return tuple(max(1, int(round(w * width_multiplier))) for w in models.STAGE_WIDTHS)
-
-
 # The torch model -----------------------------------------------------------------------------------------
 
-
-@functools.cache
-def _torch_modules() -> dict:
-  """Defines the torch modules on first use (torch is imported here, not at module import)."""
-  torch = _torch()
-  nn = torch.nn
-  F = torch.nn.functional  # pylint: disable=invalid-name
-
-  class WSConv2d(nn.Conv2d):
-    """Conv2d whose weight is standardised per output channel on every call (Qiao's PyTorch code)."""
-
-    def forward(self, x):
-      w = self.weight
-      w = w - w.mean(dim=(1, 2, 3), keepdim=True)
-      w = w / (w.std(dim=(1, 2, 3), keepdim=True) + WS_EPSILON)
-      return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-  class BasicBlock(nn.Module):
-    """torchvision's BasicBlock."""
-
-    def __init__(self, inplanes, planes, stride, conv, norm):
-      super().__init__()
-      self.conv1 = conv(inplanes, planes, 3, stride, 1, bias=False)
-      self.bn1 = norm(planes)
-      self.relu = nn.ReLU(inplace=True)
-      self.conv2 = conv(planes, planes, 3, 1, 1, bias=False)
-      self.bn2 = norm(planes)
-      self.downsample = None
-      if stride != 1 or inplanes != planes:
-        self.downsample = nn.Sequential(conv(inplanes, planes, 1, stride, 0, bias=False), norm(planes))
-
-    def forward(self, x):
-      identity = x if self.downsample is None else self.downsample(x)
-      out = self.relu(self.bn1(self.conv1(x)))
-      out = self.bn2(self.conv2(out))
-      return self.relu(out + identity)
-
-  class TorchResNet(nn.Module):
-    """The blog's CIFAR ResNet: torchvision's layout, 3x3 stride-1 stem, no max-pool."""
-
-    def __init__(self, stage_sizes=(2, 2, 2, 2), num_classes=10, width_multiplier=1.0, norm='batch',
-                 zero_init_residual=False):
-      super().__init__()
-      if norm == 'batch':
-        conv, norm_layer = nn.Conv2d, nn.BatchNorm2d
-      elif norm == 'group_ws':
-        conv = WSConv2d
-        norm_layer = lambda c: nn.GroupNorm(c // GROUP_SIZE, c, eps=NORM_EPSILON)
-      else:
-        raise ValueError(f"model.norm must be 'batch' or 'group_ws', got {norm!r}")
-      widths = stage_widths(width_multiplier)
-      self.conv1 = conv(3, widths[0], 3, 1, 1, bias=False)
-      self.bn1 = norm_layer(widths[0])
-      self.relu = nn.ReLU(inplace=True)
-      inplanes = widths[0]
-      for stage, (num_blocks, planes) in enumerate(zip(stage_sizes, widths)):
-        blocks = []
-        for block in range(num_blocks):
-          stride = 2 if stage > 0 and block == 0 else 1
-          blocks.append(BasicBlock(inplanes, planes, stride, conv, norm_layer))
-          inplanes = planes
-        setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
-      self.num_stages = len(stage_sizes)
-      self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-      self.fc = nn.Linear(widths[-1], num_classes)
-
-      for m in self.modules():
-        if isinstance(m, nn.Conv2d):
-          nn.init.kaiming_normal_(m.weight, mode='fan_out', nonlinearity='relu')
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-          nn.init.constant_(m.weight, 1)
-          nn.init.constant_(m.bias, 0)
-      if zero_init_residual:
-        for m in self.modules():
-          if isinstance(m, BasicBlock):
-            nn.init.constant_(m.bn2.weight, 0)
-
-    def forward(self, x):
-      x = self.relu(self.bn1(self.conv1(x)))
-      for stage in range(self.num_stages):
-        x = getattr(self, f'layer{stage + 1}')(x)
-      return self.fc(torch.flatten(self.avgpool(x), 1))
-
-  return {'TorchResNet': TorchResNet, 'BasicBlock': BasicBlock, 'WSConv2d': WSConv2d}
+_TORCH_MODEL_CLASSES = ('TorchResNet', 'BasicBlock', 'WSConv2d', 'stage_widths')
 
 
 def __getattr__(name):
-  """`TorchResNet`, `BasicBlock` and `WSConv2d` are built (and torch imported) on first access."""
-  if name in ('TorchResNet', 'BasicBlock', 'WSConv2d'):
-    return _torch_modules()[name]
+  """`TorchResNet`, `BasicBlock`, `WSConv2d` (torch_models/resnet.py) import torch on first access."""
+  if name in _TORCH_MODEL_CLASSES:
+    from cifar_jax.torch_models import resnet  # pylint: disable=g-import-not-at-top
+    return getattr(resnet, name)
   raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
 
 
 def create_torch_model(model_config, num_classes: int = input_pipeline.NUM_CLASSES):
-  """The torch twin of `models.create_model` for `config.model` (float32 only)."""
-  if model_config.name not in models.STAGE_SIZES:
-    raise ValueError(f'model.name must be one of {sorted(models.STAGE_SIZES)}, got {model_config.name!r}')
-  return _torch_modules()['TorchResNet'](
-      stage_sizes=models.STAGE_SIZES[model_config.name], num_classes=num_classes,
-      width_multiplier=model_config.width_multiplier, norm=model_config.norm,
-      zero_init_residual=model_config.zero_init_residual)
+  """The torch twin of `builders.create_model` for `config.model` (float32 only)."""
+  from cifar_jax import torch_models  # pylint: disable=g-import-not-at-top
+  if model_config.name not in torch_models.TORCH_MODELS:
+    raise ValueError(f'model.name must be one of {sorted(torch_models.TORCH_MODELS)}, '
+                     f'got {model_config.name!r}')
+  attributes = builders.model_attributes(model_config)
+  return torch_models.create_torch_model(model_config.name, num_classes=num_classes, **attributes)
 
 
 # Weight porting ------------------------------------------------------------------------------------------

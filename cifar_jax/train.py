@@ -89,6 +89,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions
     logging.warning('Resuming %s with a config that differs from the one it started with: %s',
                     workdir, '; '.join(changed))
   shapes = par.abstract_per_seed(initial.shapes())
+  if par.is_main_process:
+    logging.info('Model: %s, %s parameters', config.model.name,
+                 f'{builders.parameter_count(initial.shapes()[0].params):,}')
   if config.swag.enabled:  # before the state exists
     swag.check_memory(config.swag, shapes[0].params, config.num_seeds)
   laps.lap('init')
