@@ -104,7 +104,7 @@ def test_shakedrop_gradient_is_b_plus_c_minus_bc(level):
 
 
 def test_shakedrop_probability_falls_linearly_to_p_last():
-  assert [shake.shakedrop_probability(l, 4, 0.5) for l in range(1, 5)] == [0.875, 0.75, 0.625, 0.5]
+  assert [shake.shakedrop_probability(block, 4, 0.5) for block in range(1, 5)] == [0.875, 0.75, 0.625, 0.5]
 
 
 def test_gates_differ_across_blocks_steps_and_seeds():

@@ -6,6 +6,8 @@ The Flax model sows the gates it drew ('intermediates'); each torch gate module 
 in tests/test_torch_parity.py (its tolerances, and why they are what they are).
 """
 
+import functools
+
 import jax
 import numpy as np
 import optax
@@ -185,8 +187,8 @@ def test_torch_state_dict_round_trips_through_flax_names():
     model = torch_twin(config)
     state = model.state_dict()
     variables = torch_reference.torch_to_flax(state)
-    shapes = jax.eval_shape(lambda: builders.create_model(config).init(
-        jax.random.key(0), np.zeros((1, 32, 32, 3), np.float32), train=False))
+    shapes = jax.eval_shape(functools.partial(builders.create_model(config).init, train=False),
+                            jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), np.float32))
     assert jax.tree.map(np.shape, variables) == jax.tree.map(lambda s: s.shape, dict(shapes))
     back = torch_reference.flax_to_torch(variables, num_batches_tracked=2)
     assert sorted(back) == sorted(state)
