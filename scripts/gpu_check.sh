@@ -41,12 +41,14 @@ if [[ -n "${GPU_CHECK_SMOKE:-}" ]]; then
   MODEL=resnet9; WIDTH=0.125; DTYPES=float32,bfloat16; BATCHES=16; WINDOWS=2; STEPS=2
   SEEDS=1,2; SEED_SIZE=128; SEED_BATCH=32; TRAIN_BATCH=32; EVAL_SIZE=64; MAX_EPOCHS=2
   COMPILE_DTYPES=float32; COMPILE_BATCHES=16; MIN_CELL=10; GUESS_IPS=200; GUESS_START=40
+  SHAKE_PAIRS=resnet9:0.125,shake_shake:4; SHAKE_BATCH=8
 else
   SMOKE=; BACKEND=${GPU_CHECK_BACKEND:-gpu}; DEADLINE_S=${GPU_CHECK_DEADLINE_S:-480}
   export JAX_PLATFORMS=${GPU_CHECK_JAX_PLATFORMS:-cuda}
   MODEL=resnet18; WIDTH=1; DTYPES=float32,bfloat16; BATCHES=128,512; WINDOWS=3; STEPS=20
   SEEDS=1,4; SEED_SIZE=12800; SEED_BATCH=128; TRAIN_BATCH=128; EVAL_SIZE=5000; MAX_EPOCHS=20
   COMPILE_DTYPES=float32,bfloat16; COMPILE_BATCHES=128; MIN_CELL=30; GUESS_IPS=5000; GUESS_START=90
+  SHAKE_PAIRS=shake_shake:96,resnet18:1; SHAKE_BATCH=128
 fi
 # The real images; the smoke makes a few of its own (same format and loader) unless GPU_CHECK_DATA is set.
 DATA=${GPU_CHECK_DATA:-$ROOT/.gpu_data}
@@ -155,6 +157,7 @@ run_stage jax_step 40 260 0 --model="$MODEL" --width="$WIDTH" --dtypes="$DTYPES"
   --windows="$WINDOWS" --steps="$STEPS" --min_cell_s="$MIN_CELL" --cell_cap_s=100
 run_stage seeds 30 120 0 --model="$MODEL" --width="$WIDTH" --seeds="$SEEDS" --train_size="$SEED_SIZE" \
   --batch="$SEED_BATCH"
+run_stage shake 30 90 0 --pairs="$SHAKE_PAIRS" --batch="$SHAKE_BATCH" --windows=3 --steps="$STEPS"
 run_stage train 40 170 30 --data="$DATA" --model="$MODEL" --width="$WIDTH" --batch="$TRAIN_BATCH" \
   --eval_size="$EVAL_SIZE" --max_epochs="$MAX_EPOCHS" --guess_ips="$GUESS_IPS" --guess_start_s="$GUESS_START"
 run_stage torch_eager 20 120 0 --mode=channels_last --model="$MODEL" --width="$WIDTH" --dtypes="$DTYPES" \

@@ -4,6 +4,7 @@
   python scripts/gpu_stages.py correctness --out=DIR                 # precision=highest losses vs the CPU's
   python scripts/gpu_stages.py jax_step --out=DIR --deadline=T       # the step grid (scripts/benchmark.py)
   python scripts/gpu_stages.py seeds --out=DIR --deadline=T          # k seeds in one run (bench_seeds.py)
+  python scripts/gpu_stages.py shake --out=DIR --deadline=T          # gated models' steps (bench_shake.py)
   python scripts/gpu_stages.py train --out=DIR --deadline=T --data=.gpu_data   # cifar-jax on real images
   python scripts/gpu_stages.py torch --out=DIR --deadline=T --mode=channels_last   # benchmark.py's torch
   python scripts/gpu_stages.py summary --out=DIR                     # summary.md from results.jsonl
@@ -37,7 +38,7 @@ RESULTS = 'results.jsonl'
 SKIPPED = 75  # a stage's exit status when it had too little time or nothing to run on (gpu_check.sh: skipped)
 SUMMARY = 'summary.md'
 REFERENCE = os.path.join(SCRIPTS, 'gpu_reference_losses.json')
-STAGES = ('preflight', 'correctness', 'jax_step', 'seeds', 'train', 'torch_eager', 'torch_compile')
+STAGES = ('preflight', 'correctness', 'jax_step', 'seeds', 'shake', 'train', 'torch_eager', 'torch_compile')
 # The correctness check: ResNet9 at width 1/4, float32, XLA's convolutions, one step a call, on
 # benchmark.py's synthetic data (the trainer's own compiled Program), seed 0.
 CHECK = dict(model='resnet9', width=0.25, batch=32, steps=8, eval_images=256)
@@ -454,6 +455,29 @@ def seeds(args) -> None:
     sys.exit(1)
 
 
+def shake(args) -> None:
+  """bench_shake.py: images/s of each gated model (Shake-Shake-26 2xNd, ResNet18 + ShakeDrop) and its
+  step against the same network without gates; a row per pair."""
+  path = os.path.join(args.work, 'shake.json')
+  if os.path.exists(path):
+    os.remove(path)
+  cmd = [sys.executable, os.path.join(SCRIPTS, 'bench_shake.py'), f'--pairs={args.pairs}',
+         f'--batch={args.batch}', f'--windows={args.windows}', f'--steps={args.steps}', f'--json={path}']
+  status, seconds, tail = run_logged(cmd, args.deadline)
+  if status != 'ok' or not os.path.isfile(path):
+    append(args.out, {'stage': 'shake', 'status': status if status != 'ok' else 'failed', 'seconds': seconds,
+                      'note': _note(tail)})
+    sys.exit(1)
+  with open(path) as f:
+    result = json.load(f)
+  for pair in result['pairs']:
+    append(args.out, {'stage': 'shake', 'status': 'measured', 'model': pair['label'], 'batch': args.batch,
+                      'backend': result['machine']['backend'],
+                      'images_per_second': pair['gated_images_per_second'],
+                      'gated_over_plain': pair['gated_over_plain'], 'plain_step_s': pair['plain_step_s'],
+                      'gated_step_s': pair['gated_step_s'], 'seconds': seconds})
+
+
 def _estimate(args, n_train: int, n_eval: int) -> tuple[float, float, str]:
   """(seconds an epoch, seconds to start and compile, from what) for the end-to-end run."""
   cells = [r for r in read_rows(args.out) if r.get('stage') == 'jax_step' and r.get('status') == 'measured'
@@ -606,6 +630,12 @@ def summarize(out: str, stopped: str = '', started: float = 0.0, deadline_s: flo
         [r['k'], r['images_per_second'], r['per_seed'],
          f'{(r["k"] / r["images_per_second"]) / (base["k"] / base["images_per_second"]):.2f}x',
          _fmt(r.get('compile_s'), 1)] for r in seed_rows])
+  shake_rows = measured('shake')
+  if shake_rows:
+    lines += ['', '## Shake-Shake and ShakeDrop (bench_shake.py, the trainer\'s step, float32)', '']
+    lines += _table(['model', 'batch', 'images/s', 'step vs the same net without gates'], [
+        [r['model'], r['batch'], r['images_per_second'], f'{r["gated_over_plain"]:.3f}x']
+        for r in shake_rows])
   epochs = measured('train')
   plan = next((r for r in by_stage['train'] if r.get('status') == 'planned'), None)
   if plan or epochs:
@@ -630,7 +660,7 @@ def summary(args) -> None:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('stage', choices=('preflight', 'correctness', 'reference', 'jax_step', 'torch', 'seeds',
-                                        'train', 'record', 'summary'))
+                                        'shake', 'train', 'record', 'summary'))
   parser.add_argument('--out', default=os.environ.get('OUT', '/tmp/gpu_check'))
   parser.add_argument('--work', default='/tmp/gpu_check_work', help='workdirs and scratch files')
   parser.add_argument('--deadline', type=float, default=float('inf'), help='Unix time to stop by')
@@ -647,6 +677,7 @@ def main():
   parser.add_argument('--cell_cap_s', type=float, default=120.0)
   parser.add_argument('--mode', default='channels_last', help='torch: a benchmark.py torch mode')
   parser.add_argument('--seeds', default='1,4')
+  parser.add_argument('--pairs', default='shake_shake:96,resnet18:1', help='shake: bench_shake.py --pairs')
   parser.add_argument('--epochs', type=int, default=2, help='seeds')
   parser.add_argument('--train_size', type=int, default=12800, help='seeds: synthetic images')
   parser.add_argument('--eval_size', type=int, default=5000, help='train: images held out, at least')
@@ -675,7 +706,7 @@ def main():
     record(args)
     return
   {'preflight': preflight, 'correctness': correctness, 'reference': reference, 'jax_step': jax_step,
-   'torch': torch_stage, 'seeds': seeds, 'train': train, 'summary': summary}[args.stage](args)
+   'torch': torch_stage, 'seeds': seeds, 'shake': shake, 'train': train, 'summary': summary}[args.stage](args)
 
 
 if __name__ == '__main__':

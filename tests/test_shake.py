@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ from cifar_jax import builders
 from cifar_jax import config_lib
 from cifar_jax import models
 from cifar_jax import steps
+from cifar_jax import train
 from cifar_jax.errors import ConfigError
 from cifar_jax.models import shake
 from configs import default
@@ -204,3 +206,28 @@ def test_bad_shakedrop_configs_are_one_line(name, field, value, message):
 def test_models_table_builds_every_family():
   for name in models.MODELS:
     assert isinstance(models.create_model(name), nn.Module)
+
+
+def test_k_seeds_draw_the_single_runs_gates_and_train_as_they_do(tiny_config, tmp_path):
+  """Seed i of a k = 2 run draws bitwise the gates of the single run of seed + i (same keys) and its
+  training agrees with that run's within float32 rounding (tests/test_seeds.py's tolerance)."""
+  tiny_config.model.shakedrop.p_last = 0.5
+  tiny_config.num_epochs = 1
+  tiny_config.data.synthetic_train_size = 128
+  tiny_config.data.synthetic_seed = 0  # a k-seed run's seeds share the images
+  stacked, _ = builders.seed_data_keys(_with(tiny_config, num_seeds=2))
+  keys = jax.vmap(lambda k: steps.shake_rngs(k, 0, 1)['shake'])(stacked)
+  for i in range(2):
+    single = steps.shake_rngs(builders.run_keys(i)[1], 0, 1)['shake']
+    np.testing.assert_array_equal(jax.random.key_data(keys[i]), jax.random.key_data(single))
+  k_state = train.train_and_evaluate(_with(tiny_config, num_seeds=2), str(tmp_path / 'k2'))
+  for i in range(2):
+    single = train.train_and_evaluate(_with(tiny_config, seed=i), str(tmp_path / f'seed_{i}'))
+    got = steps.unstack_seed((k_state.params, k_state.batch_stats), i)
+    chex.assert_trees_all_close(got, (single.params, single.batch_stats), rtol=1e-5, atol=1e-5)
+
+
+def _with(config, **fields):
+  config = config.copy_and_resolve_references()
+  config.update(fields)
+  return config

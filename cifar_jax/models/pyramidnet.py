@@ -42,7 +42,7 @@ class PyramidBlock(nn.Module):
   block: str
   conv: ModuleDef
   norm: ModuleDef
-  shakedrop: ModuleDef
+  shakedrop: ModuleDef | None  # None: the plain PyramidNet (p_last = 1)
 
   @nn.compact
   def __call__(self, x, train: bool):
@@ -61,7 +61,8 @@ class PyramidBlock(nn.Module):
       y = nn.relu(self.norm(name='bn3')(y))
       y = self.conv(self.features * expansion, (1, 1), padding=no_pad, name='conv3')(y)
       y = self.norm(name='bn4')(y)
-    y = self.shakedrop(name='shakedrop')(y, train)
+    if self.shakedrop is not None:
+      y = self.shakedrop(name='shakedrop')(y, train)
     if self.strides != 1:
       x = nn.avg_pool(x, (2, 2), (2, 2))
     pad = y.shape[-1] - x.shape[-1]
@@ -71,7 +72,7 @@ class PyramidBlock(nn.Module):
 
 
 class PyramidNet(nn.Module):
-  """PyramidNet-`depth` (alpha `alpha`) with `block`s and ShakeDrop (p_L = `shakedrop_p_last`)."""
+  """PyramidNet-`depth` (alpha `alpha`) with `block`s and ShakeDrop (p_L = `shakedrop_p_last`; 1: none)."""
 
   depth: int = 110
   alpha: float = 270.0
@@ -103,9 +104,11 @@ class PyramidNet(nn.Module):
     widths = self.widths()
     for i, features in enumerate(widths):
       stage, block = divmod(i, n)
-      shakedrop = functools.partial(
-          shake.ShakeDrop, p=shake.shakedrop_probability(i + 1, len(widths), self.shakedrop_p_last),
-          level=self.shakedrop_level, axis_name=self.axis_name)
+      shakedrop = None
+      if self.shakedrop_p_last < 1.0:
+        shakedrop = functools.partial(
+            shake.ShakeDrop, p=shake.shakedrop_probability(i + 1, len(widths), self.shakedrop_p_last),
+            level=self.shakedrop_level, axis_name=self.axis_name)
       x = PyramidBlock(features, 2 if stage > 0 and block == 0 else 1, self.block, conv, norm, shakedrop,
                        name=f'stage{stage + 1}_{block}')(x, train)
     x = nn.relu(norm(name='bn_final')(x))

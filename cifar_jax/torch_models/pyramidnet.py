@@ -36,7 +36,8 @@ class PyramidBlock(nn.Module):
     y = self.bn3(y)
     if self.block == 'bottleneck':
       y = self.bn4(self.conv3(F.relu(y)))
-    y = self.shakedrop(y)
+    if self.shakedrop is not None:
+      y = self.shakedrop(y)
     if self.stride != 1:
       x = F.avg_pool2d(x, 2, 2)
     pad = y.shape[1] - x.shape[1]
@@ -61,8 +62,10 @@ class TorchPyramidNet(nn.Module):
     for i, planes in enumerate(widths):
       stage, index = divmod(i, n)
       name = f'stage{stage + 1}_{index}'
-      shakedrop = gates.ShakeDrop(shake.shakedrop_probability(i + 1, len(widths), shakedrop_p_last),
-                                  shakedrop_level)
+      shakedrop = None
+      if shakedrop_p_last < 1.0:
+        shakedrop = gates.ShakeDrop(shake.shakedrop_probability(i + 1, len(widths), shakedrop_p_last),
+                                    shakedrop_level)
       setattr(self, name, PyramidBlock(inplanes, planes, 2 if stage > 0 and index == 0 else 1, block,
                                        shakedrop))
       self.block_names.append(name)

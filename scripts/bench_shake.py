@@ -1,0 +1,134 @@
+"""The cost of the Shake-Shake and ShakeDrop gates: each gated model's train step against the same network
+without them, alternating timed windows in one process (medians), on the trainer's step and convolutions.
+
+  python scripts/bench_shake.py --pairs=resnet18:0.25,shake_shake:32 --batch=128 --windows=5
+  python scripts/bench_shake.py --pairs=shake_shake:96,resnet18:1 --json=out.json   # the GPU check's stage
+
+Pairs: `resnet18:W` (or resnet9) is the blog's ResNet at width W without / with ShakeDrop (p_L = 0.5, gates
+per image); `shake_shake:N` is Shake-Shake-26 2xNd mixing its branches 0.5 / 0.5 without draws
+(forward and backward 'even', one factor per batch) / with Shake-Shake-Image; `pyramidnet:D:A` is
+PyramidNet-D (alpha A; bottleneck when D = 9n + 2, else basic) without / with ShakeDrop.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from cifar_jax import builders
+from cifar_jax import cpu_backend
+from cifar_jax import steps
+from configs import default
+
+
+def model_configs(pair: str):
+  """(label, plain model config, gated model config) of a --pairs entry."""
+  name, *values = pair.split(':')
+  plain = default.get_config().model
+  plain.name = name
+  if name in ('resnet18', 'resnet9'):
+    plain.width_multiplier = float(values[0])
+    gated = plain.copy_and_resolve_references()
+    gated.shakedrop.p_last = 0.5
+    return f'{name} width {values[0]}', plain, gated
+  if name == 'shake_shake':
+    plain.depth, plain.base_width = 26, int(values[0])
+    plain.shake.update(forward='even', backward='even', level='batch')
+    gated = plain.copy_and_resolve_references()
+    gated.shake.update(forward='shake', backward='shake', level='image')
+    return f'shake_shake 26 2x{values[0]}d', plain, gated
+  if name == 'pyramidnet':
+    plain.depth, plain.pyramid_alpha = int(values[0]), float(values[1])
+    plain.block = 'bottleneck' if (plain.depth - 2) % 9 == 0 and (plain.depth - 2) % 6 else 'basic'
+    plain.shakedrop.p_last = 1.0
+    gated = plain.copy_and_resolve_references()
+    gated.shakedrop.p_last = 0.5
+    return f'pyramidnet {values[0]} alpha {values[1]} {plain.block}', plain, gated
+  raise SystemExit(f'--pairs: unknown model {name!r} (resnet18:W, resnet9:W, shake_shake:N, pyramidnet:D:A)')
+
+
+def step_timer(model_config, batch: int, steps_per_window: int):
+  """A function timing `steps_per_window` jitted train steps (the trainer's `steps.train_step`)."""
+  model = builders.create_model(model_config)
+  config = default.get_config()
+  config.model = model_config
+  state = builders.create_train_state(jax.random.key(0), config, model, lambda count: 0.01)
+  rng = np.random.default_rng(0)
+  images = jnp.asarray(rng.normal(size=(batch, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, batch), jnp.int32)
+  data_key = builders.run_keys(0)[1]
+
+  @jax.jit
+  def step(state):
+    return steps.train_step(state, (images, labels), rngs=steps.shake_rngs(data_key, 0, state.step))[0]
+
+  start = time.perf_counter()
+  state = jax.block_until_ready(step(state))
+  compile_seconds = time.perf_counter() - start
+  holder = {'state': state}
+
+  def window() -> float:
+    start = time.perf_counter()
+    s = holder['state']
+    for _ in range(steps_per_window):
+      s = step(s)
+    holder['state'] = jax.block_until_ready(s)
+    return (time.perf_counter() - start) / steps_per_window
+
+  return window, compile_seconds, conv_name(model_config)
+
+
+def conv_name(model_config) -> str:
+  return builders.conv_impl(model_config)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument('--pairs', default='resnet18:0.25,shake_shake:32')
+  parser.add_argument('--batch', type=int, default=128)
+  parser.add_argument('--steps', type=int, default=3, help='train steps per timed window')
+  parser.add_argument('--windows', type=int, default=5, help='timed windows per model, alternating')
+  parser.add_argument('--json', default='', help='write the results here')
+  args = parser.parse_args()
+  config = default.get_config()
+  config.cpu_devices = 1
+  cpu_backend.configure(config)  # the trainer's XLA:CPU settings (before JAX starts)
+  results = {'machine': {'devices': str(jax.devices()), 'backend': jax.default_backend()},
+             'batch': args.batch, 'pairs': []}
+  for pair in args.pairs.split(','):
+    label, plain, gated = model_configs(pair)
+    timers = {}
+    for kind, model_config in (('plain', plain), ('gated', gated)):
+      timers[kind] = step_timer(model_config, args.batch, args.steps)
+    seconds = {'plain': [], 'gated': []}
+    for _ in range(args.windows):
+      for kind in ('plain', 'gated'):
+        seconds[kind].append(timers[kind][0]())
+    medians = {kind: statistics.median(v) for kind, v in seconds.items()}
+    row = {'pair': pair, 'label': label, 'conv': timers['plain'][2],
+           'plain_step_s': medians['plain'], 'gated_step_s': medians['gated'],
+           'gated_over_plain': medians['gated'] / medians['plain'],
+           'gated_images_per_second': args.batch / medians['gated'],
+           'plain_windows_s': seconds['plain'], 'gated_windows_s': seconds['gated'],
+           'compile_s': {kind: timers[kind][1] for kind in timers}}
+    results['pairs'].append(row)
+    print(f'{label}, batch {args.batch} ({row["conv"]} convolutions): plain {medians["plain"] * 1e3:.1f} ms, '
+          f'gated {medians["gated"] * 1e3:.1f} ms a step ({row["gated_over_plain"]:.3f}x; '
+          f'{row["gated_images_per_second"]:.0f} images/s), medians of {args.windows} windows of '
+          f'{args.steps} steps', flush=True)
+  if args.json:
+    with open(args.json, 'w') as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == '__main__':
+  main()
