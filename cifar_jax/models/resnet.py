@@ -18,8 +18,16 @@ from cifar_jax.models import shake
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_SIZES = {'resnet18': (2, 2, 2, 2), 'resnet9': (1, 1, 1, 1)}
 NORMS = ('batch', 'group_ws')
+STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
 
 ModuleDef = Any
+
+
+def stage_of(top_name: str) -> str:
+  """The fine-tuning stage of a top-level module: stem, layer1..layer4, head."""
+  if top_name in ('conv1', 'bn1'):
+    return 'stem'
+  return 'head' if top_name == 'fc' else top_name.split('_')[0]
 
 
 class BasicBlock(nn.Module):
