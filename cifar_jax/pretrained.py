@@ -8,7 +8,7 @@ the `efficientnet-lite-pytorch` package's `_blocks.3._bn1.weight`. Every key of 
 and every key of the file in the model, with the model's shape, or the run stops with one line
 (`errors.ConfigError`, exit status 2) before anything is written to the workdir. The classification head
 is the one exception: with another class count it is replaced by zeros (BiT, big_vision). BatchNorm's
-running statistics come along; `num_batches_tracked` is read and dropped (written back as 0 by `to_state_dict`).
+running statistics come along; `num_batches_tracked` is read and dropped (`to_state_dict` writes 0).
 """
 
 import functools
@@ -83,7 +83,7 @@ def from_torch_layout(value: np.ndarray, layout: str) -> np.ndarray:
   return value.T if value.ndim == 2 else value
 
 
-def _leaves(tree, collection: str) -> dict[tuple[str, ...], Any]:
+def _leaves(tree) -> dict[tuple[str, ...], Any]:
   return {tuple(str(k.key) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
@@ -151,7 +151,7 @@ def _read_workdir(path: str) -> dict[str, np.ndarray]:
   state = checkpointing.restore_state(config, path, steps_per_epoch=1)
   variables = jax.device_get({'params': state.params, 'batch_stats': state.batch_stats})
   return {flax_to_key('cifar_jax', c, p): np.asarray(v) for c in variables
-          for p, v in _leaves(variables[c], c).items()}
+          for p, v in _leaves(variables[c]).items()}
 
 
 # Mapping onto the model ------------------------------------------------------------------------------------
@@ -160,7 +160,9 @@ def _read_workdir(path: str) -> dict[str, np.ndarray]:
 def model_shapes(model_config: ml_collections.ConfigDict):
   """(params, batch_stats) shapes of `config.model` (no values computed)."""
   model = builders.create_model(model_config)
-  return jax.eval_shape(functools.partial(builders.initialized, model=model), jax.random.PRNGKey(0))
+  variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
+                             jax.ShapeDtypeStruct(builders.INPUT_SHAPE, np.float32))
+  return variables['params'], variables.get('batch_stats', {})
 
 
 def map_tensors(tensors: dict[str, np.ndarray], shapes, layout: str, strict: bool = True, *,
@@ -173,7 +175,7 @@ def map_tensors(tensors: dict[str, np.ndarray], shapes, layout: str, strict: boo
   """
   expected = {}
   for collection, tree in zip(('params', 'batch_stats'), shapes):
-    for path, leaf in _leaves(tree, collection).items():
+    for path, leaf in _leaves(tree).items():
       expected[flax_to_key(layout, collection, path)] = (collection, path, tuple(leaf.shape))
   given = {k: v for k, v in tensors.items() if k.rsplit('.', 1)[-1] not in IGNORED_KEYS}
   missing = [k for k in expected if k not in given]
@@ -188,13 +190,15 @@ def map_tensors(tensors: dict[str, np.ndarray], shapes, layout: str, strict: boo
     elif path[0] == HEAD:
       zeroed[(collection, path)] = 'zeros'
     else:
-      wrong.append(f'{key} {tuple(np.shape(given[key]))} vs model {tuple(to_torch_layout(np.zeros(shape), layout).shape)}')
-  problems = [f'{len(keys)} {what} ({", ".join(keys[:MAX_LISTED])}{", ..." if len(keys) > MAX_LISTED else ""})'
-              for what, keys in (('missing', missing), ('unexpected', unexpected), ('of the wrong shape', wrong))
-              if keys]
+      model_shape = to_torch_layout(np.zeros(shape), layout).shape
+      wrong.append(f'{key} {tuple(np.shape(given[key]))} vs model {tuple(model_shape)}')
+  kinds = (('missing', missing), ('unexpected', unexpected), ('of the wrong shape', wrong))
+  problems = [f'{len(keys)} {what} ({", ".join(keys[:MAX_LISTED])}{", ..." * (len(keys) > MAX_LISTED)})'
+              for what, keys in kinds if keys]
   if problems and strict:
     raise ConfigError(f'{where}: the file does not fit the model (layout {layout}): {"; ".join(problems)}; '
-                      'check model.name and init_from.layout, or set init_from.strict=False to load what fits')
+                      'check model.name and init_from.layout, or set init_from.strict=False to load '
+                      'what fits')
   return loaded, zeroed, problems
 
 
@@ -228,6 +232,20 @@ def load(config: ml_collections.ConfigDict) -> tuple[dict, dict] | None:
   return loaded, zeroed
 
 
+def initialize(initial: tuple, init: tuple[dict, dict] | None, num_seeds: int = 1) -> tuple:
+  """The initial (state, metric sums) of every seed with `load`'s arrays in place (every seed the same;
+  several seeds: stacked) and the SWA average's fields (zeros) untouched."""
+  if init is None:
+    return initial
+  state, acc = initial
+  loaded, zeroed = init
+  if num_seeds > 1:
+    loaded = {k: np.broadcast_to(v, (num_seeds,) + v.shape) for k, v in loaded.items()}
+  params, batch_stats = apply_to_variables(state.params, state.batch_stats, loaded, zeroed)
+  params, batch_stats = jax.tree.map(jax.numpy.asarray, (params, batch_stats))
+  return state.replace(params=params, batch_stats=batch_stats), acc
+
+
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds checkpoints: a resumed run takes its state from them, not from init_from."""
   folder = os.path.join(workdir, checkpointing.CHECKPOINTS)
@@ -242,7 +260,7 @@ def to_state_dict(variables: dict, layout: str) -> dict[str, np.ndarray]:
   (0) so torch's `load_state_dict(strict=True)` takes it."""
   out = {}
   for collection in ('params', 'batch_stats'):
-    for path, value in _leaves(variables.get(collection, {}), collection).items():
+    for path, value in _leaves(variables.get(collection, {})).items():
       out[flax_to_key(layout, collection, path)] = np.ascontiguousarray(
           to_torch_layout(np.asarray(value, np.float32), layout))
       if collection == 'batch_stats' and path[-1] == 'mean' and layout != 'cifar_jax':

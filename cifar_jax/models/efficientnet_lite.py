@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from cifar_jax.models import layers
 
-# (repeats, kernel, stride, expand ratio, input filters, output filters): the package's 'r1_k3_s11_e1_i32_o16'...
+# (repeats, kernel, stride, expand ratio, input filters, output filters): the package's
+# 'r1_k3_s11_e1_i32_o16', ...
 BLOCKS_ARGS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
                (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 STEM_WIDTH = 32
