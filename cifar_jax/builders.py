@@ -69,7 +69,8 @@ def model_attributes(model_config: ml_collections.ConfigDict) -> dict:
   m = model_config
   if m.name in models.RESNETS:
     return dict(width_multiplier=m.width_multiplier, norm=m.norm, zero_init_residual=m.zero_init_residual,
-                shakedrop_p_last=m.shakedrop.p_last, shakedrop_level=m.shakedrop.level)
+                shakedrop_p_last=m.shakedrop.p_last, shakedrop_level=m.shakedrop.level,
+                frozen_bn=m.get('frozen_bn', False))
   if m.name in models.PRETRAINED_FAMILIES:
     attributes = dict(frozen_bn=m.get('frozen_bn', False), image_size=m.get('image_size', 0),
                       resize_size=m.get('resize_size', 0), normalization=normalization(m))

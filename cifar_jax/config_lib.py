@@ -126,6 +126,8 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   _choice(m.get('conv', 'auto'), 'model.conv', ('auto', 'xla', 'onednn'))
   if m.name in models.RESNETS:
     _choice(m.norm, 'model.norm', models.resnet.NORMS)
+    _require(not (m.get('frozen_bn', False) and m.norm != 'batch'),
+             f"model.frozen_bn=True needs model.norm='batch', got {m.norm!r}")
     _positive(m.width_multiplier, 'model.width_multiplier')
     if m.norm == 'group_ws':
       widths = models.ResNet(stage_sizes=(), width_multiplier=m.width_multiplier).widths()
@@ -156,6 +158,9 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
       _require(0.0 <= m.drop_connect_rate < 1.0,
                f'model.drop_connect_rate must be in [0, 1), got {m.drop_connect_rate}')
     return
+  _require(not m.get('frozen_bn', False) or m.name in models.STAGES,
+           f'model.frozen_bn=True: model.name={m.name} has no frozen BatchNorm; use one of '
+           f'{sorted(models.STAGES)}')
   if m.name != 'shake_shake':
     p_last = m.shakedrop.p_last
     _require(0.0 < p_last <= 1.0,

@@ -77,6 +77,7 @@ class ResNet(nn.Module):
   conv_impl: str = 'xla'
   shakedrop_p_last: float = 1.0
   shakedrop_level: str = 'image'
+  frozen_bn: bool = False  # BatchNorm normalises with and keeps its running statistics, in training too
 
   def widths(self) -> tuple[int, ...]:
     return tuple(max(1, int(round(w * self.width_multiplier))) for w in STAGE_WIDTHS)
@@ -85,7 +86,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     if self.norm == 'batch':
       conv_cls = nn.Conv
-      norm = layers.batch_norm(train, self.dtype, self.bn_momentum, self.axis_name)
+      norm = layers.batch_norm(train and not self.frozen_bn, self.dtype, self.bn_momentum, self.axis_name)
     elif self.norm == 'group_ws':
       conv_cls = layers.StdConv
       # torch's nn.GroupNorm(C // 4, C): biased two-pass variance, eps 1e-5.

@@ -28,7 +28,7 @@ def stage_of(top_name: str) -> str:
   """The fine-tuning stage of a top-level module: stem, layer1..layer4, head."""
   if top_name in ('conv1', 'bn1'):
     return 'stem'
-  return 'head' if top_name == 'fc' else top_name
+  return 'head' if top_name == 'fc' else top_name.split('_')[0]
 
 
 STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
