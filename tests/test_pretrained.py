@@ -25,6 +25,7 @@ from cifar_jax import main  # noqa: E402
 from cifar_jax import models  # noqa: E402
 from cifar_jax import pretrained  # noqa: E402
 from cifar_jax import steps  # noqa: E402
+from cifar_jax import torch_reference  # noqa: E402
 from cifar_jax import train  # noqa: E402
 from cifar_jax.models import layers  # noqa: E402
 from cifar_jax.torch_models import efficientnet_lite  # noqa: E402
@@ -420,3 +421,26 @@ def test_finetune_efficientnet_lite0_config_trains(tmp_path):
   config.progress_bar = False
   state = train.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 2
+
+
+def test_torch_twin_fine_tunes_from_the_same_file(tmp_path):
+  """`torch_reference.train_and_evaluate_torch` reads the same file through `pretrained.py`: a linear probe
+  of a torchvision ResNet18 keeps every backbone tensor and BatchNorm statistic, trains the zeroed head,
+  and the model exports back to torchvision's keys."""
+  path = str(tmp_path / 'resnet18.pth')
+  source = _resnet18_state_dict(1000)
+  torch.save(source, path)
+  config = _run_config(path, 'torchvision_resnet', frozen='backbone')
+  config.model.name = 'torchvision_resnet18'
+  config.model.frozen_bn = True
+  config.num_epochs = 1
+  config.optimizer.clip_grad_norm = 1.0
+  model, record = torch_reference.train_and_evaluate_torch(config, str(tmp_path / 'torch'))
+  assert np.isfinite(record['train_loss'])
+  trained = model.model.state_dict()
+  assert sorted(trained) == sorted(source)
+  for key, value in source.items():
+    if key.startswith('fc.'):
+      assert trained[key].abs().max() > 0 and trained[key].shape[0] == 10
+    else:
+      assert torch.equal(trained[key], value), key
