@@ -30,7 +30,7 @@ from cifar_jax import train  # noqa: E402
 from cifar_jax.models import layers  # noqa: E402
 from cifar_jax.torch_models import efficientnet_lite  # noqa: E402
 from cifar_jax.torch_models import TORCH_MODELS  # noqa: E402
-from cifar_jax.torch_models.pretrained_input import pretrained_input  # noqa: E402
+from cifar_jax.torch_models.finetune import pretrained_input  # noqa: E402
 from configs import tiny  # noqa: E402
 
 # torchvision's and timm's published counts with the 1000-class head.
@@ -389,6 +389,16 @@ def test_torchvision_resnet18_linear_probe_run(tmp_path):
     tree = state.params if collection == 'params' else state.batch_stats
     np.testing.assert_array_equal(np.asarray(_at(tree, key)), value, err_msg=str(key))
   assert np.abs(np.asarray(state.params['fc']['kernel'])).max() > 0
+  # --mode=export writes torchvision's keys: a torchvision-named module loads it (strict) and agrees.
+  exported = str(tmp_path / 'exported.pth')
+  main._export(config, str(tmp_path / 'probe'), exported, 'running')
+  torch_model = TORCH_MODELS['torchvision_resnet18'](num_classes=10).eval()
+  torch_model.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+  images = _images(2, seed=3)
+  expected = _torch_logits(torch_model, images, 0, 'imagenet')
+  logits = np.asarray(state.apply_fn({'params': state.params, 'batch_stats': state.batch_stats}, images,
+                                     train=False))
+  np.testing.assert_allclose(logits, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_bit_crop_is_random_in_training_and_a_resize_in_eval():

@@ -42,6 +42,11 @@ class PretrainedInput(nn.Module):
     return self.model((x - self.mean) / self.std)
 
 
+def pretrained_input(x: torch.Tensor, image_size: int, normalization: str) -> torch.Tensor:
+  """`PretrainedInput`'s eval transform alone (CIFAR-normalised NCHW in)."""
+  return PretrainedInput(nn.Identity(), image_size, 0, normalization).eval()(x)
+
+
 def create_model(model_config, num_classes: int) -> PretrainedInput:
   """The torch twin of `builders.create_model` for a pretrained family."""
   kwargs = {}
