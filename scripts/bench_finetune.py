@@ -120,7 +120,8 @@ def main():
     rows.append({'variant': variant, 'images_per_second': n / wall, 'images_per_cpu_second': n / cpu})
     print(f'{variant:32s} {n / wall:8.1f} images/s  {n / cpu:8.1f} images per CPU-second', flush=True)
   what = 'linear probe' if args.probe else 'full'
-  print(f'{args.model} at {args.image_size} px, batch {args.batch}, {what}, torch {torch.__version__} ({torch.get_num_threads()} threads), jax {jax.__version__}')
+  print(f'{args.model} at {args.image_size} px, batch {args.batch}, {what}, torch {torch.__version__} '
+        f'({torch.get_num_threads()} threads), jax {jax.__version__}')
   if args.json:
     with open(args.json, 'w') as f:
       json.dump({'args': vars(args), 'rows': rows}, f, indent=1)
