@@ -203,7 +203,7 @@ def map_tensors(tensors: dict[str, np.ndarray], shapes, layout: str, strict: boo
 
 
 def apply_to_variables(params, batch_stats, loaded: dict, zeroed: dict):
-  """`params`, `batch_stats` (numpy or jax trees of one seed) with the loaded and zeroed leaves replaced."""
+  """`params`, `batch_stats` (numpy or jax trees) with the loaded and zeroed leaves replaced."""
   def replace(collection, tree):
     def leaf(path, value):
       key = (collection, tuple(str(k.key) for k in path))
