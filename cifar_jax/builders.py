@@ -70,12 +70,27 @@ def model_attributes(model_config: ml_collections.ConfigDict) -> dict:
   m = model_config
   if m.name in models.RESNETS:
     return dict(width_multiplier=m.width_multiplier, norm=m.norm, zero_init_residual=m.zero_init_residual,
-                shakedrop_p_last=m.shakedrop.p_last, shakedrop_level=m.shakedrop.level)
+                shakedrop_p_last=m.shakedrop.p_last, shakedrop_level=m.shakedrop.level,
+                frozen_bn=m.get('frozen_bn', False))
+  if m.name in models.PRETRAINED_FAMILIES:
+    attributes = dict(frozen_bn=m.get('frozen_bn', False), image_size=m.get('image_size', 0),
+                      resize_size=m.get('resize_size', 0), normalization=normalization(m))
+    if m.name == 'efficientnet_lite0':
+      attributes.update(dropout_rate=m.dropout_rate, drop_connect_rate=m.drop_connect_rate)
+    return attributes
   if m.name == 'shake_shake':
     return dict(depth=m.depth, base_width=m.base_width, shake_forward=m.shake.forward,
                 shake_backward=m.shake.backward, shake_level=m.shake.level)
   return dict(depth=m.depth, alpha=m.pyramid_alpha, block=m.block, shakedrop_p_last=m.shakedrop.p_last,
               shakedrop_level=m.shakedrop.level)
+
+
+def normalization(model_config: ml_collections.ConfigDict) -> str:
+  """The input normalisation of a pretrained family: `model.normalization`, 'auto' = its weights'."""
+  choice = model_config.get('normalization', 'auto')
+  if choice != 'auto':
+    return choice
+  return 'inception' if model_config.name == 'efficientnet_lite0' else 'imagenet'
 
 
 def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, mode: str = 'jit',
@@ -131,11 +146,96 @@ def sgd(learning_rate, momentum, weight_decay, nesterov=False) -> optax.Gradient
       optax.scale_by_learning_rate(learning_rate))
 
 
+FROZEN = 'frozen'  # the label of the parameters `config.finetune.frozen` keeps as they are
+
+
+def clip_grad_norm(max_norm: float, trainable: Callable) -> optax.GradientTransformation:
+  """torch's clip_grad_norm_ over the gradients `trainable(grads)` marks: the norm of the tensors' norms,
+  every gradient times min(max_norm / (norm + 1e-6), 1)."""
+  def update_fn(updates, state, params=None):
+    del params
+    marked = [u for u, m in zip(jax.tree.leaves(updates), jax.tree.leaves(trainable(updates))) if m]
+    total = jnp.linalg.norm(jnp.stack([jnp.linalg.norm(u.ravel()) for u in marked]))
+    coef = jnp.minimum(max_norm / (total + 1e-6), 1.0)
+    return jax.tree.map(lambda u: u * coef, updates), state
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
+def stage_values(text: str) -> dict[str, float]:
+  """'layer1=0.1,layer2=0.3' -> {'layer1': 0.1, 'layer2': 0.3} (`config.finetune.lr_multipliers`)."""
+  pairs = [item.split('=') for item in text.split(',') if item.strip()]
+  if any(len(p) != 2 for p in pairs):
+    raise ConfigError(f"finetune.lr_multipliers must read 'stage=multiplier,...', got {text!r}")
+  try:
+    return {k.strip(): float(v) for k, v in pairs}
+  except ValueError as e:
+    raise ConfigError(f"finetune.lr_multipliers must read 'stage=multiplier,...', got {text!r}") from e
+
+
+def stage_names(text: str) -> list[str]:
+  return [name.strip() for name in text.split(',') if name.strip()]
+
+
+def finetuning(config: ml_collections.ConfigDict) -> bool:
+  """Whether `config` trains its parameters in groups (config.finetune) or clips its gradients."""
+  f = config.get('finetune')
+  grouped = f is not None and bool(f.frozen or f.lr_multipliers or f.no_weight_decay)
+  return grouped or config.optimizer.get('clip_grad_norm', 0.0) > 0
+
+
+def param_groups(config: ml_collections.ConfigDict) -> tuple[Callable, dict[str, tuple[float, bool]]]:
+  """(params -> a tree of group labels, {label: (lr multiplier, weight decay on)}): one group per stage of
+  the model (`models.STAGES`; 'all' for a model without stages), FROZEN for the frozen stages."""
+  f = config.finetune
+  stages, stage_of = models.STAGES.get(config.model.name, (('all',), lambda name: 'all'))
+  frozen = set(stages[:-1] if f.frozen == 'backbone' else stage_names(f.frozen))
+  multipliers = stage_values(f.lr_multipliers)
+  no_decay = set(stage_names(f.no_weight_decay))
+  groups = {s: (multipliers.get(s, 1.0), s not in no_decay) for s in stages if s not in frozen}
+
+  def label(name: str) -> str:
+    stage = stage_of(name)
+    return FROZEN if stage in frozen else stage
+
+  def labels(params):
+    return {name: _filled(sub, label(name)) for name, sub in params.items()}
+  return labels, groups
+
+
+def _filled(tree, value):
+  """`tree` with every leaf `value`."""
+  return jax.tree.map(lambda _: value, tree)
+
+
+def finetune_sgd(learning_rate, momentum, weight_decay, nesterov=False, *, labels, groups,
+                 clip: float) -> optax.GradientTransformation:
+  """`sgd` per group (`param_groups`: lr times the group's multiplier, weight decay on or off), the frozen
+  parameters' updates zero, after torch's gradient clipping of the trained ones (clip > 0)."""
+  transforms = {FROZEN: optax.set_to_zero()}
+  for label, (multiplier, decay) in groups.items():
+    transforms[label] = sgd(learning_rate * multiplier, momentum, weight_decay if decay else 0.0, nesterov)
+  tx = optax.multi_transform(transforms, labels)
+  if clip > 0:
+    trainable = lambda tree: jax.tree.map(lambda label: label != FROZEN, labels(tree))
+    tx = optax.chain(clip_grad_norm(clip, trainable), tx)
+  return tx
+
+
 def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn,
                      momentum_fn=None) -> optax.GradientTransformation:
-  """SGD whose lr and momentum (floats or schedules of the step) are logged in the optimizer state."""
+  """SGD whose lr and momentum (floats or schedules of the step) are logged in the optimizer state; by
+  group (`finetune_sgd`) when `config.finetune` or `optimizer.clip_grad_norm` asks."""
   opt = config.optimizer
-  return optax.inject_hyperparams(sgd, static_args=('nesterov',))(
+  factory = sgd
+  if finetuning(config):
+    labels, groups = param_groups(config)
+    clip = opt.get('clip_grad_norm', 0.0)
+
+    def factory(learning_rate, momentum, weight_decay, nesterov=False):
+      # A closure, not a partial: inject_hyperparams would take a partial's callables for schedules.
+      return finetune_sgd(learning_rate, momentum, weight_decay, nesterov, labels=labels, groups=groups,
+                          clip=clip)
+  return optax.inject_hyperparams(factory, static_args=('nesterov',))(
       learning_rate=learning_rate_fn,
       momentum=opt.momentum if momentum_fn is None else momentum_fn,
       weight_decay=opt.weight_decay, nesterov=opt.nesterov)
@@ -276,6 +376,16 @@ def _constant(s, lr, steps_per_epoch, run_length, spe):
   return schedules.constant_lr(lr), None
 
 
+def _warmup_cosine(s, lr, steps_per_epoch, run_length, spe):
+  del steps_per_epoch, spe
+  return schedules.warmup_cosine(lr, s.warmup_steps, run_length), None
+
+
+def _bit_hyperrule(s, lr, steps_per_epoch, run_length, spe):
+  del steps_per_epoch, run_length, spe
+  return schedules.bit_hyperrule(lr, s.dataset_size), None
+
+
 # Per epoch for MultiStep, Step, cosine and warm restarts, per batch for cyclic and one-cycle (the blog).
 SCHEDULES = {
     'multistep': ScheduleSpec(_multistep, 'epoch'),
@@ -286,6 +396,8 @@ SCHEDULES = {
     'one_cycle': ScheduleSpec(_one_cycle, 'batch'),
     'constant': ScheduleSpec(_constant, 'epoch'),
     'plateau': ScheduleSpec(_constant, 'epoch'),  # the host rewrites the lr (`create_plateaus`)
+    'warmup_cosine': ScheduleSpec(_warmup_cosine, 'batch'),
+    'bit_hyperrule': ScheduleSpec(_bit_hyperrule, 'batch'),
 }
 SCHEDULE_NAMES = tuple(SCHEDULES)
 

@@ -12,6 +12,7 @@ from cifar_jax import input_pipeline
 from cifar_jax import lr_curves
 from cifar_jax import models
 from cifar_jax import parallel
+from cifar_jax import pretrained
 from cifar_jax import swag
 from cifar_jax.errors import ConfigError
 
@@ -101,6 +102,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(config.optimizer.weight_decay >= 0.0,
            f'optimizer.weight_decay must be >= 0, got {config.optimizer.weight_decay}')
   _validate_schedule(config.schedule)
+  if 'init_from' in config:
+    _validate_finetuning(config)
   if config.swa.enabled:
     _validate_swa(config)
   if config.get('swag') is not None and config.swag.enabled:
@@ -123,6 +126,8 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
   _choice(m.get('conv', 'auto'), 'model.conv', ('auto', 'xla', 'onednn'))
   if m.name in models.RESNETS:
     _choice(m.norm, 'model.norm', models.resnet.NORMS)
+    _require(not (m.get('frozen_bn', False) and m.norm != 'batch'),
+             f"model.frozen_bn=True needs model.norm='batch', got {m.norm!r}")
     _positive(m.width_multiplier, 'model.width_multiplier')
     if m.norm == 'group_ws':
       widths = models.ResNet(stage_sizes=(), width_multiplier=m.width_multiplier).widths()
@@ -144,12 +149,52 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
              f'model.depth={m.depth}: a {m.block} PyramidNet needs {per}n + 2 '
              f'({", ".join(str(per * n + 2) for n in (1, 2, 3))}, ..., e.g. 110 basic, 272 bottleneck)')
     _positive(m.pyramid_alpha, 'model.pyramid_alpha')
+  if m.name in models.PRETRAINED_FAMILIES:
+    _int_at_least(m.image_size, 'model.image_size', 0, ' (0 = the data\'s 32 px)')
+    _int_at_least(m.resize_size, 'model.resize_size', 0, ' (0 = no random crop)')
+    _choice(m.normalization, 'model.normalization', ('auto',) + tuple(models.layers.NORMALIZATIONS))
+    if m.name == 'efficientnet_lite0':
+      _require(0.0 <= m.dropout_rate < 1.0, f'model.dropout_rate must be in [0, 1), got {m.dropout_rate}')
+      _require(0.0 <= m.drop_connect_rate < 1.0,
+               f'model.drop_connect_rate must be in [0, 1), got {m.drop_connect_rate}')
+    return
+  _require(not m.get('frozen_bn', False) or m.name in models.STAGES,
+           f'model.frozen_bn=True: model.name={m.name} has no frozen BatchNorm; use one of '
+           f'{sorted(models.STAGES)}')
   if m.name != 'shake_shake':
     p_last = m.shakedrop.p_last
     _require(0.0 < p_last <= 1.0,
              f'model.shakedrop.p_last={p_last} must be in (0, 1] (the last block\'s keep probability; '
              '1 = no ShakeDrop)')
     _choice(m.shakedrop.level, 'model.shakedrop.level', models.shake.LEVELS)
+
+
+def _validate_finetuning(config: ml_collections.ConfigDict) -> None:
+  """init_from (the file itself is read before the run starts: `pretrained.load`), config.finetune and
+  optimizer.clip_grad_norm."""
+  init, name = config.init_from, config.model.name
+  if init.path:
+    _choice(init.layout, 'init_from.layout', sorted(pretrained.LAYOUTS))
+    _require(name in pretrained.LAYOUTS[init.layout],
+             f'init_from.layout={init.layout} holds the weights of {list(pretrained.LAYOUTS[init.layout])}, '
+             f'not model.name={name}')
+  _require(isinstance(init.strict, bool), f'init_from.strict must be True or False, got {init.strict!r}')
+  _require(config.optimizer.clip_grad_norm >= 0.0,
+           f'optimizer.clip_grad_norm must be >= 0 (0 = off), got {config.optimizer.clip_grad_norm}')
+  f = config.finetune
+  if not (f.frozen or f.lr_multipliers or f.no_weight_decay):
+    return
+  _require(name in models.STAGES, f'config.finetune needs a model with stages ({sorted(models.STAGES)}), '
+                                  f'got model.name={name}')
+  stages = models.STAGES[name][0]
+  named = builders.stage_names(f.no_weight_decay) + list(builders.stage_values(f.lr_multipliers))
+  if f.frozen != 'backbone':
+    named += builders.stage_names(f.frozen)
+  unknown = [s for s in named if s not in stages]
+  _require(not unknown, f'config.finetune names {unknown}: model.name={name} has the stages {list(stages)} '
+                        "(finetune.frozen='backbone': all but head)")
+  _require(all(v >= 0 for v in builders.stage_values(f.lr_multipliers).values()),
+           f'finetune.lr_multipliers must be >= 0, got {f.lr_multipliers!r}')
 
 
 def _validate_seeds(config: ml_collections.ConfigDict) -> None:
@@ -201,6 +246,13 @@ def _validate_schedule(s: ml_collections.ConfigDict) -> None:
     _choice(s.threshold_mode, 'schedule.threshold_mode', ('rel', 'abs'))
     _int_at_least(s.patience, 'schedule.patience', 0)
     _int_at_least(s.cooldown, 'schedule.cooldown', 0)
+  if s.name == 'warmup_cosine':
+    _int_at_least(s.warmup_steps, 'schedule.warmup_steps', 0)
+  if s.name == 'bit_hyperrule':
+    _positive(s.dataset_size, 'schedule.dataset_size', integer=True)
+  if s.name in ('warmup_cosine', 'bit_hyperrule'):
+    _require(s.step_every in ('', 'batch'), f"schedule.step_every must be 'batch' for {s.name}, got "
+                                            f'{s.step_every!r}')
   _int_at_least(s.warmup_epochs, 'schedule.warmup_epochs', 0, ' (0 = no warm-up)')
   if s.warmup_epochs > 0:
     _require(0.0 < s.warmup_start_factor <= 1.0,

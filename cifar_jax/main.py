@@ -29,6 +29,7 @@ from cifar_jax import errors
 from cifar_jax import lr_find
 from cifar_jax import parallel
 from cifar_jax import preemption
+from cifar_jax import pretrained
 from cifar_jax import torch_reference
 from cifar_jax import train
 from cifar_jax.errors import ConfigError
@@ -257,9 +258,12 @@ def _evaluate(config, workdir: str) -> None:
 
 
 def _export(config, workdir: str, path: str | None, which: str) -> None:
-  """Writes the latest checkpoint's weights to `path` (.npz, or .pt for torch)."""
-  if not path or not path.endswith(('.npz', '.pt')):
-    raise ConfigError(f'--export_path must end in .npz or .pt, got {path!r}')
+  """Writes the latest checkpoint's weights to `path` (.npz, or .pt for torch; a pretrained family's
+  .pt / .pth / .safetensors in its source layout, `pretrained.SOURCE_LAYOUT`)."""
+  source_layout = pretrained.SOURCE_LAYOUT.get(config.model.name)
+  suffixes = ('.npz', '.pt') + (('.pth', '.safetensors') if source_layout else ())
+  if not path or not path.endswith(suffixes):
+    raise ConfigError(f'--export_path must end in {" or ".join(suffixes)}, got {path!r}')
   if which == 'auto':
     try:
       variables = train.export_variables(config, workdir, use_swa=True)
@@ -268,7 +272,9 @@ def _export(config, workdir: str, path: str | None, which: str) -> None:
       variables, which = train.export_variables(config, workdir, use_swa=False), 'running'
   else:
     variables = train.export_variables(config, workdir, use_swa=which == 'swa')
-  if path.endswith('.pt'):
+  if source_layout and not path.endswith('.npz'):
+    pretrained.save_state_dict(pretrained.to_state_dict(variables, source_layout), path)
+  elif path.endswith('.pt'):
     import torch  # pylint: disable=g-import-not-at-top
     torch.save(torch_reference.flax_to_torch(variables), path)
   else:

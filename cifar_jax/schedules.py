@@ -506,6 +506,36 @@ class LambdaLR(TorchSchedule):
     return self.base_lr * self.lr_lambda(t)
 
 
+class BitHyperRule(TorchSchedule):
+  """BiT's HyperRule (big_transfer/bit_hyperrule.py `get_lr`), which BiT's torch loop writes into the
+  optimizer's param group before each step: base_lr * t / warm-up, then base_lr divided by 10 once per
+  support point passed. Past the last support point BiT stops; here the last lr holds."""
+
+  def __init__(self, base_lr, dataset_size):
+    super().__init__(None)
+    self.base_lr = _check_lr('base_lr', base_lr)
+    self.supports = bit_supports(dataset_size)
+
+  def _at(self, t):
+    supports, base_lr = self.supports, self.base_lr
+    t = min(t, supports[-1] - 1)
+    if t < supports[0]:
+      return base_lr * t / supports[0]
+    for s in supports[1:]:
+      if s < t:
+        base_lr /= 10
+    return base_lr
+
+
+def bit_supports(dataset_size: int) -> tuple[int, ...]:
+  """BiT's `get_schedule`: warm-up end, the three decays, the end (in steps) for a dataset's size."""
+  if dataset_size < 20_000:
+    return (100, 200, 300, 400, 500)
+  if dataset_size < 500_000:
+    return (500, 3000, 6000, 9000, 10_000)
+  return (500, 6000, 12_000, 18_000, 20_000)
+
+
 class ConstantSchedule(TorchSchedule):
   """A plain constant lr (no scheduler); NOT torch's ConstantLR (factor for total_iters)."""
 
@@ -780,6 +810,27 @@ def sequential_lr(schedules: Sequence[TorchSchedule], milestones: Sequence[int])
 def lambda_lr(base_lr, lr_lambda: Callable[[int], float], steps_per_epoch=None) -> LambdaLR:
   """torch LambdaLR."""
   return LambdaLR(base_lr, lr_lambda, steps_per_epoch)
+
+
+def bit_hyperrule(base_lr, dataset_size) -> BitHyperRule:
+  """BiT's HyperRule lr schedule, per batch."""
+  return BitHyperRule(base_lr, dataset_size)
+
+
+def warmup_cosine_lambda(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+  """big_vision's 'linear warm-up then cosine' (utils.create_learning_rate_schedule, warmup and cosine
+  decay to 0) as a LambdaLR factor of the step."""
+  def factor(t: int) -> float:
+    if t < warmup_steps:
+      return t / warmup_steps
+    progress = min(max((t - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0), 1.0)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+  return factor
+
+
+def warmup_cosine(base_lr, warmup_steps: int, total_steps: int) -> LambdaLR:
+  """big_vision's warm-up + cosine as torch's LambdaLR (per batch)."""
+  return LambdaLR(base_lr, warmup_cosine_lambda(warmup_steps, total_steps))
 
 
 def constant_lr(base_lr) -> ConstantSchedule:

@@ -10,6 +10,7 @@ between it and `models.ResNet`; `torch_batches` yields either exactly the JAX tr
 
 import copy
 import functools
+import importlib
 import itertools
 import math
 import os
@@ -25,6 +26,8 @@ from cifar_jax import calibration
 from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
+from cifar_jax import models
+from cifar_jax import schedules
 from cifar_jax import steps
 
 DATA_MODES = ('identical', 'native')
@@ -43,6 +46,11 @@ def _torch():
   return torch
 
 
+def _finetune():
+  """`cifar_jax.torch_models.finetune` (it imports torch, so only when a pretrained family is used)."""
+  return importlib.import_module('cifar_jax.torch_models.finetune')
+
+
 # The torch model -----------------------------------------------------------------------------------------
 
 _TORCH_MODEL_CLASSES = ('TorchResNet', 'BasicBlock', 'WSConv2d', 'stage_widths')
@@ -58,11 +66,14 @@ def __getattr__(name):
 
 def create_torch_model(model_config, num_classes: int = input_pipeline.NUM_CLASSES):
   """The torch twin of `builders.create_model` for `config.model` (float32 only)."""
+  if model_config.name in models.PRETRAINED_FAMILIES:
+    return _finetune().create_model(model_config, num_classes)
   from cifar_jax import torch_models  # pylint: disable=g-import-not-at-top
   if model_config.name not in torch_models.TORCH_MODELS:
     raise ValueError(f'model.name must be one of {sorted(torch_models.TORCH_MODELS)}, '
                      f'got {model_config.name!r}')
   attributes = builders.model_attributes(model_config)
+  attributes.pop('frozen_bn', None)  # torch: the train loop keeps frozen BatchNorm in eval mode
   return torch_models.create_torch_model(model_config.name, num_classes=num_classes, **attributes)
 
 
@@ -333,6 +344,11 @@ def create_torch_scheduler(optimizer, schedule_config, num_epochs: int, steps_pe
         final_div_factor=c.final_div_factor, three_phase=c.three_phase)
   elif name == 'constant':
     main = sched.LambdaLR(optimizer, lambda _: 1.0)
+  elif name == 'warmup_cosine':
+    main = sched.LambdaLR(optimizer, schedules.warmup_cosine_lambda(c.warmup_steps, run_length))
+  elif name == 'bit_hyperrule':
+    rule = schedules.bit_hyperrule(1.0, c.dataset_size)  # BiT's lr at base 1: the factor of each group's
+    main = sched.LambdaLR(optimizer, lambda t: float(rule.values_f64(t)))
   else:  # plateau
     main = sched.ReduceLROnPlateau(
         optimizer, mode=c.plateau_mode, factor=c.factor, patience=c.patience, threshold=c.threshold,
@@ -402,10 +418,14 @@ def default_device() -> str:
   return 'cuda' if _torch().cuda.is_available() else 'cpu'
 
 
-def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan: bool = True) -> dict:
-  """One pass of SGD over `batches`; `after_step(i)` runs after the i-th optimizer step."""
+def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan: bool = True,
+                clip_grad_norm: float = 0.0, frozen_bn: bool = False) -> dict:
+  """One pass of SGD over `batches`; `after_step(i)` runs after the i-th optimizer step. Fine-tuning:
+  gradients clipped (torch's clip_grad_norm_, > 0), BatchNorm kept in eval mode (`frozen_bn`)."""
   torch = _torch()
   model.train()
+  if frozen_bn or clip_grad_norm > 0:
+    _finetune().set_train_mode(model, frozen_bn)
   loss_sum = torch.zeros((), dtype=torch.float64, device=device)
   correct = torch.zeros((), dtype=torch.int64, device=device)
   count, steps = 0, 0
@@ -416,6 +436,8 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
     loss = torch.nn.functional.cross_entropy(logits, y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if clip_grad_norm > 0:
+      _finetune().clip_gradients(model, clip_grad_norm)
     lr, momentum = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['momentum']
     optimizer.step()
     if after_step is not None:
@@ -600,8 +622,14 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   config_lib.validate_against_run(config, steps_per_epoch)
 
   torch.manual_seed(config.seed)
-  model = create_torch_model(config.model).to(device)
-  optimizer = create_torch_optimizer(model.parameters(), config.optimizer)
+  model = create_torch_model(config.model)
+  if config.init_from.path:
+    _finetune().load_init_from(model, config)
+  model = model.to(device)
+  if builders.finetuning(config):
+    optimizer = _finetune().create_optimizer(model, config)
+  else:
+    optimizer = create_torch_optimizer(model.parameters(), config.optimizer)
   main_epochs = builders.main_schedule_epochs(config)
   scheduler = create_torch_scheduler(optimizer, config.schedule, main_epochs, steps_per_epoch)
   after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
@@ -628,7 +656,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
       hook = functools.partial(after_batch, epoch)
     epoch_start = time.perf_counter()
     train = train_epoch(model, optimizer, torch_batches(dataset, config, epoch, data_mode), device,
-                        hook, config.halt_on_nan)
+                        hook, config.halt_on_nan, config.optimizer.clip_grad_norm, config.model.frozen_bn)
     if device.type == 'cuda':
       torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - epoch_start

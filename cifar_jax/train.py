@@ -23,6 +23,7 @@ from cifar_jax import input_pipeline
 from cifar_jax import loop
 from cifar_jax import metrics_writer
 from cifar_jax import parallel
+from cifar_jax import pretrained
 from cifar_jax import program as program_lib
 from cifar_jax import steps
 from cifar_jax import swag
@@ -57,15 +58,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   parallel.initialize_distributed(config.distributed)
   compilation_cache.configure(config.compilation_cache)
+  # Pretrained weights are read and checked before anything is written; a resumed run ignores them.
+  init = None
+  if config.get('init_from') is not None and config.init_from.path:
+    if pretrained.has_checkpoint(workdir):
+      logging.info('Resuming %s from its checkpoint; init_from.path=%s is not read.', workdir,
+                   config.init_from.path)
+    else:
+      init = pretrained.load(config)
   os.makedirs(workdir, exist_ok=True)
   # One writer per workdir, taken before anything reads or writes its checkpoints or metrics.
   with workdir_lock.WorkdirLock(workdir, hold=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir, actions, laps, imports)
+    return _train_and_evaluate(config, workdir, actions, laps, imports, init)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions, laps: timing.Laps,
-                        imports: float) -> steps.TrainState:
-  """`train_and_evaluate` once the workdir is this run's."""
+                        imports: float, init=None) -> steps.TrainState:
+  """`train_and_evaluate` once the workdir is this run's; `init`: `pretrained.load`'s, or None."""
   par = parallel.create(config.parallelism, num_seeds=config.num_seeds, seed_devices=config.seed_devices)
   logging.info('parallelism=%s: batch %d over %d devices (%d processes)', par.mode,
                config.batch_size, par.data_devices, jax.process_count())
@@ -101,7 +110,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions
   # devices, whatever their number; the steps take it in their layout. With several seeds every per-seed
   # tree has a leading seed axis, split over 'seeds'.
   with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-    fresh = pool.submit(lambda: par.place_per_seed(initial.compute()))
+    fresh = pool.submit(lambda: par.place_per_seed(pretrained.initialize(initial.compute(), init,
+                                                                         config.num_seeds)))
     program = program_lib.Program.compile(config, model, par, dataset, *shapes,
                                           *builders.seed_data_keys(config),
                                           first_step=max(manager.all_steps(), default=0))

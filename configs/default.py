@@ -47,6 +47,18 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.shakedrop = ml_collections.ConfigDict()
   config.model.shakedrop.p_last = 1.0
   config.model.shakedrop.level = 'image'
+  # The families that start from ImageNet weights (torchvision_resnet18 / 34 / 50, efficientnet_lite0;
+  # README, "Fine-tuning pretrained weights"): the batch is resized on the device to image_size (0 = 32 px);
+  # resize_size > image_size: training resizes to it and crops image_size at random (BiT: 160, 128), eval
+  # resizes to image_size. normalization: the weights' (auto: imagenet mean / std for the ResNets,
+  # inception [-1, 1] for EfficientNet-Lite) | imagenet | inception
+  config.model.image_size = 0
+  config.model.resize_size = 0
+  config.model.normalization = 'auto'
+  # True: every BatchNorm normalises with its running statistics and keeps them, in training too
+  config.model.frozen_bn = False
+  config.model.dropout_rate = 0.2  # efficientnet_lite0: before fc (the package's default)
+  config.model.drop_connect_rate = 0.2  # efficientnet_lite0: block i of 16 drops its branch at rate * i / 16
 
   config.data = ml_collections.ConfigDict()
   config.data.source = 'tfds'  # tfds | npz | cifar10_python | images (scripts/gpu_bundle.py) | synthetic
@@ -65,6 +77,25 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.momentum = 0.9
   config.optimizer.nesterov = False
   config.optimizer.weight_decay = 5e-4
+  config.optimizer.clip_grad_norm = 0.0  # > 0: torch's clip_grad_norm_ of the trained parameters' gradients
+
+  # Pretrained weights (cifar_jax/pretrained.py; README, "Fine-tuning pretrained weights"). path: a torch
+  # state dict (.pt / .pth / .bin, read with weights_only=True), a .safetensors file, or for layout
+  # cifar_jax an exported .npz or a workdir. layout: how its keys are spelled, torchvision_resnet |
+  # timm_resnet | efficientnet_lite | cifar_jax. strict: every key must map (the head may differ in its class
+  # count: it is then zeros). A run that resumes from its own checkpoint ignores init_from.
+  config.init_from = ml_collections.ConfigDict()
+  config.init_from.path = ''
+  config.init_from.layout = ''
+  config.init_from.strict = True
+  # Fine-tuning by stage (a model's stages: README; e.g. stem, layer1..layer4, head): comma-separated
+  # names. frozen: not trained ('backbone' = every stage but head: a linear probe; pair with
+  # model.frozen_bn=True). lr_multipliers: 'layer1=0.1,layer2=0.3' scale optimizer.lr (the schedule) per
+  # stage. no_weight_decay: stages trained without weight decay.
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.frozen = ''
+  config.finetune.lr_multipliers = ''
+  config.finetune.no_weight_decay = ''
 
   # torch.optim.lr_scheduler semantics, torch's argument names; see cifar_jax/schedules.py.
   config.schedule = ml_collections.ConfigDict()
@@ -94,6 +125,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.schedule.max_momentum = 0.95  # one_cycle (cyclic's torch default is 0.9)
   config.schedule.warmup_epochs = 0  # linear warm-up (LinearLR then the schedule, via SequentialLR)
   config.schedule.warmup_start_factor = 1.0 / 3.0
+  # warmup_cosine (big_vision): lr * step / warmup_steps, then cosine to 0 at the run's end, per batch.
+  # bit_hyperrule (BiT): warm-up and steps / 10 at the support points of dataset_size (< 20k: 100..500;
+  # < 500k: 500, 3k, 6k, 9k, end 10k; else 500, 6k, 12k, 18k, end 20k), per batch
+  config.schedule.warmup_steps = 500
+  config.schedule.dataset_size = 50_000
   # plateau (ReduceLROnPlateau on eval_loss, stepped per epoch)
   config.schedule.factor = 0.1
   config.schedule.patience = 10

@@ -8,6 +8,7 @@ batches. Most tests also check the host float64 values against torch's python fl
 """
 
 import copy
+import math
 import pickle
 import warnings
 
@@ -715,3 +716,49 @@ def test_randomized():
       np.testing.assert_array_equal(np.asarray(ours_mom(np.arange(n))), np.asarray(moms),
                                     err_msg=msg + ' momentum')
       np.testing.assert_array_equal(ours_mom.values_f64(np.arange(n)), moms.f64, err_msg=msg)
+
+
+# Fine-tuning schedules (README, "Fine-tuning pretrained weights") ---------------------------------------
+
+
+def bit_get_lr(step, dataset_size, base_lr=0.003):
+  """big_transfer/bit_hyperrule.py's get_lr, as BiT's torch loop calls it before every step."""
+  supports = (100, 200, 300, 400, 500) if dataset_size < 20_000 else (
+      (500, 3000, 6000, 9000, 10_000) if dataset_size < 500_000 else (500, 6000, 12_000, 18_000, 20_000))
+  if step < supports[0]:
+    return base_lr * step / supports[0]
+  elif step >= supports[-1]:
+    return None
+  else:
+    for s in supports[1:]:
+      if s < step:
+        base_lr /= 10
+    return base_lr
+
+
+@pytest.mark.parametrize('dataset_size, base_lr', [(5_000, 0.003), (50_000, 0.003), (1_000_000, 0.01)])
+def test_bit_hyperrule(dataset_size, base_lr):
+  """The lr BiT's loop writes into torch's param group before each step (`bit_train.py`)."""
+  n = S.bit_supports(dataset_size)[-1]
+
+  def set_lr(opt, c):
+    opt.param_groups[0]['lr'] = bit_get_lr(c + 1, dataset_size, base_lr)
+
+  expected, _ = torch_run(lambda o: o, n, 0.0, step=set_lr)
+  assert_exact(S.bit_hyperrule(base_lr, dataset_size), expected)
+
+
+def big_vision_warmup_cosine(warmup_steps, total_steps):
+  """big_vision utils.create_learning_rate_schedule('cosine', warmup_steps=...) as a factor of the step."""
+  def factor(step):
+    progress = min(max((step - warmup_steps) / float(total_steps - warmup_steps), 0.0), 1.0)
+    lr = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return lr * min(1.0, step / warmup_steps) if warmup_steps else lr
+  return factor
+
+
+@pytest.mark.parametrize('warmup_steps, total_steps, lr', [(500, 10_000, 0.003), (5, 40, 0.01), (0, 30, 0.1)])
+def test_warmup_cosine(warmup_steps, total_steps, lr):
+  expected, _ = torch_run(lambda o: tls.LambdaLR(o, big_vision_warmup_cosine(warmup_steps, total_steps)),
+                          total_steps + 5, lr)
+  assert_exact(S.warmup_cosine(lr, warmup_steps, total_steps), expected)

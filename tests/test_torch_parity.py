@@ -343,7 +343,9 @@ def test_schedulers_build_with_blog_defaults():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05, momentum=0.9)
     scheduler = torch_reference.create_torch_scheduler(optimizer, config.schedule, 10, 7)
     every = torch_reference.schedule_step_every(config.schedule)
-    assert every == ('batch' if name in ('cyclic', 'one_cycle') else 'epoch')
+    assert every == builders.SCHEDULES[name].step_every
+    assert every == ('batch' if name in ('cyclic', 'one_cycle', 'bit_hyperrule', 'warmup_cosine')
+                     else 'epoch')
     if name == 'one_cycle':
       assert scheduler.total_steps == 70
     if name == 'cosine':

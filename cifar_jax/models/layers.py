@@ -179,3 +179,37 @@ def torch_linear(num_classes: int, fan_in: int, dtype: Any, zero_bias: bool = Fa
   """torch's nn.Linear with its default init (bias zeroed, as Shake-Shake and PyramidNet do, if asked)."""
   return nn.Dense(num_classes, dtype=dtype, kernel_init=dense_kernel_init,
                   bias_init=nn.initializers.zeros if zero_bias else dense_bias_init(fan_in), name=name)
+
+
+# The input of the families that start from ImageNet weights (`torchvision_resnet`, `efficientnet_lite`): the
+# batch arrives normalised with CIFAR's mean and std (`input_pipeline.normalize`); these undo that, resize
+# on the device and normalise as the pretrained weights expect.
+CIFAR_MEAN_RGB = (0.4914, 0.4822, 0.4465)  # input_pipeline.MEAN_RGB
+CIFAR_STD_RGB = (0.2023, 0.1994, 0.2010)  # input_pipeline.STD_RGB
+# name -> (mean, std) of [0, 1] pixels: torchvision's ImageNet statistics, and the TF Lite models' [-1, 1].
+NORMALIZATIONS = {
+    'imagenet': ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    'inception': ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+
+def pretrained_input(x: jax.Array, *, train: bool, image_size: int, resize_size: int, normalization: str,
+                     crop_key: Callable[[], jax.Array] | None = None) -> jax.Array:
+  """CIFAR-normalised NHWC images -> `image_size` px (bilinear, torch's `interpolate(align_corners=False,
+  antialias=False)`), normalised with `NORMALIZATIONS[normalization]`.
+
+  BiT's recipe: in training resize to `resize_size` and crop `image_size` at a random place per image
+  (`crop_key()` draws the key); in eval resize straight to `image_size`. 0 keeps the size it is given.
+  """
+  x = x.astype(jnp.float32) * jnp.asarray(CIFAR_STD_RGB, jnp.float32) + jnp.asarray(CIFAR_MEAN_RGB,
+                                                                                    jnp.float32)
+  n, h, _, c = x.shape
+  size = image_size or h
+  if train and resize_size > size:
+    x = jax.image.resize(x, (n, resize_size, resize_size, c), 'bilinear', antialias=False)
+    offsets = jax.random.randint(crop_key(), (n, 2), 0, resize_size - size + 1)
+    x = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (size, size, c)))(x, offsets)
+  elif size != h:
+    x = jax.image.resize(x, (n, size, size, c), 'bilinear', antialias=False)
+  mean, std = NORMALIZATIONS[normalization]
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)

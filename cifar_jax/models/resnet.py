@@ -18,8 +18,16 @@ from cifar_jax.models import shake
 STAGE_WIDTHS = (64, 128, 256, 512)
 STAGE_SIZES = {'resnet18': (2, 2, 2, 2), 'resnet9': (1, 1, 1, 1)}
 NORMS = ('batch', 'group_ws')
+STAGES = ('stem', 'layer1', 'layer2', 'layer3', 'layer4', 'head')
 
 ModuleDef = Any
+
+
+def stage_of(top_name: str) -> str:
+  """The fine-tuning stage of a top-level module: stem, layer1..layer4, head."""
+  if top_name in ('conv1', 'bn1'):
+    return 'stem'
+  return 'head' if top_name == 'fc' else top_name.split('_')[0]
 
 
 class BasicBlock(nn.Module):
@@ -69,6 +77,7 @@ class ResNet(nn.Module):
   conv_impl: str = 'xla'
   shakedrop_p_last: float = 1.0
   shakedrop_level: str = 'image'
+  frozen_bn: bool = False  # BatchNorm normalises with and keeps its running statistics, in training too
 
   def widths(self) -> tuple[int, ...]:
     return tuple(max(1, int(round(w * self.width_multiplier))) for w in STAGE_WIDTHS)
@@ -77,7 +86,7 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     if self.norm == 'batch':
       conv_cls = nn.Conv
-      norm = layers.batch_norm(train, self.dtype, self.bn_momentum, self.axis_name)
+      norm = layers.batch_norm(train and not self.frozen_bn, self.dtype, self.bn_momentum, self.axis_name)
     elif self.norm == 'group_ws':
       conv_cls = layers.StdConv
       # torch's nn.GroupNorm(C // 4, C): biased two-pass variance, eps 1e-5.
