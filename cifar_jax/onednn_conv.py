@@ -10,6 +10,10 @@ library under ~/.cache/cifar_jax, registers the three handlers and gives them a 
 which the handler spreads over the cores, one convolution per core on one thread (BENCHMARKS.md, "Seeds
 in one run").
 
+Float32 always; bfloat16 (all three operands, float32 accumulation inside oneDNN, the result rounded once,
+as XLA's bfloat16 convolution does) where the CPU has bfloat16 instructions (`bfloat16_flag`: AVX512-BF16
+or AMX-BF16), since elsewhere oneDNN would emulate them and XLA's is the better choice.
+
 `available()` says whether it can be used here; `conv_general_dilated` hands every convolution it does not
 support (`supports`) to lax; callers pick it only when `available()` is true
 (`models.ResNet(conv_impl='onednn')`, chosen by `builders.conv_impl`).
@@ -38,6 +42,10 @@ TARGETS = {
     'backward_weights': 'OnednnConvBackwardWeights',
 }
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+# /proc/cpuinfo flags of the CPUs on which oneDNN runs bfloat16 convolutions natively (AVX512-BF16 on
+# Cooper Lake, Zen 4 and later; AMX-BF16 on Sapphire Rapids and later).
+BFLOAT16_FLAGS = ('amx_bf16', 'avx512_bf16')
+CPUINFO = '/proc/cpuinfo'
 
 _lock = threading.Lock()
 _state = {'loaded': None, 'error': None}
@@ -152,6 +160,34 @@ def available() -> bool:
   return True
 
 
+@functools.cache
+def bfloat16_flag() -> str | None:
+  """The CPU flag (`BFLOAT16_FLAGS`) that makes oneDNN's bfloat16 convolutions native here, or None."""
+  try:
+    with open(CPUINFO, encoding='utf-8', errors='replace') as f:
+      flags = {word for line in f if line.startswith('flags') for word in line.split(':', 1)[1].split()}
+  except OSError:
+    return None
+  return next((flag for flag in BFLOAT16_FLAGS if flag in flags), None)
+
+
+def dtypes() -> tuple:
+  """The dtypes this CPU's oneDNN convolutions take: float32, and bfloat16 where `bfloat16_flag()`."""
+  return (jnp.float32, jnp.bfloat16) if bfloat16_flag() else (jnp.float32,)
+
+
+def describe(conv_impl: str, dtype) -> str:
+  """Whose convolutions a model with `conv_impl` and compute `dtype` runs, and why (for the run's log)."""
+  if conv_impl != 'onednn':
+    return f'XLA\'s, {jnp.dtype(dtype).name}'
+  if jnp.dtype(dtype) == jnp.float32:
+    return 'oneDNN\'s, float32'
+  if jnp.dtype(dtype) in dtypes():
+    return f'oneDNN\'s, {jnp.dtype(dtype).name} (the CPU has {bfloat16_flag()})'
+  return (f'XLA\'s, {jnp.dtype(dtype).name} (the CPU has none of {", ".join(BFLOAT16_FLAGS)}, so '
+          'oneDNN would emulate it)')
+
+
 def _attrs(strides, padding) -> dict:
   (pt, pb), (pl, pr) = padding
   return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]), pad_top=np.int64(pt),
@@ -164,14 +200,15 @@ def _call(target: str, out_shape, a, b, strides, padding):
   # spreads the seeds' convolutions over the cores (csrc/onednn_conv.cc, `Run`).
   load()  # registered (once) before any program that calls it compiles or loads from a cache
   return jax.ffi.ffi_call(_target_name(target, _state['loaded']),
-                          jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          jax.ShapeDtypeStruct(out_shape, a.dtype),
                           vmap_method='expand_dims')(a, b, **_attrs(strides, padding))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def conv_nhwc(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
               padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-  """A float32 NHWC x HWIO convolution with explicit padding, through oneDNN."""
+  """An NHWC x HWIO convolution with explicit padding, through oneDNN (float32, or bfloat16 where
+  `dtypes()` has it: operands and result bfloat16, accumulated in float32)."""
   out_shape = jax.eval_shape(
       lambda a, b: lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_NHWC),
       x, kernel).shape
@@ -197,7 +234,7 @@ def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dime
   """Whether this `lax.conv_general_dilated` call is one the oneDNN handlers cover."""
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-  return (lhs.ndim == 4 and lhs.dtype == jnp.float32 and rhs.dtype == jnp.float32
+  return (lhs.ndim == 4 and lhs.dtype == rhs.dtype and lhs.dtype in dtypes()
           and dims == nhwc and feature_group_count == 1 and batch_group_count == 1
           and all(d == 1 for d in (lhs_dilation or (1, 1)))
           and all(d == 1 for d in (rhs_dilation or (1, 1)))
@@ -207,7 +244,8 @@ def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dime
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated` through oneDNN where it applies (float32 NHWC 2-D), lax otherwise."""
+  """`lax.conv_general_dilated` through oneDNN where it applies (`supports`: NHWC 2-D in float32, or
+  bfloat16 on CPUs with bfloat16 instructions), lax otherwise."""
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           feature_group_count, batch_group_count)
   if preferred_element_type is not None or not supports(*args):

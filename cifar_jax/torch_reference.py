@@ -8,6 +8,7 @@ between it and `models.ResNet`; `torch_batches` yields either exactly the JAX tr
 `cifar_jax` never needs it.
 """
 
+import contextlib
 import copy
 import functools
 import importlib
@@ -65,7 +66,8 @@ def __getattr__(name):
 
 
 def create_torch_model(model_config, num_classes: int = input_pipeline.NUM_CLASSES):
-  """The torch twin of `builders.create_model` for `config.model` (float32 only)."""
+  """The torch twin of `builders.create_model` for `config.model` (float32; bfloat16 runs it under
+  `autocast`)."""
   if model_config.name in models.PRETRAINED_FAMILIES:
     return _finetune().create_model(model_config, num_classes)
   from cifar_jax import torch_models  # pylint: disable=g-import-not-at-top
@@ -418,10 +420,20 @@ def default_device() -> str:
   return 'cuda' if _torch().cuda.is_available() else 'cpu'
 
 
+def autocast(dtype: str, device):
+  """The forward pass's context for `model.dtype`: torch.autocast(bfloat16) on `device`'s type for
+  'bfloat16' (the JAX model's mixed precision: docs/architecture.md, "Mixed precision"), none for float32."""
+  torch = _torch()
+  if dtype == 'bfloat16':
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
 def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan: bool = True,
-                clip_grad_norm: float = 0.0, frozen_bn: bool = False) -> dict:
+                clip_grad_norm: float = 0.0, frozen_bn: bool = False, dtype: str = 'float32') -> dict:
   """One pass of SGD over `batches`; `after_step(i)` runs after the i-th optimizer step. Fine-tuning:
-  gradients clipped (torch's clip_grad_norm_, > 0), BatchNorm kept in eval mode (`frozen_bn`)."""
+  gradients clipped (torch's clip_grad_norm_, > 0), BatchNorm kept in eval mode (`frozen_bn`). With
+  dtype='bfloat16' the forward pass and the loss run under `autocast` (the backward pass follows it)."""
   torch = _torch()
   model.train()
   if frozen_bn or clip_grad_norm > 0:
@@ -432,8 +444,9 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
   lr, momentum = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['momentum']
   for i, (x, y) in enumerate(batches):
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    logits = model(x)
-    loss = torch.nn.functional.cross_entropy(logits, y)
+    with autocast(dtype, device):
+      logits = model(x)
+      loss = torch.nn.functional.cross_entropy(logits, y)  # float32: autocast's list
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad_norm > 0:
@@ -454,16 +467,16 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
           'learning_rate': lr, 'momentum': momentum, 'num_steps': steps, 'num_images': count}
 
 
-def evaluate_torch(model, dataset, batch_size: int, device) -> dict:
-  """Mean cross-entropy and accuracy of `model` (eval mode) on the eval split."""
+def evaluate_torch(model, dataset, batch_size: int, device, dtype: str = 'float32') -> dict:
+  """Mean cross-entropy and accuracy of `model` (eval mode, under `autocast(dtype)`) on the eval split."""
   torch = _torch()
   model.eval()
   loss_sum, correct = 0.0, 0
-  with torch.no_grad():
+  with torch.no_grad(), autocast(dtype, device):
     for x, y in torch_eval_batches(dataset, batch_size):
       x, y = x.to(device), y.to(device)
       logits = model(x)
-      loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction='sum').item()
+      loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction='sum').item()
       correct += (logits.argmax(1) == y).sum().item()
   n = max(dataset.num_eval, 1)
   return {'eval_loss': loss_sum / n, 'eval_accuracy': correct / n}
@@ -496,10 +509,11 @@ def _swa_step_hook(swa_model, model, steps_before: int, every: int, swag, i: int
       swag.collect(model)
 
 
-def _update_bn(loader, swa_model, device) -> None:
+def _update_bn(loader, swa_model, device, dtype: str = 'float32') -> None:
   from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
 
-  swa_utils.update_bn(((x.to(device), y) for x, y in loader), swa_model, device=None)
+  with autocast(dtype, device):  # the statistics stay float32, of bfloat16 activations as in training
+    swa_utils.update_bn(((x.to(device), y) for x, y in loader), swa_model, device=None)
 
 
 class TorchSwag:
@@ -549,12 +563,12 @@ class TorchSwag:
         p.copy_(sample[name])
 
 
-def eval_log_probs_torch(model, dataset, batch_size: int, device):
+def eval_log_probs_torch(model, dataset, batch_size: int, device, dtype: str = 'float32'):
   """(log_softmax of `model`'s logits (eval mode) on the eval split, labels), as numpy float32 / int."""
   torch = _torch()
   model.eval()
   out, labels = [], []
-  with torch.no_grad():
+  with torch.no_grad(), autocast(dtype, device):
     for x, y in torch_eval_batches(dataset, batch_size):
       out.append(torch.log_softmax(model(x.to(device)).float(), dim=1).cpu().numpy())
       labels.append(y.numpy())
@@ -580,8 +594,10 @@ def swag_evaluate_torch(swag: 'TorchSwag', model, config, dataset, recalibration
     if s.diag_only:
       z2 = torch.zeros_like(z2)
     swag.load_sample(sample_model, swag.sample(s.scale, z1, z2))
-    _update_bn(itertools.islice(recalibration_batches(), num_batches), sample_model, device)
-    sample_log_probs, labels = eval_log_probs_torch(sample_model, dataset, config.eval_batch_size, device)
+    _update_bn(itertools.islice(recalibration_batches(), num_batches), sample_model, device,
+               config.model.dtype)
+    sample_log_probs, labels = eval_log_probs_torch(sample_model, dataset, config.eval_batch_size, device,
+                                                    config.model.dtype)
     log_probs.append(sample_log_probs)
   mean_log_probs = calibration.mean_log_probs(jnp.asarray(np.stack(log_probs)))
   return calibration.calibration_sums(mean_log_probs, jnp.asarray(labels), jnp.ones(labels.shape))
@@ -591,7 +607,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   """Trains the blog's torch model with `config`, evaluating every epoch.
 
   Args:
-    config: the config the JAX trainer takes (validated the same way; float32 only). With swa.enabled,
+    config: the config the JAX trainer takes (validated the same way; model.dtype='bfloat16' runs the
+      forward passes under torch.autocast(bfloat16), params and optimizer state float32). With swa.enabled,
       the SWA phase is torch.optim.swa_utils as the JAX trainer runs it: from swa.start_epoch on, lr
       swa.lr (or SWALR stepped at each SWA epoch's start), AveragedModel updated after every epoch
       (or every swa.update_every_steps steps), update_bn before each SWA evaluation.
@@ -607,9 +624,6 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   config_lib.validate(config)
   if data_mode not in DATA_MODES:
     raise ValueError(f'data_mode must be one of {list(DATA_MODES)}, got {data_mode!r}')
-  if config.model.dtype != 'float32':
-    raise config_lib.ConfigError(
-        f'model.dtype: the torch reference runs float32 only, got {config.model.dtype!r}')
   device = torch.device(device or default_device())
   if dataset is None:
     dataset = input_pipeline.load_dataset(config.data, config.seed)
@@ -656,7 +670,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
       hook = functools.partial(after_batch, epoch)
     epoch_start = time.perf_counter()
     train = train_epoch(model, optimizer, torch_batches(dataset, config, epoch, data_mode), device,
-                        hook, config.halt_on_nan, config.optimizer.clip_grad_norm, config.model.frozen_bn)
+                        hook, config.halt_on_nan, config.optimizer.clip_grad_norm, config.model.frozen_bn,
+                        config.model.dtype)
     if device.type == 'cuda':
       torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - epoch_start
@@ -675,8 +690,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
                              config.num_epochs + epoch, data_mode, data_key=recal_key)
 
       if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
-        _update_bn(recalibration_batches(), swa_model, device)
-        swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device)
+        _update_bn(recalibration_batches(), swa_model, device, config.model.dtype)
+        swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device, config.model.dtype)
         swa_record = {'swa_eval_loss': swa_evals['eval_loss'],
                       'swa_eval_accuracy': swa_evals['eval_accuracy']}
       swa_record['swa_count'] = int(swa_model.n_averaged)
@@ -684,7 +699,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
         swag_sums = swag_evaluate_torch(swag, model, config, dataset, recalibration_batches, steps_per_epoch,
                                         device)
         swa_record.update({f'swag_eval_{k}': v for k, v in calibration.summarize(swag_sums).items()})
-    evals = evaluate_torch(model, dataset, config.eval_batch_size, device)
+    evals = evaluate_torch(model, dataset, config.eval_batch_size, device, config.model.dtype)
     record = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch,
               'train_loss': train['train_loss'], 'train_accuracy': train['train_accuracy'],
               'eval_loss': evals['eval_loss'], 'eval_accuracy': evals['eval_accuracy'],

@@ -22,6 +22,7 @@ from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import loop
 from cifar_jax import metrics_writer
+from cifar_jax import onednn_conv
 from cifar_jax import parallel
 from cifar_jax import pretrained
 from cifar_jax import program as program_lib
@@ -140,8 +141,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions
     return _returned(par, state, config)
   if start_step:
     logging.info('Resuming from step %d (epoch %d).', start_step, start_step // spe)
-  logging.info('Convolutions: %s (model.conv=%s); up to %d train steps per call.', model.conv_impl,
-               config.model.get('conv', 'auto'), program.max_steps_per_call)
+  logging.info('Convolutions: %s (model.conv=%s, model.dtype=%s); up to %d train steps per call.',
+               onednn_conv.describe(model.conv_impl, model.dtype), config.model.get('conv', 'auto'),
+               config.model.dtype, program.max_steps_per_call)
   laps.lap('init')
   startup = imports + sum(laps.seconds.values())
   logging.info('Start-up %.1f s before the first step: imports %.1f, devices %.1f, data %.1f, init %.1f, '

@@ -26,7 +26,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.norm = 'batch'  # batch | group_ws
   config.model.width_multiplier = 1.0  # stage widths 64/128/256/512 times this
   config.model.zero_init_residual = True
-  config.model.dtype = 'float32'  # float32 | bfloat16 (compute dtype; params and BN stats stay float32)
+  # float32 | bfloat16: the compute dtype (mixed precision: convolutions, matmuls and activations in
+  # bfloat16; params, optimizer state, BatchNorm statistics, loss, SWA/SWAG and metrics stay float32;
+  # docs/architecture.md). On a CPU with avx512_bf16 or amx_bf16 the convolutions are oneDNN's bfloat16
+  # ones (README, Speed); on other CPUs and on GPUs, XLA's bfloat16 convolutions.
+  config.model.dtype = 'float32'
   # auto | xla | onednn: convolutions through oneDNN on a one-device CPU run (auto), or XLA's own
   config.model.conv = 'auto'
   # shake_shake (Shake-Shake-depth 2x{base_width}d) and pyramidnet (PyramidNet-depth, alpha): README,

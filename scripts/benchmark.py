@@ -22,8 +22,11 @@ Variants, each in its own subprocess:
                        torch_compile_channels_last, compiled and channels_last (compile_channels_last).
 On a GPU every torch variant sets torch.backends.cudnn.benchmark (cuDNN picks its fastest convolutions).
 The torch step also reads uint8 NHWC images already on the device and does crop + flip + normalize there.
---dtype=bfloat16 is the JAX model's compute dtype (params and BatchNorm statistics stay float32) and
-torch.autocast(bfloat16) for torch. Everything runs on the first device (JAX) / 'cuda' if available (torch).
+--dtype=bfloat16 is the JAX model's compute dtype (params and BatchNorm statistics stay float32: mixed
+precision, docs/architecture.md) and torch.autocast(bfloat16) for torch. --dtype=float32,bfloat16 runs every
+variant in both, as separate workers taking turns in the same windows (keys `jax_float32`,
+`torch_channels_last_bfloat16`, ...; `bfloat16_over_float32_train` gives each variant's ratio). Everything
+runs on the first device (JAX) / 'cuda' if available (torch).
 
 Like scripts/bench_devices.py, every worker first compiles and warms up, then they take turns window by
 window (--windows of --steps train steps, then of --steps eval batches), so a noisy or shared machine slows
@@ -67,12 +70,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_MODES = ('eager', 'channels_last', 'compile', 'compile_channels_last')
 JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain')
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
+DTYPES = ('float32', 'bfloat16')
 
 
 def _variant_key(name: str) -> str:
+  """'jax', 'jax_xla', 'torch', 'torch_channels_last', ...; with '@dtype' (several --dtype), '_dtype'
+  added."""
+  name, _, dtype = name.partition('@')
   if name.startswith('jax'):
-    return 'jax' if name == 'jax:default' else name.replace(':', '_')
-  return 'torch' if name == 'eager' else f'torch_{name}'
+    key = 'jax' if name == 'jax:default' else name.replace(':', '_')
+  else:
+    key = 'torch' if name == 'eager' else f'torch_{name}'
+  return f'{key}_{dtype}' if dtype else key
 
 
 def _rss_mb() -> float:
@@ -382,7 +391,9 @@ def main() -> None:
   parser.add_argument('--width', type=float, default=0.25, help='model.width_multiplier')
   parser.add_argument('--batch', type=int, default=128, help='train batch')
   parser.add_argument('--eval_batch', type=int, default=0, help='eval batch (0: --batch)')
-  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'))
+  parser.add_argument('--dtype', default='float32',
+                      help='float32 | bfloat16 | float32,bfloat16 (every variant in each, in the same '
+                           'windows)')
   parser.add_argument('--steps', type=int, default=5, help='train steps (and eval batches) per window')
   parser.add_argument('--windows', type=int, default=3, help='timed windows per variant')
   parser.add_argument('--torch_modes', default='eager,channels_last',
@@ -406,11 +417,16 @@ def main() -> None:
   args = parser.parse_args()
   args.eval_batch = args.eval_batch or args.batch
   if args.worker:
-    if args.worker.startswith('jax:'):
-      _jax_worker(args, args.worker.split(':', 1)[1])
+    worker, _, dtype = args.worker.partition('@')
+    args.dtype = dtype or args.dtype
+    if worker.startswith('jax:'):
+      _jax_worker(args, worker.split(':', 1)[1])
     else:
-      _torch_worker(args, args.worker)
+      _torch_worker(args, worker)
     return
+  dtypes = args.dtype.split(',')
+  if not dtypes or any(d not in DTYPES for d in dtypes) or len(set(dtypes)) < len(dtypes):
+    parser.error(f'--dtype: one or both of {list(DTYPES)}, comma-separated; got {args.dtype!r}')
 
   torch_modes = [m for m in args.torch_modes.split(',') if m]
   bad = [m for m in torch_modes if m not in TORCH_MODES]
@@ -421,6 +437,8 @@ def main() -> None:
   if bad:
     parser.error(f'--jax_settings: unknown {bad}; choose from {list(JAX_SETTINGS)}')
   variants = [f'jax:{x}' for x in jax_settings] + torch_modes
+  if len(dtypes) > 1:
+    variants = [f'{v}@{d}' for v in variants for d in dtypes]
   if not variants:
     parser.error('nothing to run')
   common = [f'--model={args.model}', f'--width={args.width}', f'--batch={args.batch}',
@@ -459,7 +477,7 @@ def main() -> None:
           f'{_variant_key(v)} train {rates[v]["train"][-1]:.0f} eval {rates[v]["eval"][-1]:.0f}'
           for v in variants), flush=True)
     end_to_end = None
-    if args.end_to_end and 'jax:default' in variants:
+    if args.end_to_end and 'jax:default' in variants:  # one --dtype only
       end_to_end = _end_to_end(args)
       epochs = ', '.join(f'{x:.0f}' for x in end_to_end['epoch_images_per_second'])
       print(f'end to end: cifar-jax epochs at {epochs} img/s', flush=True)
@@ -497,6 +515,12 @@ def main() -> None:
       jax_r['train_images_per_second'] / eager_r['train_images_per_second'] if jax_r and eager_r else None)
   results['jax_over_torch_eager_eval'] = (
       jax_r['eval_images_per_second'] / eager_r['eval_images_per_second'] if jax_r and eager_r else None)
+  if len(dtypes) > 1:
+    results['bfloat16_over_float32_train'] = {
+        _variant_key(v.partition('@')[0]): (results[_variant_key(v)]['train_images_per_second'] /
+                                             results[_variant_key(f"{v.partition('@')[0]}@float32")][
+                                                 'train_images_per_second'])
+        for v in variants if v.endswith('@bfloat16') and f"{v.partition('@')[0]}@float32" in variants}
   if end_to_end:
     end_to_end['over_bare_step'] = (end_to_end['train_images_per_second'] /
                                     results['jax']['train_images_per_second'])
@@ -521,6 +545,8 @@ def main() -> None:
     r = results[_variant_key(v)]
     print(f'  {_variant_key(v):<20} {r["train_images_per_second"]:12.1f} '
           f'{r["eval_images_per_second"]:12.1f} {r["compile_seconds"]:10.2f} {r["peak_memory_mb"]:9.0f}')
+  for key, ratio in results.get('bfloat16_over_float32_train', {}).items():
+    print(f'  {key}: bfloat16 / float32 train {ratio:.2f}x')
   if results['jax_over_torch_eager_train'] is not None:
     print(f'  jax / torch eager: train {results["jax_over_torch_eager_train"]:.2f}x, '
           f'eval {results["jax_over_torch_eager_eval"]:.2f}x')

@@ -12,6 +12,8 @@ over the SWA phase (the torch twin with the reference's formulas, torch_referenc
 gains the SWAG Bayesian model average's accuracy, NLL, ECE and Brier per framework. Each run lives in
 WORKDIR/{jax,torch}/seed_{i}; a finished run is not retrained, so `--only=jax` and `--only=torch` can split
 a long comparison across sessions. A JAX run resumes from its checkpoint; an unfinished torch run restarts.
+With --config.model.dtype=bfloat16 the two run in mixed precision: JAX with bfloat16 compute and float32
+state (docs/architecture.md, "Mixed precision"), torch under torch.autocast(device, dtype=torch.bfloat16).
 """
 
 import os
@@ -136,13 +138,21 @@ def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
   return f'{mean:.{digits}f} ± {std:.{digits}f}'
 
 
+def precision(dtype: str) -> str:
+  """How each framework computes under `model.dtype`, for the comparison's header."""
+  if dtype == 'bfloat16':
+    return ('bfloat16 mixed precision (JAX: model.dtype=bfloat16, float32 params and state; torch: '
+            'torch.autocast(bfloat16))')
+  return 'float32'
+
+
 def write_markdown(path: str, summary: dict, config, command: str, devices: dict) -> None:
   lines = [
       '# JAX vs PyTorch', '',
       f'Config: model {config.model.name} width {config.model.width_multiplier} ({config.model.norm}), '
       f'schedule {config.schedule.name}, {config.num_epochs} epochs, batch {config.batch_size}, '
       f'data {config.data.source} (validation_size {config.data.validation_size}), torch data: '
-      f'{FLAGS.data_mode}.', '',
+      f'{FLAGS.data_mode}. Precision: {precision(config.model.dtype)}.', '',
       f'Command: `{command}`', '',
       '| framework | seeds | final accuracy (%) | best accuracy (%) | wall time (s) '
       '| images/s (median epoch) | device |',

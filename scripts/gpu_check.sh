@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One NVIDIA GPU for a few minutes (sized for one H200 lent for 15 minutes, 10 a command): one deadline-
-# driven run that keeps every row it measures and cannot pass CPU numbers off as GPU numbers.
+# One NVIDIA GPU node, often without internet access: one deadline-driven run of a few minutes that keeps
+# every row it measures and cannot pass CPU numbers off as GPU numbers.
 #
-#   python scripts/gpu_bundle.py                  # where pip and ../shared work: .whl/ and .gpu_data/
-#   OUT=/tmp/gpu_check bash scripts/gpu_check.sh  # on the GPU machine, .whl and .gpu_data beside the tree
-#   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh   # every stage at tiny sizes on the CPU: checks the script
+#   python scripts/gpu_bundle.py                  # where pip and the CIFAR-10 npz are: .whl/ and .gpu_data/
+#   bash scripts/gpu_check.sh --out=/tmp/gpu_check  # on the GPU node, .whl and .gpu_data beside the tree
+#   bash scripts/gpu_check.sh --smoke             # every stage at tiny sizes on the CPU: checks the script
 #
-# Stages, in order of value, each bounded by `timeout` of the time left before the deadline
-# (GPU_CHECK_DEADLINE_S, default 480 s; smoke 330 s); scripts/gpu_stages.py runs each one:
+# Options (each overrides its environment variable): --deadline_s=S (GPU_CHECK_DEADLINE_S; 480, smoke
+# 330), --out=DIR (OUT; /tmp/gpu_check), --data=DIR (GPU_CHECK_DATA; .gpu_data), --work=DIR
+# (GPU_CHECK_WORK; /tmp/gpu_check_work), --smoke (GPU_CHECK_SMOKE=1).
+#
+# Stages, in order of value, each bounded by `timeout` of the time left before the deadline;
+# scripts/gpu_stages.py runs each one:
 #   preflight      versions, devices, settings. JAX's backend must be GPU_CHECK_BACKEND's (gpu; smoke:
 #                  cpu; JAX_PLATFORMS=cuda, smoke cpu), else the script stops with one line before
 #                  measuring anything. torch without CUDA skips the torch stages.
@@ -30,6 +34,18 @@
 # Needs JAX (CUDA), flax, optax, orbax, Pillow and torch. ml_collections, if missing, is installed from
 # .whl/ (python scripts/gpu_bundle.py makes it) into the work folder; without it the trainer's stages fail.
 set -uo pipefail
+for arg in "$@"; do
+  case $arg in
+    --deadline_s=*) GPU_CHECK_DEADLINE_S=${arg#*=} ;;
+    --out=*) OUT=$(realpath -m "${arg#*=}") ;;
+    --data=*) GPU_CHECK_DATA=$(realpath -m "${arg#*=}") ;;
+    --work=*) GPU_CHECK_WORK=$(realpath -m "${arg#*=}") ;;
+    --smoke) GPU_CHECK_SMOKE=1 ;;
+    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown option $arg (--deadline_s=S --out=DIR --data=DIR --work=DIR --smoke)" >&2
+       exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-python3}

@@ -39,7 +39,7 @@ def _jax_profile(args) -> None:
   from cifar_jax import builders  # pylint: disable=g-import-not-at-top
   from cifar_jax import models  # pylint: disable=g-import-not-at-top
 
-  model = models.create_model(args.model, width_multiplier=args.width,
+  model = models.create_model(args.model, width_multiplier=args.width, dtype=builders.DTYPES[args.dtype],
                               conv_impl=builders.conv_impl(config.model))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((args.batch, 32, 32, 3), np.float32))
@@ -73,7 +73,7 @@ def _jax_profile(args) -> None:
     kind = re.sub(r'\.\d+$', '', name)
     total[kind] += e['dur'] / 1e3 / args.steps  # us -> ms, per step
     count[kind] += 1 / args.steps
-  print(f'JAX {args.model} width {args.width}, batch {args.batch}, {args.seeds} seed(s), '
+  print(f'JAX {args.model} width {args.width}, batch {args.batch}, {args.seeds} seed(s), {args.dtype}, '
         f'{model.conv_impl} convolutions: XLA ops, ms per gradient step')
   for kind, ms in total.most_common(args.top):
     print(f'  {ms:8.1f} ms  x{count[kind]:4.0f}  {kind}')
@@ -94,7 +94,8 @@ def _torch_profile(args) -> None:
   x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
 
   def step():
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    with torch_reference.autocast(args.dtype, 'cpu'):
+      loss = torch.nn.functional.cross_entropy(model(x), y)
     optimizer.zero_grad()
     loss.backward()
     optimizer.step()
@@ -104,8 +105,8 @@ def _torch_profile(args) -> None:
   start = time.perf_counter()
   for _ in range(args.steps):
     step()
-  print(f'torch ({args.torch_threads} threads): {(time.perf_counter() - start) / args.steps * 1e3:.1f} '
-        'ms a train step')
+  seconds = (time.perf_counter() - start) / args.steps
+  print(f'torch ({args.torch_threads} threads, {args.dtype}): {seconds * 1e3:.1f} ms a train step')
   with torch.profiler.profile() as prof:
     for _ in range(args.steps):
       step()
@@ -121,6 +122,8 @@ def main() -> None:
   parser.add_argument('--seeds', type=int, default=1, help='k models in one vmap-ed step')
   parser.add_argument('--top', type=int, default=15)
   parser.add_argument('--conv', default='auto', help="config.model.conv: auto | xla | onednn")
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='model.dtype (torch: autocast(bfloat16))')
   parser.add_argument('--torch', action='store_true', help='also profile the torch reference')
   parser.add_argument('--torch_threads', type=int, default=1)
   args = parser.parse_args()

@@ -56,3 +56,24 @@ def test_benchmark_writes_finite_positive_throughputs(tmp_path):
   assert result['config'] == {**result['config'], 'model': 'resnet9', 'batch': 16, 'windows': 2, 'steps': 2,
                               'torch_modes': ['eager'],
                               'jax_settings': ['default', 'plain']}
+
+
+@pytest.mark.slow  # ~80 s on 2 cores: four workers compile
+def test_benchmark_runs_both_dtypes_in_the_same_windows(tmp_path):
+  pytest.importorskip('torch')
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--model=resnet9', '--width=0.125',
+       '--batch=16', '--windows=2', '--steps=1', '--torch_modes=eager', '--dtype=float32,bfloat16',
+       f'--json={out}'],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  result = json.loads(out.read_text())
+  for variant in ('jax_float32', 'jax_bfloat16', 'torch_float32', 'torch_bfloat16'):
+    assert len(result[variant]['train_windows']) == 2 and result[variant]['train_images_per_second'] > 0
+  assert set(result['bfloat16_over_float32_train']) == {'jax', 'torch'}
+  assert result['jax'] is None and result['jax_over_torch_eager_train'] is None
+  bad = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--dtype=float16'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
+  assert bad.returncode == 2 and '--dtype' in bad.stderr

@@ -96,18 +96,24 @@ def test_nested_vmap_is_one_call_per_convolution_and_equals_lax(n, size, cin, co
 
 
 @requires_onednn
-def test_other_convolutions_fall_back_to_lax():
+def test_other_convolutions_fall_back_to_lax(monkeypatch):
   x = jnp.ones((2, 8, 8, 4), jnp.bfloat16)
   w = jnp.ones((3, 3, 4, 4), jnp.bfloat16)
   args = ((1, 1), ((1, 1), (1, 1)))
-  assert not onednn_conv.supports(x, w, *args, None, None, NHWC, 1, 1)  # bfloat16
+  assert onednn_conv.supports(x, w, *args, None, None, NHWC, 1, 1) == bool(onednn_conv.bfloat16_flag())
+  assert not onednn_conv.supports(x, w.astype(jnp.float32), *args, None, None, NHWC, 1, 1)  # mixed
+  assert not onednn_conv.supports(x.astype(jnp.float16), w.astype(jnp.float16), *args, None, None, NHWC,
+                                  1, 1)
+  with monkeypatch.context() as m:  # a CPU without bfloat16 instructions: XLA's bfloat16 convolution
+    m.setattr(onednn_conv, 'bfloat16_flag', lambda: None)
+    assert not onednn_conv.supports(x, w, *args, None, None, NHWC, 1, 1)
+    hlo = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, *args, dimension_numbers=NHWC)
+                  ).lower(x, w).as_text()
+    assert 'custom_call' not in hlo and 'convolution' in hlo
   x32, w32 = x.astype(jnp.float32), w.astype(jnp.float32)
   assert onednn_conv.supports(x32, w32, *args, None, None, NHWC, 1, 1)
   assert not onednn_conv.supports(x32, w32, *args, None, (2, 2), NHWC, 1, 1)  # dilation
   assert not onednn_conv.supports(x32, w32, (1, 1), ((-1, 0), (0, 0)), None, None, NHWC, 1, 1)
-  hlo = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, *args, dimension_numbers=NHWC)
-                ).lower(x, w).as_text()
-  assert 'custom_call' not in hlo and 'convolution' in hlo
   hlo = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(x, w, *args, dimension_numbers=NHWC)
                 ).lower(x32, w32).as_text()
   assert 'cifar_jax_onednn_conv_forward' in hlo
@@ -153,3 +159,124 @@ def test_conv_impl_choice(tiny_config):
     builders.conv_impl(model_config, 2, 'jit')
   with pytest.raises(ValueError, match='conv_impl'):
     models.create_model('resnet9', conv_impl='cudnn').init(jax.random.key(0), jnp.ones((1, 32, 32, 3)))
+
+
+# bfloat16 ------------------------------------------------------------------------------------------------
+
+requires_bfloat16 = pytest.mark.skipif(
+    not onednn_conv.available() or not onednn_conv.bfloat16_flag(),
+    reason=f'no oneDNN bfloat16 convolutions here (needs one of {onednn_conv.BFLOAT16_FLAGS})')
+
+
+def assert_within_bfloat16_rounding(actual, expected, ulps: float = 2.0):
+  """Each element within `ulps` bfloat16 ulps of the reference, measured at the tensor's scale.
+
+  oneDNN and XLA both accumulate in float32 and round once to bfloat16, but in different orders, so
+  an element may land one ulp apart; the ulp is taken at the tensor's largest magnitude, since sums of
+  terms of both signs lose their relative precision near zero (as in any float32 accumulation).
+  """
+  actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+  assert actual.dtype == expected.dtype and actual.shape == expected.shape
+  ulp = 2.0 ** (np.floor(np.log2(np.max(np.abs(expected)))) - 7)  # bfloat16: 8 significant bits
+  np.testing.assert_array_less(np.abs(actual - expected), ulps * ulp + 1e-30)
+
+
+def test_bfloat16_flag_reads_cpuinfo(tmp_path, monkeypatch):
+  cpuinfo = tmp_path / 'cpuinfo'
+  monkeypatch.setattr(onednn_conv, 'CPUINFO', str(cpuinfo))
+  for flags, expected in [('fpu avx512f avx512_vnni', None), ('fpu avx512f avx512_bf16 sse', 'avx512_bf16'),
+                          ('amx_bf16 amx_tile avx512_bf16', 'amx_bf16')]:
+    cpuinfo.write_text(f'processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n')
+    onednn_conv.bfloat16_flag.cache_clear()
+    assert onednn_conv.bfloat16_flag() == expected
+    assert (jnp.bfloat16 in onednn_conv.dtypes()) == (expected is not None)
+    assert onednn_conv.describe('onednn', jnp.bfloat16).startswith(
+        "oneDNN's" if expected else "XLA's")
+  monkeypatch.setattr(onednn_conv, 'CPUINFO', str(tmp_path / 'missing'))
+  onednn_conv.bfloat16_flag.cache_clear()
+  assert onednn_conv.bfloat16_flag() is None
+  monkeypatch.undo()
+  onednn_conv.bfloat16_flag.cache_clear()
+  assert onednn_conv.describe('onednn', jnp.float32) == "oneDNN's, float32"
+  assert onednn_conv.describe('xla', jnp.bfloat16) == "XLA's, bfloat16"
+
+
+@requires_bfloat16
+@pytest.mark.parametrize('n,size,cin,cout,k,stride,padding', CASES)
+def test_bfloat16_forward_and_gradients_equal_lax(n, size, cin, cout, k, stride, padding):
+  rng = np.random.default_rng(size * cin + cout)
+  x = jnp.asarray(rng.normal(size=(n, size, size, cin)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.bfloat16)
+  grad = lambda conv: jax.jit(jax.value_and_grad(  # pylint: disable=g-long-lambda
+      lambda x, w: _conv_loss(conv, x, w, stride, padding), argnums=(0, 1), has_aux=True))
+  (_, y_ref), (dx_ref, dw_ref) = grad(lax.conv_general_dilated)(x, w)
+  (_, y), (dx, dw) = grad(onednn_conv.conv_general_dilated)(x, w)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
+  assert 'cifar_jax_onednn_conv_backward_weights' in grad(onednn_conv.conv_general_dilated).lower(
+      x, w).as_text()
+  assert_within_bfloat16_rounding(y, y_ref)
+  assert_within_bfloat16_rounding(dx, dx_ref)
+  assert_within_bfloat16_rounding(dw, dw_ref)
+
+
+@requires_bfloat16
+def test_bfloat16_nested_vmap_is_one_call_per_convolution_and_equals_lax():
+  """The float32 nested-vmap test in bfloat16: 2 samples of 3 seeds' kernels, the input shared."""
+  n, size, cin, cout, k, stride, padding = CASES[4]
+  rng = np.random.default_rng(7)
+  x = jnp.asarray(rng.normal(size=(3, n, size, size, cin)), jnp.bfloat16)
+  ws = jnp.asarray(rng.normal(size=(2, 3, k, k, cin, cout)) / np.sqrt(k * k * cin), jnp.bfloat16)
+
+  def batched(conv):
+    per_element = jax.value_and_grad(lambda x, w: _conv_loss(conv, x, w, stride, padding),
+                                     argnums=(0, 1), has_aux=True)
+    return jax.jit(jax.vmap(jax.vmap(per_element), in_axes=(None, 0)))
+
+  (_, y_ref), (dx_ref, dw_ref) = batched(lax.conv_general_dilated)(x, ws)
+  (_, y), (dx, dw) = batched(onednn_conv.conv_general_dilated)(x, ws)
+  assert y.shape == y_ref.shape and dx.shape == (2,) + x.shape and dw.dtype == jnp.bfloat16
+  for sample in range(2):
+    for seed in range(3):
+      assert_within_bfloat16_rounding(y[sample, seed], y_ref[sample, seed])
+      assert_within_bfloat16_rounding(dx[sample, seed], dx_ref[sample, seed])
+      assert_within_bfloat16_rounding(dw[sample, seed], dw_ref[sample, seed])
+  hlo = batched(onednn_conv.conv_general_dilated).lower(x, ws).as_text()
+  for target in ('forward', 'backward_data', 'backward_weights'):
+    assert hlo.count(f'cifar_jax_onednn_conv_{target}_') == 1, target
+  assert 'while' not in hlo
+
+
+@requires_bfloat16
+def test_bfloat16_resnet_with_onednn_is_as_close_to_float32_as_with_xla():
+  """Mixed precision through the model (float32 params, bfloat16 convolutions): oneDNN's bfloat16 step
+  is as far from the float32 step as XLA's bfloat16 step is, no further.
+
+  The two bfloat16 steps differ from each other by bfloat16 rounding, which this tiny model (batch 8,
+  width 0.125, BatchNorm's backward subtracting near-equal bfloat16 values) amplifies to ~20% of each
+  gradient; the loss agrees to ~1e-3. So the check is against float32, with XLA's error as the yardstick.
+  """
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 16, 16, 3)), jnp.float32)
+  y = jnp.arange(8) % 10
+
+  def step(conv_impl, dtype):
+    model = models.create_model('resnet9', conv_impl=conv_impl, width_multiplier=0.125, dtype=dtype)
+    variables = model.init(jax.random.key(0), x[:1], train=False)
+
+    def loss(params):
+      logits, _ = model.apply({**variables, 'params': params}, x, train=True, mutable=['batch_stats'])
+      return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
+
+    value_and_grad = jax.jit(jax.value_and_grad(loss))
+    hlo = value_and_grad.lower(variables['params']).as_text()
+    assert ('cifar_jax_onednn_conv_backward_weights' in hlo) == (conv_impl == 'onednn')
+    value, grads = value_and_grad(variables['params'])
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))  # the params' dtype
+    return value, jnp.concatenate([g.ravel() for g in jax.tree.leaves(grads)])
+
+  loss_32, grads_32 = step('xla', jnp.float32)
+  loss_xla, grads_xla = step('xla', jnp.bfloat16)
+  loss_onednn, grads_onednn = step('onednn', jnp.bfloat16)
+  np.testing.assert_allclose(loss_onednn, loss_32, rtol=4e-3)
+  np.testing.assert_allclose(loss_xla, loss_32, rtol=4e-3)
+  error = lambda g: float(jnp.linalg.norm(g - grads_32) / jnp.linalg.norm(grads_32))  # pylint: disable=g-long-lambda
+  assert error(grads_onednn) < 1.5 * error(grads_xla), (error(grads_onednn), error(grads_xla))

@@ -1,7 +1,8 @@
 // 2-D convolutions for XLA:CPU through oneDNN, as XLA FFI handlers (see cifar_jax/onednn_conv.py).
 //
-// Layouts are the trainer's: activations NHWC, kernels HWIO, float32. Three handlers cover a training
-// step: forward, the gradient with respect to the input (backward data) and the gradient with respect to
+// Layouts are the trainer's: activations NHWC, kernels HWIO, all three operands float32 or all three
+// bfloat16 (oneDNN accumulates bfloat16 in float32 and rounds the result once). Three handlers cover a
+// training step: forward, the gradient with respect to the input (backward data) and the gradient with respect to
 // the kernel (backward weights). oneDNN's NHWC kernels read and write the activations where they lie, so
 // none of the transposes XLA's own convolutions need around the weight gradient happen here; kernels are
 // reordered to whatever blocked layout oneDNN picks (they are small). Primitives are built once per shape
@@ -45,10 +46,11 @@ engine& CpuEngine() {
 // One convolution's geometry, from the NHWC input, the HWIO kernel and the attributes.
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+  dt type = dt::f32;  // every operand's: f32 or bf16
 
-  memory::desc Src(tag t = tag::nhwc) const { return memory::desc({n, c, h, w}, dt::f32, t); }
-  memory::desc Dst(tag t = tag::nhwc) const { return memory::desc({n, o, oh, ow}, dt::f32, t); }
-  memory::desc Weights(tag t) const { return memory::desc({o, c, kh, kw}, dt::f32, t); }
+  memory::desc Src(tag t = tag::nhwc) const { return memory::desc({n, c, h, w}, type, t); }
+  memory::desc Dst(tag t = tag::nhwc) const { return memory::desc({n, o, oh, ow}, type, t); }
+  memory::desc Weights(tag t) const { return memory::desc({o, c, kh, kw}, type, t); }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadL() const { return {pt, pl}; }
   memory::dims PadR() const { return {pb, pr}; }
@@ -58,6 +60,7 @@ struct Geometry {
 
   std::string Key(const char* kind, int threads) const {
     std::string key(kind);
+    key += type == dt::bf16 ? ",bf16" : ",f32";
     for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr}) {
       key += ',' + std::to_string(v);
     }
@@ -73,7 +76,7 @@ struct Batch {
   std::vector<int64_t> dims;  // the output's leading dimensions
   int64_t count = 1;
 
-  // The offset (in floats) of batch element `b` in an operand with leading dimensions `lead`.
+  // The offset (in elements) of batch element `b` in an operand with leading dimensions `lead`.
   int64_t Offset(int64_t b, ffi::Span<const int64_t> lead, int64_t inner) const {
     int64_t offset = 0, stride = inner;
     for (int64_t i = static_cast<int64_t>(dims.size()) - 1; i >= 0; --i) {
@@ -135,6 +138,10 @@ struct Entry {
   memory::desc scratchpad;
   bool reorder_weights = false;
   reorder weights_reorder;  // HWIO -> `weights` (forward, backward data), or back (weights)
+  // bfloat16 backward weights: src and diff_dst widened first into the float32 the primitive reads.
+  bool reorder_inputs = false;
+  memory::desc src, dst;
+  reorder src_reorder, dst_reorder;
 };
 
 std::mutex cache_mutex;
@@ -179,9 +186,24 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
     entry->weights = pd.weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
   } else {
+    // bfloat16: oneDNN's bfloat16 backward-weights kernel on AVX512-BF16 (jit_bf16, NHWC or blocked
+    // activations) took as long as the float32 one at its median and had calls 10-100x slower
+    // (BENCHMARKS.md, "Mixed precision"), so src and diff_dst are widened to float32 NHWC (exactly) and
+    // the float32 kernel runs; its float32 result is rounded once to bfloat16 by the reorder back to
+    // HWIO. The same sums, accumulated in float32. (Not measured with AMX's bfloat16 kernels.)
+    Geometry gw = g;
+    gw.type = dt::f32;
+    memory::desc diff_weights({g.o, g.c, g.kh, g.kw}, dt::f32, tag::any);
     auto pd = convolution_backward_weights::primitive_desc(
-        CpuEngine(), algorithm::convolution_direct, g.Src(), g.Weights(tag::any), g.Dst(),
-        g.Strides(), g.PadL(), g.PadR(), ForwardDesc(g), UserScratchpad());
+        CpuEngine(), algorithm::convolution_direct, gw.Src(), diff_weights, gw.Dst(), g.Strides(),
+        g.PadL(), g.PadR(), ForwardDesc(gw), UserScratchpad());
+    entry->src = pd.src_desc();
+    entry->dst = pd.diff_dst_desc();
+    entry->reorder_inputs = entry->src != g.Src() || entry->dst != g.Dst();
+    if (entry->reorder_inputs) {
+      entry->src_reorder = reorder(reorder::primitive_desc(CpuEngine(), g.Src(), CpuEngine(), entry->src));
+      entry->dst_reorder = reorder(reorder::primitive_desc(CpuEngine(), g.Dst(), CpuEngine(), entry->dst));
+    }
     entry->conv = convolution_backward_weights(pd);
     entry->weights = pd.diff_weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
@@ -198,9 +220,10 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
   return entry;
 }
 
-// A thread's own buffers (the blocked kernel, the scratchpad), grown as needed and kept between calls.
+// A thread's own buffers (the blocked kernel, the scratchpad, the float32 copies of a bfloat16 backward-
+// weights call's src and diff_dst), grown as needed and kept between calls.
 void* ThreadBuffer(int which, size_t bytes) {
-  thread_local std::vector<char> buffers[2];
+  thread_local std::vector<char> buffers[4];
   std::vector<char>& buffer = buffers[which];
   if (buffer.size() < bytes + 64) buffer.resize(bytes + 64);
   // 64-byte aligned, as oneDNN prefers for its blocked layouts.
@@ -210,7 +233,7 @@ void* ThreadBuffer(int which, size_t bytes) {
 // Runs one convolution of `kind` with `act` (the NHWC tensor on the input side: src or diff_src) and
 // `out_side` (the NHWC tensor on the output side: dst or diff_dst); `kernel` is the HWIO kernel (or diff
 // kernel). Uses the calling thread's OpenMP thread count.
-void RunOne(const char* kind, const Geometry& g, float* act, float* out_side, float* kernel) {
+void RunOne(const char* kind, const Geometry& g, void* act, void* out_side, void* kernel) {
   std::shared_ptr<Entry> entry = Lookup(kind, g);
   engine& eng = CpuEngine();
   stream s(eng);
@@ -236,6 +259,14 @@ void RunOne(const char* kind, const Geometry& g, float* act, float* out_side, fl
                             {DNNL_ARG_DIFF_SRC, act_mem},
                             {DNNL_ARG_SCRATCHPAD, scratch_mem}});
   } else {
+    if (entry->reorder_inputs) {
+      memory src(entry->src, eng, ThreadBuffer(2, entry->src.get_size()));
+      memory dst(entry->dst, eng, ThreadBuffer(3, entry->dst.get_size()));
+      entry->src_reorder.execute(s, act_mem, src);
+      entry->dst_reorder.execute(s, out_mem, dst);
+      act_mem = src;
+      out_mem = dst;
+    }
     entry->conv.execute(s, {{DNNL_ARG_SRC, act_mem},
                             {DNNL_ARG_DIFF_DST, out_mem},
                             {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
@@ -254,15 +285,17 @@ std::mutex execute_mutex;
 // Several (the seeds of a vmap-ed run): the elements are spread over the threads instead, each
 // convolution on one thread, so that k small convolutions keep every core busy without splitting each
 // one; a thread's elements run in order, and each element's result does not depend on the others'.
-ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, float* act,
-               ffi::Span<const int64_t> act_lead, float* out_side,
-               ffi::Span<const int64_t> out_lead, float* kernel,
+ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, void* act,
+               ffi::Span<const int64_t> act_lead, void* out_side,
+               ffi::Span<const int64_t> out_lead, void* kernel,
                ffi::Span<const int64_t> kernel_lead) {
   std::lock_guard<std::mutex> lock(execute_mutex);
+  const int64_t bytes = g.type == dt::bf16 ? 2 : 4;
+  auto at = [&](void* base, int64_t elements) { return static_cast<char*>(base) + elements * bytes; };
   auto element = [&](int64_t b) {
-    RunOne(kind, g, act + batch.Offset(b, act_lead, g.SrcSize()),
-           out_side + batch.Offset(b, out_lead, g.DstSize()),
-           kernel + batch.Offset(b, kernel_lead, g.WeightsSize()));
+    RunOne(kind, g, at(act, batch.Offset(b, act_lead, g.SrcSize())),
+           at(out_side, batch.Offset(b, out_lead, g.DstSize())),
+           at(kernel, batch.Offset(b, kernel_lead, g.WeightsSize())));
   };
   int threads = static_cast<int>(std::min<int64_t>(batch.count, omp_get_max_threads()));
   std::string error;
@@ -292,40 +325,59 @@ ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, float* a
   return ffi::Error::Success();
 }
 
-ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t sh, int64_t sw, int64_t pt,
-                       int64_t pb, int64_t pl, int64_t pr) {
+// The operands' common type (f32 or bf16), or an error.
+ffi::Error OperandType(ffi::DataType a, ffi::DataType b, ffi::DataType result, dt* type) {
+  if (a != b || b != result) {
+    return ffi::Error::InvalidArgument("onednn_conv: the operands and result must share one dtype");
+  }
+  if (a == ffi::DataType::F32) {
+    *type = dt::f32;
+  } else if (a == ffi::DataType::BF16) {
+    *type = dt::bf16;
+  } else {
+    return ffi::Error::InvalidArgument("onednn_conv: only float32 and bfloat16 are supported");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+                       int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
   Batch batch;
   ffi::Error err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), y->dimensions(), sh,
                                 sw, pt, pb, pl, pr, &g, &batch);
   if (err.failure()) return err;
-  return Run("fwd", g, batch, x.typed_data(), Leading(x.dimensions()), y->typed_data(),
-             Leading(y->dimensions()), w.typed_data(), Leading(w.dimensions()));
+  err = OperandType(x.element_type(), w.element_type(), y->element_type(), &g.type);
+  if (err.failure()) return err;
+  return Run("fwd", g, batch, x.untyped_data(), Leading(x.dimensions()), y->untyped_data(),
+             Leading(y->dimensions()), w.untyped_data(), Leading(w.dimensions()));
 }
 
-ffi::Error BackwardDataImpl(ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> dx, int64_t sh, int64_t sw, int64_t pt,
-                            int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error BackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
   Geometry g;
   Batch batch;
   ffi::Error err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dx->dimensions(),
                                 sh, sw, pt, pb, pl, pr, &g, &batch);
   if (err.failure()) return err;
-  return Run("bwd_data", g, batch, dx->typed_data(), Leading(dx->dimensions()), dy.typed_data(),
-             Leading(dy.dimensions()), w.typed_data(), Leading(w.dimensions()));
+  err = OperandType(dy.element_type(), w.element_type(), dx->element_type(), &g.type);
+  if (err.failure()) return err;
+  return Run("bwd_data", g, batch, dx->untyped_data(), Leading(dx->dimensions()), dy.untyped_data(),
+             Leading(dy.dimensions()), w.untyped_data(), Leading(w.dimensions()));
 }
 
-ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                               ffi::ResultBuffer<ffi::F32> dw, int64_t sh, int64_t sw, int64_t pt,
-                               int64_t pb, int64_t pl, int64_t pr) {
+ffi::Error BackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+                               int64_t pr) {
   Geometry g;
   Batch batch;
   ffi::Error err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), dw->dimensions(),
                                 sh, sw, pt, pb, pl, pr, &g, &batch);
   if (err.failure()) return err;
-  return Run("bwd_weights", g, batch, x.typed_data(), Leading(x.dimensions()), dy.typed_data(),
-             Leading(dy.dimensions()), dw->typed_data(), Leading(dw->dimensions()));
+  err = OperandType(x.element_type(), dy.element_type(), dw->element_type(), &g.type);
+  if (err.failure()) return err;
+  return Run("bwd_weights", g, batch, x.untyped_data(), Leading(x.dimensions()), dy.untyped_data(),
+             Leading(dy.dimensions()), dw->untyped_data(), Leading(dw->dimensions()));
 }
 
 }  // namespace
@@ -340,20 +392,20 @@ ffi::Error BackwardWeightsImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ForwardImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardData, BackwardDataImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() CONV_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeightsImpl,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() CONV_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() CONV_ATTRS);
 
-extern "C" int onednn_conv_abi_version() { return 2; }
+extern "C" int onednn_conv_abi_version() { return 3; }
