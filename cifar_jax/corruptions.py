@@ -529,6 +529,45 @@ def _check(corruption: str, severity: int) -> None:
 # Sets: generated (cached) or released ----------------------------------------------------------------------
 
 
+def selected(spec: str) -> tuple[str, ...]:
+  """The corruptions `evaluation.shift` names: '' none, 'all' the 19, or names separated by commas."""
+  spec = spec.strip()
+  if not spec:
+    return ()
+  if spec == 'all':
+    return CORRUPTIONS
+  names = tuple(name.strip() for name in spec.split(','))
+  unknown = [name for name in names if name not in CORRUPTIONS]
+  if unknown:
+    raise ValueError(f"unknown corruption {unknown[0]!r}; give 'all' or names among {list(CORRUPTIONS)}")
+  return tuple(dict.fromkeys(names))
+
+
+def cache_dir(setting: str) -> str:
+  """The folder of cached generated sets: `setting`, or for 'auto' $XDG_CACHE_HOME (~/.cache)/cifar_jax/
+  cifar10_c; '' (no cache) stays ''."""
+  if setting != 'auto':
+    return setting
+  root = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
+  return os.path.join(root, 'cifar_jax', 'cifar10_c')
+
+
+def shifted_sets(images: np.ndarray, labels: np.ndarray, names, severities, *, corruptions_path: str = '',
+                 seed: int = 0, cache: str = ''):
+  """[(corruption, severity, uint8 images)] of the evaluation images: the released files in
+  `corruptions_path` (every file checked before any is used: DataError) or the generated sets (cached
+  in `cache`)."""
+  if corruptions_path:
+    released = ReleasedSets(corruptions_path, int(labels.shape[0]))
+    released.check_labels(labels)
+    for name in names:
+      released.images(name, severities[0])
+    return [(name, s, released.images(name, s)) for name in names for s in severities]
+  source_hash = images_hash(images)
+  return [(name, s, corrupted_set(images, name, s, seed, cache, source_hash))
+          for name in names for s in severities]
+
+
 def images_hash(images: np.ndarray) -> str:
   """The sha256 of uint8 images' shape and bytes: what a cached set was made from."""
   images = np.ascontiguousarray(images, np.uint8)
