@@ -33,13 +33,13 @@ import io
 import math
 import os
 
-import cv2
 import numpy as np
 from PIL import Image
-import scipy.ndimage
-import skimage.color
 
 from cifar_jax.errors import DataError
+
+# OpenCV, scipy.ndimage and scikit-image are imported in the functions that use them: a training run,
+# which imports this module through train.py, does not pay for them (0.7 s of imports, measured).
 
 # In make_cifar_c.py's order: the 15 of the benchmark, then the 4 extra ones.
 CORRUPTIONS = ('gaussian_noise', 'shot_noise', 'impulse_noise', 'defocus_blur', 'glass_blur', 'motion_blur',
@@ -93,6 +93,7 @@ def _constant(name: str, severity: int):
 def _gaussian(x: np.ndarray, sigma: float, *, image_axes: tuple[int, ...] = (1, 2), mode: str = 'nearest',
               truncate: float = 4.0) -> np.ndarray:
   """scikit-image's `filters.gaussian` (float input, no range change) over `image_axes` of a batch."""
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
   sigmas = [sigma if axis in image_axes else 0 for axis in range(x.ndim)]
   return scipy.ndimage.gaussian_filter(x, sigmas, mode=mode, truncate=truncate)
 
@@ -100,6 +101,7 @@ def _gaussian(x: np.ndarray, sigma: float, *, image_axes: tuple[int, ...] = (1, 
 def _clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
   """The script's clipped_zoom over a batch (N, H, W, C): the centre ceil(H / factor) zoomed by `factor`
   (bilinear, scipy's zoom), its centre H x W kept."""
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
   h = x.shape[1]
   crop = int(np.ceil(h / factor))
   top = (h - crop) // 2
@@ -169,6 +171,7 @@ def _motion_blur(images: np.ndarray, radius: float, sigma: float, angles: np.nda
 
 def _disk(radius: float, alias_blur: float) -> np.ndarray:
   """The script's defocus kernel: an aliased disk, normalised, smoothed by OpenCV's GaussianBlur."""
+  import cv2  # pylint: disable=g-import-not-at-top
   if radius <= 8:
     coords, ksize = np.arange(-8, 8 + 1), (3, 3)
   else:
@@ -316,6 +319,7 @@ def _glass_blur(x, severity, d):
 
 
 def _defocus_blur(x, severity, d):
+  import cv2  # pylint: disable=g-import-not-at-top
   del d
   radius, alias_blur = _constant('defocus_blur', severity)
   kernel = _disk(radius, alias_blur)
@@ -343,6 +347,7 @@ def _zoom_blur(x, severity, d):
 
 
 def _snow(x, severity, d):
+  import cv2  # pylint: disable=g-import-not-at-top
   c = _constant('snow', severity)
   n = x.shape[0]
   x = np.asarray(x, np.float32) / 255.
@@ -370,6 +375,7 @@ def _fog(x, severity, d):
 
 
 def _brightness(x, severity, d):
+  import skimage.color  # pylint: disable=g-import-not-at-top
   del d
   x = skimage.color.rgb2hsv(x / 255.)
   x[..., 2] = np.clip(x[..., 2] + _constant('brightness', severity), 0, 1)
@@ -377,6 +383,7 @@ def _brightness(x, severity, d):
 
 
 def _saturate(x, severity, d):
+  import skimage.color  # pylint: disable=g-import-not-at-top
   del d
   c = _constant('saturate', severity)
   x = skimage.color.rgb2hsv(x / 255.)
@@ -412,6 +419,8 @@ def _pixelate(x, severity, d):
 
 
 def _elastic_transform(x, severity, d):
+  import cv2  # pylint: disable=g-import-not-at-top
+  import scipy.ndimage  # pylint: disable=g-import-not-at-top
   c = _constant('elastic_transform', severity)
   images = np.asarray(x, dtype=np.float32) / 255.
   n = images.shape[0]
@@ -436,6 +445,7 @@ def _elastic_transform(x, severity, d):
 
 
 def _spatter(x, severity, d):
+  import cv2  # pylint: disable=g-import-not-at-top
   c = _constant('spatter', severity)
   x = np.asarray(x, dtype=np.float32) / 255.
   liquid = _gaussian(d['liquid'], c[2])

@@ -7,7 +7,8 @@ import os
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'cifar_jax')
 # Imported where they are used, so that a run without them (or without needing them) does not pay for them.
 # matplotlib: only the LR range test plots (lr_find.plot); a training run does not import it.
-OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX', 'matplotlib')
+# cv2, scipy (scipy.ndimage), skimage: only the CIFAR-10-C corruptions (cifar_jax/corruptions.py) use them.
+OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX', 'matplotlib', 'cv2', 'scipy', 'skimage')
 
 
 def _modules() -> dict[str, ast.Module]:
