@@ -248,7 +248,9 @@ def evaluate_shift(config: ml_collections.ConfigDict, program: program_lib.Progr
     for i, eval_arrays in enumerate(arrays):
       sums, ensemble, _ = program.evaluate_members(state, use_swa=use_swa, eval_arrays=eval_arrays)
       rows[i] += evaluation_rows(prefix_names, par.host(sums), ensemble, k, 1)
+    logging.info('Under shift: %s and %s on %d sets done.', *prefix_names, len(sets))
   if swag_on:
+    logging.info('Under shift: SWAG, %d samples per seed on %d sets...', config.swag.num_samples, len(sets))
     results = program.swag_evaluate_sets(state, epoch, config.swag.num_samples, arrays)
     for i, (sums, ensemble) in enumerate(results):
       rows[i] += evaluation_rows(('SWAG', 'MultiSWAG'), par.host(sums), ensemble, k, config.swag.num_samples)
