@@ -8,6 +8,7 @@ from absl import logging
 import ml_collections
 
 from cifar_jax import builders
+from cifar_jax import corruptions
 from cifar_jax import input_pipeline
 from cifar_jax import lr_curves
 from cifar_jax import models
@@ -110,6 +111,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_swag(config)
   if 'lr_find' in config:
     _validate_lr_find(config.lr_find)
+  if 'evaluation' in config:
+    _validate_evaluation(config)
   _int_at_least(config.checkpoint_every_steps, 'checkpoint_every_steps', 0, ' (0 = every epoch)')
   _int_at_least(config.keep_checkpoints, 'keep_checkpoints', 1)
   _int_at_least(config.log_every_steps, 'log_every_steps', 0, ' (0 = never)')
@@ -309,6 +312,33 @@ def _validate_lr_find(lf: ml_collections.ConfigDict) -> None:
   _require(isinstance(factor, (int, float)) and not isinstance(factor, bool) and (factor == 0 or factor > 1),
            f"lr_find.diverge_factor must be 0 (the smoothing's anchor's) or above 1, got {factor!r}")
   _choice(lf.suggestion, 'lr_find.suggestion', tuple(lr_curves.SUGGESTIONS))
+
+
+def _validate_evaluation(config: ml_collections.ConfigDict) -> None:
+  """--mode=evaluate's evaluation.shift (cifar_jax/corruptions.py)."""
+  ev = config.evaluation
+  _require(isinstance(ev.shift, str), f"evaluation.shift must be '', 'all' or corruption names separated by "
+                                      f'commas, got {ev.shift!r}')
+  try:
+    names = corruptions.selected(ev.shift)
+  except ValueError as e:
+    raise ConfigError(f'evaluation.shift={ev.shift!r}: {e}') from e
+  severities = tuple(ev.severities) if isinstance(ev.severities, (tuple, list)) else (ev.severities,)
+  known = all(s in corruptions.SEVERITIES and not isinstance(s, bool) for s in severities)
+  _require(bool(severities) and known and len(set(severities)) == len(severities),
+           f'evaluation.severities must be distinct severities among {corruptions.SEVERITIES}, got '
+           f'{ev.severities!r}')
+  _int_at_least(ev.shift_seed, 'evaluation.shift_seed', 0)
+  _require(isinstance(ev.shift_cache, str),
+           f"evaluation.shift_cache must be 'auto', a folder, or '' (none), got {ev.shift_cache!r}")
+  path = config.data.get('corruptions_path', '')
+  if names and path:
+    _require(os.path.isdir(path), f'data.corruptions_path={path}: no such folder; give the folder of the '
+                                  "released CIFAR-10-C .npy files, or '' to generate the corruptions")
+    _require(config.data.validation_size == 0,
+             f'data.corruptions_path={path} holds corruptions of the test set, but '
+             f'data.validation_size={config.data.validation_size} evaluates held-out training images; set '
+             "data.corruptions_path='' to generate them from those images")
 
 
 def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:

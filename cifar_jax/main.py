@@ -254,6 +254,8 @@ def _evaluate(config, workdir: str) -> None:
     json.dump(out, f, indent=1)
   print(f"{workdir} at step {out['step']} ({out['split']}):")
   print(train.format_table(out['table']))
+  if 'shift' in out:
+    print(train.format_shift_summary(out['shift'], out['table']))
   print(f'Written to {path}')
 
 

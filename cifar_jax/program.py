@@ -403,33 +403,43 @@ class Program:
     SWA model."""
     return self.evaluate_members(state, use_swa)[0]
 
-  def evaluate_members(self, state, use_swa: bool = False):
+  def evaluate_members(self, state, use_swa: bool = False, eval_arrays=None):
     """(each seed's eval sums, the ensemble's over the seeds, each seed's eval log probabilities (seeds,
-    batches, batch, classes)); the last two None with one seed."""
-    out = (self.swa_eval if use_swa else self.eval)(state, *self.data['eval_arrays'])
+    batches, batch, classes)); the last two None with one seed. `eval_arrays`: another set of the eval
+    set's shapes (a corrupted one), else the eval set."""
+    eval_arrays = self.data['eval_arrays'] if eval_arrays is None else eval_arrays
+    out = (self.swa_eval if use_swa else self.eval)(state, *eval_arrays)
     if self.ensemble is None:
       return out, None, None
     sums, log_probs = out
-    return sums, self.ensemble(log_probs, *self.data['eval_arrays'][1:]), log_probs
+    return sums, self.ensemble(log_probs, *eval_arrays[1:]), log_probs
 
   def swag_log_probs(self, state, epoch: int, num_samples: int) -> list:
     """Each seed's SWAG log probabilities after each call: [(samples so far, the log of their mean
     probabilities)], `num_samples` samples per seed in all (`swag_evaluate`)."""
+    return self.swag_log_probs_sets(state, epoch, num_samples, [self.data['eval_arrays']])[0]
+
+  def swag_log_probs_sets(self, state, epoch: int, num_samples: int, eval_sets: list,
+                          every_call: bool = True) -> list:
+    """`swag_log_probs` of each of `eval_sets` (eval arrays of the eval set's shapes), each sample drawn
+    and recalibrated once for all of them; `every_call=False` keeps only the last entry of each list."""
     if num_samples % self.swag_chunk:
       raise ValueError(f'{num_samples} samples in calls of {self.swag_chunk}')
     key = self.data['recalibration_key']
     perm = self.permutation(key, epoch)
-    acc, out = self.data['swag_acc'], []
+    accs, outs = [self.data['swag_acc']] * len(eval_sets), [[] for _ in eval_sets]
     for first in range(0, num_samples, self.swag_chunk):
       params, running = self.swag_sample(state, self.data['swag_keys'], np.int32(first))
       if self.swag_recalibrate:
         running = recalibration_pass(self.swag_recalibrate, params, running, self.data['images'],
                                      self.data['labels'], perm, key, epoch=epoch,
                                      sizes=self.sizes[:self.swag_batches])
-      acc = self.swag_predict(params, running, acc, *self.data['eval_arrays'])
       done = first + self.swag_chunk
-      out.append((done, acc - np.float32(np.log(done))))
-    return out
+      for i, eval_arrays in enumerate(eval_sets):
+        accs[i] = self.swag_predict(params, running, accs[i], *eval_arrays)
+        if every_call or done == num_samples:
+          outs[i].append((done, accs[i] - np.float32(np.log(done))))
+    return outs
 
   def swag_evaluate(self, state, epoch: int, num_samples: int):
     """(each seed's SWAG sums, MultiSWAG's over the seeds or None, `swag_log_probs`'s list):
@@ -441,6 +451,18 @@ class Program:
     log_probs = partial[-1][1]
     sums = self.calibrate(log_probs, labels, mask)
     return sums, (None if self.ensemble is None else self.ensemble(log_probs, labels, mask)), partial
+
+  def swag_evaluate_sets(self, state, epoch: int, num_samples: int, eval_sets: list) -> list:
+    """`swag_evaluate`'s (sums, MultiSWAG's sums or None) of each of `eval_sets`, the same samples for
+    all."""
+    out = []
+    for eval_arrays, partial in zip(eval_sets, self.swag_log_probs_sets(state, epoch, num_samples, eval_sets,
+                                                                        every_call=False)):
+      _, labels, mask = eval_arrays
+      log_probs = partial[-1][1]
+      out.append((self.calibrate(log_probs, labels, mask),
+                  None if self.ensemble is None else self.ensemble(log_probs, labels, mask)))
+    return out
 
   def recalibrate_swa(self, state, epoch: int) -> steps.TrainState:
     """The SWA model's BatchNorm statistics recomputed over epoch `epoch`'s batches (torch's update_bn)."""

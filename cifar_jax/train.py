@@ -19,6 +19,7 @@ from cifar_jax import calibration
 from cifar_jax import checkpointing
 from cifar_jax import compilation_cache
 from cifar_jax import config_lib
+from cifar_jax import corruptions
 from cifar_jax import input_pipeline
 from cifar_jax import loop
 from cifar_jax import metrics_writer
@@ -177,12 +178,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   Keys: eval_loss and eval_accuracy of the running model and, when present, swa_eval_* of the SWA model
   (per seed with several), and `table`: one row per model (`evaluation_rows`) with accuracy, NLL, ECE,
   Brier and the reliability diagram's bins. SWAG draws `config.swag.num_samples` samples per seed (a
-  --config.swag.num_samples=... given here overrides the training run's).
+  --config.swag.num_samples=... given here overrides the training run's). With `config.evaluation.shift`,
+  `shift` holds every row's metrics on each corruption and severity (`evaluate_shift`).
   """
   config_lib.validate(config)
   compilation_cache.configure(config.compilation_cache)
   par = parallel.create(config.parallelism, num_seeds=config.num_seeds, seed_devices=config.seed_devices)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
+  shifted = shifted_sets(config, dataset)  # before anything compiles: a bad released file stops here
   spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
   model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
   state, acc = par.place_per_seed(builders.create_initial_state(
@@ -220,7 +223,92 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
       curves['MultiSWAG' if k > 1 else 'SWAG'] = ensemble_curve(partial, labels, mask, k)
   out['table'] = rows
   out['nll_by_models'] = curves
+  if shifted:
+    out['shift'] = evaluate_shift(config, program, state, dataset, shifted, max(step - 1, 0) // spe,
+                                  swag_on=count > 0 and config.swag.enabled, swa_on=count > 0)
   return out
+
+
+def shifted_sets(config: ml_collections.ConfigDict, dataset: input_pipeline.Dataset) -> list:
+  """[(corruption, severity, images)] of `config.evaluation.shift` ([] without it): the released files of
+  data.corruptions_path (DataError for a missing, corrupt or mis-shaped one), else generated from the
+  evaluation images and cached."""
+  if 'evaluation' not in config or not corruptions.selected(config.evaluation.shift):
+    return []
+  ev = config.evaluation
+  return corruptions.shifted_sets(
+      dataset.eval_images, dataset.eval_labels, corruptions.selected(ev.shift),
+      tuple(int(s) for s in ev.severities), corruptions_path=config.data.get('corruptions_path', ''),
+      seed=ev.shift_seed, cache=corruptions.cache_dir(ev.shift_cache))
+
+
+def evaluate_shift(config: ml_collections.ConfigDict, program: program_lib.Program, state,
+                   dataset: input_pipeline.Dataset, sets: list, epoch: int, swag_on: bool,
+                   swa_on: bool) -> dict:
+  """The evaluation table's rows on each of `sets` (`shifted_sets`): {'source',
+  'corruptions', 'severities', 'rows' (corruption, severity and a table row without its bins),
+  'summary' (per model and severity the mean over the corruptions; over the 15 of the benchmark when they
+  are among them, `summary_corruptions`)}. The same compiled functions as the clean table (the sets have
+  its shapes); SWAG's samples are drawn and recalibrated once for every set."""
+  ev, par, k = config.evaluation, program.par, config.num_seeds
+  names, severities = corruptions.selected(ev.shift), tuple(int(s) for s in ev.severities)
+  path = config.data.get('corruptions_path', '')
+  arrays = [par.shard_eval_arrays(steps.batched_eval_arrays(images, dataset.eval_labels,
+                                                            config.eval_batch_size, par.eval_batch_multiple))
+            for _, _, images in sets]
+  rows = [[] for _ in sets]
+  for prefix_names, use_swa in ((('single model', 'deep ensemble'), False), (('SWA', 'MultiSWA'), True)):
+    if use_swa and not swa_on:
+      continue
+    for i, eval_arrays in enumerate(arrays):
+      sums, ensemble, _ = program.evaluate_members(state, use_swa=use_swa, eval_arrays=eval_arrays)
+      rows[i] += evaluation_rows(prefix_names, par.host(sums), ensemble, k, 1)
+    logging.info('Under shift: %s and %s on %d sets done.', *prefix_names, len(sets))
+  if swag_on:
+    logging.info('Under shift: SWAG, %d samples per seed on %d sets...', config.swag.num_samples, len(sets))
+    results = program.swag_evaluate_sets(state, epoch, config.swag.num_samples, arrays)
+    for i, (sums, ensemble) in enumerate(results):
+      rows[i] += evaluation_rows(('SWAG', 'MultiSWAG'), par.host(sums), ensemble, k, config.swag.num_samples)
+  flat = [{'corruption': name, 'severity': severity, **{key: v for key, v in row.items() if key != 'bins'}}
+          for (name, severity, _), set_rows in zip(sets, rows) for row in set_rows]
+  benchmark = [name for name in names if name in corruptions.BENCHMARK] or list(names)
+  source = f'released files in {path}' if path else f'generated, evaluation.shift_seed={ev.shift_seed}'
+  return {'source': source,
+          'corruptions': list(names), 'severities': list(severities), 'rows': flat,
+          'summary_corruptions': benchmark, 'summary': shift_summary(flat, benchmark, severities)}
+
+
+def shift_summary(rows: list, names, severities) -> list:
+  """Per model (in the table's order) and severity, the mean over `names` of accuracy, NLL, ECE and
+  Brier; severity 'all': the mean over every severity too (the papers' mean over corruptions x severities)."""
+  models = list(dict.fromkeys(row['model'] for row in rows))
+  out = []
+  for model in models:
+    for severity in list(severities) + ['all']:
+      chosen = [row for row in rows if row['model'] == model and row['corruption'] in names
+                and (severity == 'all' or row['severity'] == severity)]
+      out.append({'model': model, 'severity': severity,
+                  **{key: float(np.mean([row[key] for row in chosen]))
+                     for key in ('accuracy', 'nll', 'ece', 'brier')}})
+  return out
+
+
+def format_shift_summary(shift: dict, table: list) -> str:
+  """The summary as text: for accuracy, NLL and ECE, a row per model with the clean value and the
+  mean over the corruptions at each severity."""
+  severities = shift['severities']
+  cells = {(row['model'], row['severity']): row for row in shift['summary']}
+  clean = {row['model']: row for row in table}
+  lines = [f"Under shift: mean over {len(shift['summary_corruptions'])} corruptions "
+           f"({shift['source']})"]
+  for key, label in (('accuracy', 'accuracy'), ('nll', 'NLL'), ('ece', 'ECE')):
+    lines.append(f"{label:<14} {'clean':>7} " + ' '.join(f'{f"s{s}":>7}' for s in severities)
+                 + f" {'mean':>7}")
+    for model in dict.fromkeys(row['model'] for row in shift['summary']):
+      values = [clean[model][key] if model in clean else float('nan')]
+      values += [cells[model, s][key] for s in severities] + [cells[model, 'all'][key]]
+      lines.append(f'{model:<14} ' + ' '.join(f'{v:7.4f}' for v in values))
+  return '\n'.join(lines)
 
 
 def ensemble_curve(partial: list, labels, mask, num_seeds: int) -> list:

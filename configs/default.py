@@ -74,6 +74,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_train_size = 2048
   config.data.synthetic_eval_size = 512
   config.data.synthetic_seed = -1  # synthetic: the seed of the images; -1 = config.seed
+  # A folder of the released CIFAR-10-C files (<corruption>.npy, labels.npy; the corruptions of the test
+  # set) for --mode=evaluate's evaluation.shift; '' = generate them (cifar_jax/corruptions.py).
+  config.data.corruptions_path = ''
 
   # torch.optim.SGD with coupled weight decay (added to every parameter's gradient before momentum).
   config.optimizer = ml_collections.ConfigDict()
@@ -167,6 +170,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.swag.var_clamp = 1e-30  # the diagonal variance's floor
   config.swag.bn_update_fraction = 1.0  # each sample's BatchNorm pass: this fraction of an epoch's batches
   config.swag.samples_per_call = 0  # samples recalibrated and evaluated in one vmap-ed call; 0 = auto (<= 4)
+  # --mode=evaluate under distribution shift (CIFAR-10-C; README, "Evaluating under shift"): every model
+  # of the evaluation table on each corruption and severity of the evaluation images (the test set, or
+  # the held-out split), from data.corruptions_path's released files or generated here.
+  config.evaluation = ml_collections.ConfigDict()
+  config.evaluation.shift = ''  # '' = the clean table only; 'all' (the 19); or names 'fog,snow,...'
+  config.evaluation.severities = (1, 2, 3, 4, 5)
+  config.evaluation.shift_seed = 0  # generated sets: image i draws from (this, corruption, severity, i)
+  # generated sets are cached as uint8 .npz keyed by the source images' hash: 'auto' =
+  # ~/.cache/cifar_jax/cifar10_c (or $XDG_CACHE_HOME/cifar_jax/cifar10_c), a folder, or '' (none)
+  config.evaluation.shift_cache = 'auto'
   # The LR range test (`--mode=lr_find`, cifar_jax/lr_find.py): this config's training with the lr growing
   # exponentially from start_lr to end_lr over num_steps steps (fastai's defaults: 1e-7, 10, 100); it
   # suggests schedule.max_lr for the one-cycle configs (README, "Picking max_lr").

@@ -1,9 +1,13 @@
 """Plots the evaluation table of `--mode=evaluate` (evaluation.json): reliability diagrams (accuracy
 against confidence in the 15 ECE bins, each model of the table) and NLL against the number of models
-averaged (single model -> deep ensemble, SWA -> MultiSWA, SWAG -> MultiSWAG), as the papers show them.
+averaged (single model -> deep ensemble, SWA -> MultiSWA, SWAG -> MultiSWAG), as the papers show them;
+with an evaluation under shift (`--config.evaluation.shift=all`), also Ovadia et al.'s (2019) box plots
+of accuracy and ECE over the corruptions at each severity, one box per model (clean: the test point),
+and MultiSWAG's paper's NLL against severity (the mean over the corruptions).
 
   cifar-jax --config=configs/multiswag.py --workdir=runs/multiswag --mode=evaluate
   python scripts/plot_calibration.py runs/multiswag        # writes runs/multiswag/calibration.png
+  # and, when evaluation.json holds a shift, runs/multiswag/shift.png
 
 The NLL lines show every ensemble size evaluate wrote (`nll_by_models` in evaluation.json): the deep
 ensemble and MultiSWA of the first 1, .., k seeds; SWAG of seed 0 after each call of its samples
@@ -59,12 +63,64 @@ def plot_calibration(workdir: str, out: str) -> str:
   return out
 
 
+def plot_shift(workdir: str, out: str) -> str | None:
+  """Writes the shift figure (accuracy and ECE box plots per severity, NLL against severity), or returns
+  None when evaluation.json holds no evaluation under shift."""
+  with open(os.path.join(workdir, EVALUATION_FILE)) as f:
+    evaluation = json.load(f)
+  shift = evaluation.get('shift')
+  if not shift:
+    return None
+  clean = {row['model']: row for row in evaluation['table']}
+  models = list(dict.fromkeys(row['model'] for row in shift['rows']))
+  severities = shift['severities']
+  names = shift['summary_corruptions']
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
+  width = 0.8 / len(models)
+  for ax, key, label in ((axes[0], 'accuracy', 'accuracy'), (axes[1], 'ece', 'ECE (15 bins)')):
+    for m, model in enumerate(models):
+      color = colors[m % len(colors)]
+      data = [[row[key] for row in shift['rows'] if row['model'] == model and row['severity'] == s
+               and row['corruption'] in names] for s in severities]
+      positions = [i + 1 + (m - (len(models) - 1) / 2) * width for i in range(len(severities))]
+      ax.boxplot(data, positions=positions, widths=width * 0.9, patch_artist=True, showfliers=True,
+                 boxprops=dict(facecolor=color, alpha=0.6), medianprops=dict(color='black'),
+                 flierprops=dict(markersize=2))
+      if model in clean:
+        ax.plot([(m - (len(models) - 1) / 2) * width], [clean[model][key]], marker='D', color=color,
+                linestyle='none', markersize=4)
+      ax.plot([], [], color=color, linewidth=6, alpha=0.6, label=model)
+    ax.set_xticks(range(len(severities) + 1), ['clean'] + [str(s) for s in severities])
+    ax.set(xlabel='severity', ylabel=label,
+           title=f'{label} over {len(names)} corruptions (box: quartiles, whiskers 1.5 IQR)')
+    ax.legend(fontsize=7)
+  summary = {(row['model'], row['severity']): row for row in shift['summary']}
+  for m, model in enumerate(models):
+    points = ([clean[model]['nll']] if model in clean else [float('nan')])
+    points += [summary[model, s]['nll'] for s in severities]
+    axes[2].plot(range(len(severities) + 1), points, marker='o', markersize=3, label=model,
+                 color=colors[m % len(colors)])
+  axes[2].set_xticks(range(len(severities) + 1), ['clean'] + [str(s) for s in severities])
+  axes[2].set(xlabel='severity', ylabel='NLL', title=f'NLL, mean over {len(names)} corruptions')
+  axes[2].legend(fontsize=7)
+  fig.suptitle(f"{workdir}: {shift['source']}", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('workdir')
   parser.add_argument('--out', help='the PNG (default: WORKDIR/calibration.png)')
+  parser.add_argument('--shift_out', help='the shift figure (default: WORKDIR/shift.png)')
   args = parser.parse_args()
   print(plot_calibration(args.workdir, args.out or os.path.join(args.workdir, 'calibration.png')))
+  shift = plot_shift(args.workdir, args.shift_out or os.path.join(args.workdir, 'shift.png'))
+  if shift:
+    print(shift)
 
 
 if __name__ == '__main__':

@@ -8,7 +8,9 @@ PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # Imported where they are used, so that a run without them (or without needing them) does not pay for them.
 # matplotlib: only the LR range test plots (lr_find.plot); a training run does not import it.
 # cifar_jax.torch_models: the torch twin's models, which import torch (torch_reference imports them).
-OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX', 'matplotlib', 'cifar_jax.torch_models')
+# cv2, scipy (scipy.ndimage), skimage: only the CIFAR-10-C corruptions (cifar_jax/corruptions.py) use them.
+OPTIONAL = ('torch', 'tensorflow_datasets', 'tensorboardX', 'matplotlib', 'cifar_jax.torch_models', 'cv2',
+            'scipy', 'skimage')
 
 
 def _modules() -> dict[str, ast.Module]:
