@@ -45,12 +45,12 @@ def _run(workdir: str, cache: str, width: float = 0.125) -> dict:
 def test_second_run_loads_every_program_from_the_cache(tmp_path):
   cache = str(tmp_path / 'cache')
   cold = _run(str(tmp_path / 'cold'), cache)
-  assert 'Convolutions: onednn' in cold['log']  # its custom calls, loaded from the cache below
+  assert "Convolutions: oneDNN's" in cold['log']  # its custom calls, loaded from the cache below
   written = _entries(cache)
   assert written  # every program of the run, however fast it compiled
   warm = _run(str(tmp_path / 'warm'), cache)
   assert _entries(cache) == written  # a miss would have written an entry: nothing compiled again
-  assert 'Convolutions: onednn' in warm['log']
+  assert "Convolutions: oneDNN's" in warm['log']
   assert warm['record']['compile_seconds'] < WARM_COMPILE_FRACTION * cold['record']['compile_seconds']
   assert warm['record']['startup_seconds'] < cold['record']['startup_seconds']
   uncached = _run(str(tmp_path / 'uncached'), '')

@@ -62,9 +62,6 @@ def make_config(parallelism: str = 'jit', num_train: int = 200, swa: bool = Fals
     config.num_epochs = 3
     config.swa.enabled = True
     config.swa.start_epoch = 1
-    # ShakeDrop's per-image gates: each device keeps its rows of the global batch's draw (jit: the model
-    # sees the global batch; pmap: models.shake.uniform_draw), so 1 and 4 devices draw the same.
-    config.model.shakedrop.p_last = 0.5
   return config
 
 
