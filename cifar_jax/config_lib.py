@@ -138,8 +138,7 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
                f'model.width_multiplier={m.width_multiplier} gives widths {widths}; '
                f'group_ws needs multiples of {models.GROUP_SIZE}')
   elif m.name == 'shake_shake':
-    _require(m.depth >= 8 and (m.depth - 2) % 6 == 0,
-             f'model.depth={m.depth}: Shake-Shake needs 6n + 2 (8, 14, 20, 26, ...)')
+    _model_rule(models.shake_shake.blocks_per_stage, m.depth)
     _require(isinstance(m.base_width, int) and m.base_width >= 2 and m.base_width % 2 == 0,
              f'model.base_width={m.base_width} must be an even integer >= 2 (each shortcut path has half)')
     _choice(m.shake.forward, 'model.shake.forward', models.shake.FORWARD_MODES)
@@ -147,10 +146,7 @@ def _validate_model(m: ml_collections.ConfigDict) -> None:
     _choice(m.shake.level, 'model.shake.level', models.shake.LEVELS)
   else:
     _choice(m.block, 'model.block', sorted(models.pyramidnet.BLOCKS))
-    per = models.pyramidnet.BLOCKS[m.block][0]
-    _require(m.depth >= per + 2 and (m.depth - 2) % per == 0,
-             f'model.depth={m.depth}: a {m.block} PyramidNet needs {per}n + 2 '
-             f'({", ".join(str(per * n + 2) for n in (1, 2, 3))}, ..., e.g. 110 basic, 272 bottleneck)')
+    _model_rule(models.pyramidnet.blocks_per_stage, m.depth, m.block)
     _positive(m.pyramid_alpha, 'model.pyramid_alpha')
   if m.name in models.PRETRAINED_FAMILIES:
     _int_at_least(m.image_size, 'model.image_size', 0, ' (0 = the data\'s 32 px)')
@@ -198,6 +194,14 @@ def _validate_finetuning(config: ml_collections.ConfigDict) -> None:
                         "(finetune.frozen='backbone': all but head)")
   _require(all(v >= 0 for v in builders.stage_values(f.lr_multipliers).values()),
            f'finetune.lr_multipliers must be >= 0, got {f.lr_multipliers!r}')
+
+
+def _model_rule(blocks_per_stage, depth: int, *args) -> None:
+  """The model family's own depth rule (a ValueError there) as one line naming model.depth."""
+  try:
+    blocks_per_stage(depth, *args)
+  except ValueError as e:
+    raise ConfigError(f'model.depth={depth}: {e}') from None
 
 
 def _validate_seeds(config: ml_collections.ConfigDict) -> None:

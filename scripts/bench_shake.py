@@ -84,11 +84,7 @@ def step_timer(model_config, batch: int, steps_per_window: int):
     holder['state'] = jax.block_until_ready(s)
     return (time.perf_counter() - start) / steps_per_window
 
-  return window, compile_seconds, conv_name(model_config)
-
-
-def conv_name(model_config) -> str:
-  return builders.conv_impl(model_config)
+  return window, compile_seconds, builders.conv_impl(model_config)
 
 
 def main() -> None:

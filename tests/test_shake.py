@@ -198,7 +198,7 @@ def test_bad_shake_shake_configs_are_one_line(field, value, message):
 @pytest.mark.parametrize('name,field,value,message', [
     ('resnet18', 'model.shakedrop.p_last', 0.0, r'p_last=0.0 must be in \(0, 1\]'),
     ('resnet18', 'model.shakedrop.p_last', 1.5, r'p_last=1.5 must be in \(0, 1\]'),
-    ('pyramidnet', 'model.depth', 100, 'needs 6n \\+ 2'),
+    ('pyramidnet', 'model.depth', 100, 'model.depth=100: a basic PyramidNet needs depth = 6n \\+ 2'),
     ('pyramidnet', 'model.block', 'wide', 'model.block'),
     ('resnet18', 'model.shakedrop.level', 'pixel', 'model.shakedrop.level'),
 ])

@@ -22,6 +22,13 @@ STEM_WIDTH = 16
 ModuleDef = Any
 
 
+def blocks_per_stage(depth: int) -> int:
+  """n of Shake-Shake-`depth` (depth = 6n + 2); a ValueError when that depth cannot be built."""
+  if depth < 8 or (depth - 2) % 6:
+    raise ValueError(f'Shake-Shake needs depth = 6n + 2 (8, 14, 20, 26, ...), got {depth}')
+  return (depth - 2) // 6
+
+
 class Branch(nn.Module):
   """ReLU-conv3x3-BN-ReLU-conv3x3-BN."""
 
@@ -78,14 +85,9 @@ class ShakeShakeNet(nn.Module):
   axis_name: str | None = None
   conv_impl: str = 'xla'
 
-  def blocks_per_stage(self) -> int:
-    if self.depth < 8 or (self.depth - 2) % 6:
-      raise ValueError(f'Shake-Shake depth must be 6n + 2 (n >= 1: 8, 14, 20, 26, ...), got {self.depth}')
-    return (self.depth - 2) // 6
-
   @nn.compact
   def __call__(self, x, train: bool = True):
-    n = self.blocks_per_stage()
+    n = blocks_per_stage(self.depth)
     conv = layers.conv_module(self.conv_impl, self.dtype)
     norm = layers.batch_norm(train, self.dtype, self.bn_momentum, self.axis_name)
     mix = functools.partial(shake.ShakeShake, forward=self.shake_forward, backward=self.shake_backward,

@@ -65,7 +65,7 @@ class TorchShakeShake(nn.Module):
   def __init__(self, depth=26, base_width=32, num_classes=10, shake_forward='shake', shake_backward='shake',
                shake_level='image'):
     super().__init__()
-    n = shake_shake.ShakeShakeNet(depth=depth).blocks_per_stage()
+    n = shake_shake.blocks_per_stage(depth)
     self.conv1 = nn.Conv2d(3, shake_shake.STEM_WIDTH, 3, 1, 1, bias=False)
     self.bn1 = nn.BatchNorm2d(shake_shake.STEM_WIDTH)
     self.block_names = []
