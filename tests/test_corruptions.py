@@ -60,13 +60,17 @@ def test_each_corruption_equals_the_reference_script(reference, name):
                                   err_msg=f'{name} severity {severity}')
 
 
-def test_batches_give_the_images_one_at_a_time_give(reference):
+def test_batches_give_the_images_one_at_a_time_give(reference, monkeypatch):
+  """Any split of the images, by the caller or by `apply`'s chunks (CHUNK), gives the same images."""
   images = reference['images']
   for name in corruptions.CORRUPTIONS:
     whole = corruptions.corrupt(images, name, 3, seed=7)
     parts = np.concatenate([corruptions.corrupt(images[:2], name, 3, seed=7),
                             corruptions.corrupt(images[2:], name, 3, seed=7, first_index=2)])
     np.testing.assert_array_equal(whole, parts, err_msg=name)
+    with monkeypatch.context() as m:
+      m.setattr(corruptions, 'CHUNK', 4)
+      np.testing.assert_array_equal(corruptions.corrupt(images, name, 3, seed=7), whole, err_msg=name)
 
 
 def test_deterministic_uint8_and_in_range(reference):
