@@ -5,8 +5,9 @@ weight decay), batch size and data pipeline; the smoothed loss against the lr su
 
 `range_test` runs the k seeds (`num_seeds`) through the run's Program in one vmap-ed call per step, reads
 every step's loss, and stops once every seed's curve is over (diverged, or no longer finite). It starts
-from the config's fresh initial state at constant `optimizer.momentum`, and reads or writes nothing of a
-training run in the workdir (no checkpoint, config.json or metrics): it writes lr_find.json and
+from the config's initial state (its `init_from` weights in place, as a fine-tuning run starts; the config's
+`finetune` groups and frozen stages as its optimizer has them) at constant `optimizer.momentum`, and reads or
+writes nothing of a training run in the workdir (no checkpoint, config.json or metrics): it writes lr_find.json and
 lr_find.png there.
 """
 
@@ -25,6 +26,7 @@ from cifar_jax import config_lib
 from cifar_jax import input_pipeline
 from cifar_jax import lr_curves
 from cifar_jax import parallel
+from cifar_jax import pretrained
 from cifar_jax import program as program_lib
 from cifar_jax import schedules
 from cifar_jax import steps
@@ -64,6 +66,7 @@ def range_test(config: ml_collections.ConfigDict, workdir: str, write: bool = Tr
   if jax.process_count() > 1:
     raise ConfigError('--mode=lr_find runs in one process; set distributed.num_processes=0')
   run_config = range_test_config(config)
+  init = pretrained.load(config)  # before anything is written: its errors are one line
   par = parallel.create(config.parallelism, num_seeds=k, seed_devices=config.seed_devices)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   spe = config_lib.steps_per_epoch(config, par, dataset.num_train)
@@ -72,7 +75,8 @@ def range_test(config: ml_collections.ConfigDict, workdir: str, write: bool = Tr
   # start_lr * lambda(t): lr_ramp's values (the same float64 operations), as a float32 device table.
   lr_fn = schedules.lambda_lr(lf.start_lr, lambda t: ratio ** (t / denominator)).with_horizon(lf.num_steps)
   model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
-  state = par.place_per_seed(builders.create_seed_states(run_config, model, lr_fn))
+  state, _ = pretrained.initialize((builders.create_seed_states(run_config, model, lr_fn), None), init, k)
+  state = par.place_per_seed(state)
   zeros = steps.per_seed([steps.init_train_metrics()] * k)
   program = program_lib.Program.compile(run_config, model, par, dataset, state, par.place_per_seed(zeros),
                                         *builders.seed_data_keys(run_config), evaluate=False)

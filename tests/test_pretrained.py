@@ -22,6 +22,7 @@ import conftest  # noqa: E402
 from cifar_jax import builders  # noqa: E402
 from cifar_jax import config_lib  # noqa: E402
 from cifar_jax import input_pipeline  # noqa: E402
+from cifar_jax import lr_find  # noqa: E402
 from cifar_jax import main  # noqa: E402
 from cifar_jax import models  # noqa: E402
 from cifar_jax import pretrained  # noqa: E402
@@ -370,6 +371,43 @@ def test_resume_is_bitwise_and_ignores_init_from(tmp_path):
   chex.assert_trees_all_equal(resumed.params, straight.params)
   chex.assert_trees_all_equal(resumed.batch_stats, straight.batch_stats)
   chex.assert_trees_all_equal(resumed.opt_state, straight.opt_state)
+
+
+def test_init_from_a_workdir_of_this_trainer(tmp_path):
+  """init_from.path = a finished run's workdir (layout cifar_jax): its latest checkpoint's every parameter and
+  statistic is the next run's start (a linear probe on it keeps the backbone bitwise)."""
+  config = _run_config('')
+  config.num_epochs = 1
+  first = train.train_and_evaluate(config, str(tmp_path / 'first'))
+  probe = _run_config(str(tmp_path / 'first'), frozen='backbone')
+  probe.model.frozen_bn = True
+  second = train.train_and_evaluate(probe, str(tmp_path / 'probe'))
+  for collection in ('params', 'batch_stats'):
+    before = pretrained._leaves(getattr(first, collection))
+    after = pretrained._leaves(getattr(second, collection))
+    assert before.keys() == after.keys()
+    for key, value in before.items():
+      moved = not np.array_equal(np.asarray(after[key]), np.asarray(value))
+      assert moved == (key[0] == 'fc'), key
+
+
+def test_lr_find_starts_from_init_from(tmp_path):
+  """The LR range test of a fine-tuning config starts from the file's weights: with a zero head every
+  seed's first loss is ln(10) exactly as a zero head gives it (a random head does not)."""
+  path, _ = _exported(tmp_path)
+  with np.load(path) as f:
+    tensors = {k: (np.zeros_like(v) if k.startswith('params/fc/') else v) for k, v in f.items()}
+  assert any(k.startswith('params/fc/') for k in tensors)
+  np.savez(path, **tensors)
+  config = _run_config(path)
+  config.num_seeds = 2
+  config.lr_find.num_steps = 20
+  result = lr_find.range_test(config, str(tmp_path / 'lr'), write=False)
+  config.init_from.path = ''
+  fresh = lr_find.range_test(config, str(tmp_path / 'lr'), write=False)
+  for started, random in zip(result['per_seed'], fresh['per_seed']):
+    assert started['raw_loss'][0] == pytest.approx(np.log(10.0), abs=1e-6)
+    assert abs(random['raw_loss'][0] - np.log(10.0)) > 1e-3
 
 
 @pytest.mark.slow  # about a minute on a shared 2-core CPU
