@@ -478,19 +478,36 @@ def shake(args) -> None:
                       'gated_step_s': pair['gated_step_s'], 'seconds': seconds})
 
 
-def _estimate(args, n_train: int, n_eval: int) -> tuple[float, float, str]:
-  """(seconds an epoch, seconds to start and compile, from what) for the end-to-end run."""
+def _estimate(args, n_train: int, n_eval: int, dtype: str = 'float32') -> tuple[float, float, str]:
+  """(seconds an epoch, seconds to start and compile, from what) for the end-to-end run in `dtype`."""
   cells = [r for r in read_rows(args.out) if r.get('stage') == 'jax_step' and r.get('status') == 'measured'
-           and r.get('dtype') == 'float32']
+           and r.get('dtype') == dtype]
   if cells:
     cell = min(cells, key=lambda r: abs(r['batch'] - args.batch))
     epoch = n_train / cell['train_ips'] * 1.25 + n_eval / cell['eval_ips'] + 1.0
-    return epoch, 15.0 + 1.5 * cell['compile_s'], f'the jax_step cell float32 batch {cell["batch"]}'
+    return epoch, 15.0 + 1.5 * cell['compile_s'], f'the jax_step cell {dtype} batch {cell["batch"]}'
+  if dtype != 'float32':  # no cell of its own: as float32's
+    return _estimate(args, n_train, n_eval)
   return n_train / args.guess_ips + 1.0, args.guess_start_s, f'a guess of {args.guess_ips:.0f} img/s'
 
 
+def train_plan(args, n_train: int, n_eval: int, left: float) -> tuple[list[str], int, str]:
+  """(dtypes, epochs, basis): the same number of epochs in every dtype of --dtypes when all fit in `left`
+  seconds (float32 first), else float32 alone with as many epochs as fit."""
+  dtypes = [d for d in args.dtypes.split(',') if d]
+  dtypes = ['float32'] + [d for d in dtypes if d != 'float32']
+  estimates = [_estimate(args, n_train, n_eval, d) for d in dtypes]
+  epochs = int((left - sum(e[1] for e in estimates)) / sum(e[0] for e in estimates))
+  if len(dtypes) > 1 and epochs < 1:
+    dtypes, estimates = dtypes[:1], estimates[:1]
+    epochs = int((left - estimates[0][1]) / estimates[0][0])
+  return dtypes, min(args.max_epochs, epochs), '; '.join(e[2] for e in estimates)
+
+
 def train(args) -> None:
-  """`cifar-jax` with one-cycle on the real images of --data, as many epochs as the deadline allows."""
+  """`cifar-jax` with one-cycle on the real images of --data, as many epochs as the deadline allows: in
+  float32, and in the other --dtypes (bfloat16) for the same epochs when they fit too, so that the summary
+  sets their accuracies side by side."""
   manifest = os.path.join(args.data, 'manifest.json')
   if not os.path.isfile(manifest):
     skip(args.out, {'stage': 'train', 'note': f'no {manifest}: run python scripts/gpu_bundle.py and carry '
@@ -504,26 +521,31 @@ def train(args) -> None:
   if n_train < args.batch:
     skip(args.out, {'stage': 'train', 'note': f'{count} images in {args.data}: too few for a batch of '
                                               f'{args.batch} and {args.eval_size} held out'})
-  epoch_s, start_s, basis = _estimate(args, n_train, n_eval)
   left = args.deadline - time.time()
-  epochs = min(args.max_epochs, int((left - start_s) / epoch_s))
+  dtypes, epochs, basis = train_plan(args, n_train, n_eval, left)
+  epoch_s, start_s, _ = _estimate(args, n_train, n_eval)
   source = bundle.get('source', {})
   plan = {'stage': 'train', 'images': count, 'train_images': n_train, 'eval_images': n_eval,
           'source': 'synthetic' if 'synthetic' in source else source.get('file', '?'),
-          'batch': args.batch, 'model': args.model, 'width': args.width,
+          'batch': args.batch, 'model': args.model, 'width': args.width, 'dtypes': dtypes,
           'estimate': {'epoch_s': round(epoch_s, 1), 'start_s': round(start_s, 1), 'basis': basis}}
   if epochs < 1:
     skip(args.out, {**plan, 'note': f'{left:.0f} s left; one epoch needs about {start_s + epoch_s:.0f} s '
                                     f'({basis})'})
   append(args.out, {**plan, 'status': 'planned', 'epochs': epochs})
-  print(f'train: {epochs} epochs of {n_train} real images (eval on {n_eval}), about {epoch_s:.1f} s an '
-        f'epoch and {start_s:.0f} s to start ({basis})', flush=True)
-  workdir = os.path.join(args.work, 'train')
+  print(f'train: {epochs} epochs of {n_train} real images (eval on {n_eval}) in {", ".join(dtypes)}, about '
+        f'{epoch_s:.1f} s an epoch and {start_s:.0f} s to start in float32 ({basis})', flush=True)
+  for dtype in dtypes:
+    _train_run(args, dtype, epochs, n_eval)
+
+
+def _train_run(args, dtype: str, epochs: int, n_eval: int) -> None:
+  workdir = os.path.join(args.work, 'train' if dtype == 'float32' else f'train_{dtype}')
   cmd = [sys.executable, '-m', 'cifar_jax.main', '--config=configs/one_cycle.py', f'--workdir={workdir}',
          f'--config.num_epochs={epochs}', '--config.data.source=images', f'--config.data.path={args.data}',
          f'--config.data.validation_size={n_eval}', f'--config.batch_size={args.batch}',
          f'--config.model.name={args.model}', f'--config.model.width_multiplier={args.width}',
-         '--config.progress_bar=False']
+         f'--config.model.dtype={dtype}', '--config.progress_bar=False']
   seen = []
 
   def poll():
@@ -531,13 +553,13 @@ def train(args) -> None:
       seen.append(record)
       keep = ('epoch', 'train_loss', 'train_accuracy', 'eval_loss', 'eval_accuracy', 'images_per_second',
               'elapsed_seconds', 'compile_seconds', 'learning_rate')
-      append(args.out, {'stage': 'train', 'status': 'measured', 'of_epochs': epochs,
+      append(args.out, {'stage': 'train', 'status': 'measured', 'of_epochs': epochs, 'dtype': dtype,
                         **{k: record[k] for k in keep if k in record}})
 
   status, seconds, tail = run_logged(cmd, args.deadline, poll=poll)
   if status != 'ok':
-    append(args.out, {'stage': 'train', 'status': status, 'epochs_done': len(seen), 'seconds': seconds,
-                      'note': _note(tail)})
+    append(args.out, {'stage': 'train', 'status': status, 'dtype': dtype, 'epochs_done': len(seen),
+                      'seconds': seconds, 'note': _note(tail)})
     sys.exit(1)
 
 
@@ -643,11 +665,13 @@ def summarize(out: str, stopped: str = '', started: float = 0.0, deadline_s: flo
     lines += ['', f'## cifar-jax end to end on {where} from the bundle (one-cycle)', '']
     if plan:
       lines.append(f'{plan["train_images"]} training images, {plan["eval_images"]} held out; '
-                   f'{plan["epochs"]} epochs planned from {plan["estimate"]["basis"]}.')
+                   f'{plan["epochs"]} epochs planned in {", ".join(plan.get("dtypes", ["float32"]))} from '
+                   f'{plan["estimate"]["basis"]}.')
       lines.append('')
-    lines += _table(['epoch', 'train loss', 'eval accuracy', 'images/s', 'elapsed s'], [
-        [r.get('epoch'), _fmt(r.get('train_loss'), 4), _fmt(r.get('eval_accuracy'), 4),
-         r.get('images_per_second'), _fmt(r.get('elapsed_seconds'), 1)] for r in epochs])
+    lines += _table(['dtype', 'epoch', 'train loss', 'eval accuracy', 'images/s', 'elapsed s'], [
+        [r.get('dtype', 'float32'), r.get('epoch'), _fmt(r.get('train_loss'), 4),
+         _fmt(r.get('eval_accuracy'), 4), r.get('images_per_second'), _fmt(r.get('elapsed_seconds'), 1)]
+        for r in epochs])
   return '\n'.join(lines) + '\n'
 
 

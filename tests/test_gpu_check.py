@@ -1,6 +1,7 @@
 """scripts/gpu_check.sh and gpu_stages.py on the CPU: the smoke run of every stage (GPU_CHECK_SMOKE=1), the
 stop on a wrong backend, the deadline, and the rows kept when a stage is killed."""
 
+import argparse
 import os
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def test_the_summary_reads_every_kind_of_row(tmp_path):
       {'stage': 'train', 'status': 'planned', 'epochs': 2, 'train_images': 33152, 'eval_images': 5028,
        'source': 'cifar10_train.npz', 'estimate': {'basis': 'the jax_step cell float32 batch 128'}},
       {'stage': 'train', 'status': 'measured', 'epoch': 1, 'eval_accuracy': 0.5, 'images_per_second': 9e3},
+      {'stage': 'train', 'status': 'measured', 'epoch': 1, 'eval_accuracy': 0.49, 'images_per_second': 2e4,
+       'dtype': 'bfloat16'},
       {'stage': 'seeds', 'status': 'skipped', 'k': 4, 'note': 'no time'},
   ]
   for row in rows:
@@ -89,7 +92,8 @@ def test_the_summary_reads_every_kind_of_row(tmp_path):
   assert '| preflight | ok | 9 | 1 |' in text and '| torch_compile | not run |' in text
   assert '| jax | jit | float32/TF32' in text and '| 2.00x |' in text  # JAX over torch, same cell
   assert '- jax_step bfloat16 batch 512: timeout (killed)' in text and '- seeds k = 4: skipped' in text
-  assert 'on real CIFAR-10 images' in text and '33152 training images' in text and '| 1 |' in text
+  assert 'on real CIFAR-10 images' in text and '33152 training images' in text
+  assert '| float32 | 1 |  | 0.5000 |' in text and '| bfloat16 | 1 |  | 0.4900 |' in text
   assert '| highest | 3.00e-07 | 1e-04 | passed |' in text
 
 
@@ -110,7 +114,11 @@ def test_gpu_check_smoke_runs_every_stage_within_its_deadline(tmp_path):
   assert {(r['dtype'], r['batch']) for r in measured if r['stage'] == 'jax_step'} == {
       ('float32', 16), ('bfloat16', 16)}
   assert [r['k'] for r in measured if r['stage'] == 'seeds'] == [1, 2]
-  assert [r['epoch'] for r in measured if r['stage'] == 'train'] == [1, 2]
+  # float32 for the planned epochs, then bfloat16 for as many when the deadline leaves room for both
+  plan = next(r for r in rows if r['stage'] == 'train' and r['status'] == 'planned')
+  trained = [(r['dtype'], r['epoch']) for r in measured if r['stage'] == 'train']
+  assert trained == [(d, e + 1) for d in plan['dtypes'] for e in range(plan['epochs'])], (plan, trained)
+  assert plan['dtypes'][0] == 'float32' and plan['epochs'] >= 1
   assert next(r for r in measured if r['stage'] == 'correctness')['passed']
   deadline_s = 330
   assert seconds < deadline_s + 10, seconds
@@ -158,3 +166,22 @@ def test_a_stage_ended_by_sigterm_ends_its_children(tmp_path):
     time.sleep(0.1)
   else:
     pytest.fail(f'the child {child_pid} outlived its stage')
+
+
+def test_the_train_stage_plans_bfloat16_beside_float32_when_both_fit(tmp_path):
+  """Both dtypes get the same epochs when both fit (each from its own jax_step cell); else float32 alone
+  gets what fits."""
+  out = str(tmp_path)
+  for dtype, ips in (('float32', 1000.0), ('bfloat16', 2000.0)):
+    gpu_stages.append(out, {'stage': 'jax_step', 'status': 'measured', 'dtype': dtype, 'batch': 128,
+                            'compile_s': 10.0, 'train_ips': ips, 'eval_ips': 10 * ips})
+  args = argparse.Namespace(out=out, batch=128, dtypes='bfloat16,float32', max_epochs=20, guess_ips=1.0,
+                            guess_start_s=1.0)
+  # an epoch of 10,000 + 1,000 images: float32 10000/1000*1.25 + 0.1 + 1 = 13.6 s, bfloat16 7.3 s; 30 s
+  # to start each
+  dtypes, epochs, basis = gpu_stages.train_plan(args, 10_000, 1_000, 60.0 + 3 * 20.9 + 1.0)
+  assert (dtypes, epochs) == (['float32', 'bfloat16'], 3) and 'bfloat16 batch 128' in basis
+  dtypes, epochs, _ = gpu_stages.train_plan(args, 10_000, 1_000, 60.0 + 20.0)
+  assert (dtypes, epochs) == (['float32'], 3)  # (80 - 30) / 13.6
+  args.max_epochs = 2
+  assert gpu_stages.train_plan(args, 10_000, 1_000, 1000.0)[1] == 2
