@@ -515,7 +515,8 @@ def apply(corruption: str, images: np.ndarray, severity: int, draws: list[dict])
   # of 5,000 images ran 3.2x faster in chunks of 500, bitwise the same).
   for start in range(0, len(images), CHUNK):
     chunk, chunk_draws = images[start:start + CHUNK], draws[start:start + CHUNK]
-    stacked = {key: np.stack([d[key] for d in chunk_draws]) for key in (chunk_draws[0] if chunk_draws else {})}
+    stacked = {key: np.stack([d[key] for d in chunk_draws])
+               for key in (chunk_draws[0] if chunk_draws else {})}
     result = APPLY[corruption](chunk.astype(np.float64) if corruption not in (
         'motion_blur', 'jpeg_compression', 'pixelate') else chunk, severity, stacked)
     out[start:start + CHUNK] = np.asarray(result).astype(np.uint8)

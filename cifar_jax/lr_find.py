@@ -5,10 +5,10 @@ weight decay), batch size and data pipeline; the smoothed loss against the lr su
 
 `range_test` runs the k seeds (`num_seeds`) through the run's Program in one vmap-ed call per step, reads
 every step's loss, and stops once every seed's curve is over (diverged, or no longer finite). It starts
-from the config's initial state (its `init_from` weights in place, as a fine-tuning run starts; the config's
-`finetune` groups and frozen stages as its optimizer has them) at constant `optimizer.momentum`, and reads or
-writes nothing of a training run in the workdir (no checkpoint, config.json or metrics): it writes lr_find.json and
-lr_find.png there.
+from the config's initial state (its `init_from` weights in place, as a fine-tuning run starts; the
+config's `finetune` groups and frozen stages as its optimizer has them) at constant `optimizer.momentum`,
+and reads or writes nothing of a training run in the workdir (no checkpoint, config.json or metrics): it
+writes lr_find.json and lr_find.png there.
 """
 
 import json
