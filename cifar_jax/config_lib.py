@@ -1,6 +1,7 @@
 """Config checks that run before anything is compiled (the saved config.json: cifar_jax/checkpointing.py)."""
 
 import difflib
+import math
 import os
 import shutil
 
@@ -87,6 +88,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _require(bool(config.data.path), f'data.path must be set for data.source={config.data.source}: {what}')
   _require(config.data.validation_size >= 0,
            f'data.validation_size must be >= 0, got {config.data.validation_size}')
+  mixup = config.data.get('mixup', 0.0)
+  _require(isinstance(mixup, (int, float)) and math.isfinite(mixup) and mixup >= 0,
+           f'data.mixup must be >= 0 (0: off; BiT: 0.1), got {mixup!r}')
   if config.data.source == 'synthetic':
     _positive(config.data.synthetic_train_size, 'data.synthetic_train_size', integer=True)
     _positive(config.data.synthetic_eval_size, 'data.synthetic_eval_size', integer=True)

@@ -250,7 +250,8 @@ class Program:
     ensemble = par.num_seeds > 1  # the seeds' eval log probabilities, averaged by `ensemble`
     step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
                                 batch_size=config.batch_size, augment=config.data.augment,
-                                axis_name=par.axis_name, shard_batch=par.shard_batch)
+                                axis_name=par.axis_name, shard_batch=par.shard_batch,
+                                mixup_alpha=config.data.get('mixup', 0.0))
     program = cls(
         par=par, steps_per_epoch=spe, sizes=sizes, full_batches=n // config.batch_size,
         max_steps_per_call=max_steps_per_call,

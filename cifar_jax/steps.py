@@ -23,6 +23,8 @@ from cifar_jax import swa
 RECALIBRATION_SALT = 0x5BA
 # Folded into a batch's key for the Shake-Shake / ShakeDrop gates of the step that trains on it.
 SHAKE_SALT = 0x5AE
+# Folded into a batch's key for its mixup draws (the mixing weight and the partner permutation).
+MIXUP_SALT = 0x313
 METRIC_KEYS = ('loss_sum', 'correct', 'count')
 
 
@@ -73,18 +75,38 @@ def shake_rngs(data_key, epoch, index) -> dict[str, jax.Array]:
   return {'shake': jax.random.fold_in(input_pipeline.batch_key(data_key, epoch, index), SHAKE_SALT)}
 
 
+def mixup(images, labels, key, alpha: float):
+  """BiT's mixup (big_transfer `bit_pytorch/train.py`: `mixup_data`): one weight lam ~ Beta(alpha, alpha)
+  for the batch, each image mixed with the image a random permutation pairs it with,
+  lam * x + (1 - lam) * x[perm]. Returns (mixed images, labels, the partners' labels, lam per row): a
+  batch `train_step` takes, whose rows any sharding splits."""
+  lam_key, perm_key = jax.random.split(key)
+  lam = jax.random.beta(lam_key, alpha, alpha)
+  perm = jax.random.permutation(perm_key, images.shape[0])
+  mixed = lam * images + (1.0 - lam) * images[perm]
+  return mixed, labels, labels[perm], jnp.full(labels.shape, lam, jnp.float32)
+
+
+def mixup_loss(logits, labels, partner_labels, lam) -> jax.Array:
+  """`mixup_criterion`: lam * CE(labels) + (1 - lam) * CE(partners' labels), each the batch mean."""
+  return (lam[0] * cross_entropy_loss(logits, labels)
+          + (1.0 - lam[0]) * cross_entropy_loss(logits, partner_labels))
+
+
 def train_step(state: TrainState, batch, axis_name: str | None = None, rngs=None):
   """One SGD step on a normalised batch (images NHWC float32, labels int); returns state and sums.
 
+  `batch`: (images, labels), or `mixup`'s (images, labels, partner labels, lam); accuracy counts `labels`.
   `rngs`: the forward pass's random streams (`shake_rngs`), for models with gates.
   """
-  images, labels = batch
+  images, labels = batch[:2]
 
   def loss_fn(params):
     logits, new_model_state = state.apply_fn(
         {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
         mutable=['batch_stats'], rngs=rngs)
-    return cross_entropy_loss(logits, labels), (new_model_state, logits)
+    loss = cross_entropy_loss(logits, labels) if len(batch) == 2 else mixup_loss(logits, *batch[1:])
+    return loss, (new_model_state, logits)
 
   (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   metrics = batch_metrics(logits, labels, loss)
@@ -118,17 +140,22 @@ def whole_batch(batch):
 
 
 def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int, size: int,
-               augment: bool):
+               augment: bool, mixup_alpha: float = 0.0):
   """Batch `index` of epoch `epoch`: positions [index * batch_size, + size) of the epoch's order `perm`,
-  cropped and flipped with the key of (data_key, epoch, index), normalised. Every pass over the training
-  data (training, the SWA BatchNorm pass) draws its batches here."""
+  cropped and flipped with the key of (data_key, epoch, index), normalised; with `mixup_alpha` > 0 mixed
+  (`mixup`, its draws from the same key with a salt). Every pass over the training data (training, the
+  SWA BatchNorm pass) draws its batches here."""
   key = input_pipeline.batch_key(data_key, epoch, index)
-  return input_pipeline.get_train_batch(images, labels, perm, index * batch_size, size, key, augment)
+  batch = input_pipeline.get_train_batch(images, labels, perm, index * batch_size, size, key, augment)
+  if mixup_alpha > 0:
+    return mixup(*batch, jax.random.fold_in(key, MIXUP_SALT), mixup_alpha)
+  return batch
 
 
 def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, *,
                               steps_per_epoch: int, batch_size: int, size: int, augment: bool,
-                              axis_name: str | None = None, shard_batch=whole_batch):
+                              axis_name: str | None = None, shard_batch=whole_batch,
+                              mixup_alpha: float = 0.0):
   """The next global batch of the epoch, drawn on device from (data_key, epoch, step), then a step.
 
   `shard_batch` keeps this device's part of the global batch and `axis_name` names the pmap axis
@@ -137,7 +164,7 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
   step = state.step
   epoch, index = step // steps_per_epoch, step % steps_per_epoch
   batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
-                     augment=augment)
+                     augment=augment, mixup_alpha=mixup_alpha)
   state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name,
                               rngs=shake_rngs(data_key, epoch, index))
   return state, accumulate(acc, metrics, step)
@@ -145,7 +172,8 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
 
 def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, data_key, num_steps, *,
                                steps_per_epoch: int, batch_size: int, size: int, augment: bool,
-                               axis_name: str | None = None, shard_batch=whole_batch):
+                               axis_name: str | None = None, shard_batch=whole_batch,
+                               mixup_alpha: float = 0.0):
   """`num_steps` (traced: one compilation for any count) `train_step_on_device_data` steps in one call.
 
   XLA:CPU allocates a call's temporary buffers afresh on every call and the kernel zero-fills their pages
@@ -155,7 +183,8 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
   def body(_, carry):
     return train_step_on_device_data(
         *carry, images, labels, perm, data_key, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-        size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch)
+        size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch,
+        mixup_alpha=mixup_alpha)
 
   return jax.lax.fori_loop(0, num_steps, body, (state, acc))
 

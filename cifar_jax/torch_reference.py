@@ -230,8 +230,10 @@ def _batch_bounds(num_examples: int, batch_size: int, drop_remainder: bool):
     yield step, start, min(batch_size, num_examples - start)
 
 
-def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=None):
-  """Yields one epoch of training batches as (float32 NCHW images, int64 labels) CPU tensors.
+def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=None,
+                  mixup_alpha: float = 0.0):
+  """Yields one epoch of training batches as (float32 NCHW images, int64 labels) CPU tensors; with
+  `mixup_alpha` > 0 mixed as BiT's `mixup_data` mixes them, (images, labels, partner labels, lam).
 
   Args:
     dataset: an `input_pipeline.Dataset`.
@@ -242,6 +244,8 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
       the normalisation differently, by at most one float32 ULP); 'native' shuffles and augments in
       torch with a torch.Generator seeded from (seed, epoch), like the blog's DataLoader.
     data_key: 'identical' only; the JAX trainer's data key (default `jax_data_key(config.seed)`).
+    mixup_alpha: 'identical': the JAX trainer's draws (`steps.mixup`); 'native': lam from a numpy
+      generator of (seed, epoch), the partners from the torch generator.
   """
   images, labels = dataset.train_images, dataset.train_labels
   n, batch_size = dataset.num_train, config.batch_size
@@ -254,20 +258,29 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
       for step, _, size in _batch_bounds(n, batch_size, drop):
         # Eager, not jitted: XLA's fusion of the normalisation moves ~30 % of values by one float32
         # ULP, so only the eager call is reproducible here; order, crops and flips are exact either way.
-        x, y = steps.draw_batch(jax_images, jax_labels, perm, key, epoch, step, batch_size=batch_size,
-                                size=size, augment=augment)
-        yield _nchw_tensors(x, y)
+        batch = steps.draw_batch(jax_images, jax_labels, perm, key, epoch, step, batch_size=batch_size,
+                                 size=size, augment=augment, mixup_alpha=mixup_alpha)
+        x, y = _nchw_tensors(*batch[:2])
+        yield (x, y) if len(batch) == 2 else (x, y, _torch().from_numpy(np.asarray(batch[2], np.int64)),
+                                              float(batch[3][0]))
   elif mode == 'native':
     torch = _torch()
     generator = torch.Generator().manual_seed(native_generator_seed(config.seed, epoch))
     perm = torch.randperm(n, generator=generator)
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
+    mixing = np.random.default_rng([config.seed, epoch, steps.MIXUP_SALT])
     for _, start, size in _batch_bounds(n, batch_size, drop):
       idx = perm[start:start + size]
       x = images_t[idx]
       if augment:
         x = torch_crop_flip(x, generator)
-      yield _torch_normalize(x), labels_t[idx]
+      x, y = _torch_normalize(x), labels_t[idx]
+      if mixup_alpha > 0:  # bit_pytorch/train.py: mixup_data
+        lam = float(mixing.beta(mixup_alpha, mixup_alpha))
+        partners = torch.randperm(size, generator=generator)
+        yield lam * x + (1 - lam) * x[partners], y, y[partners], lam
+      else:
+        yield x, y
   else:
     raise ValueError(f'data mode must be one of {list(DATA_MODES)}, got {mode!r}')
 
@@ -442,11 +455,14 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
   correct = torch.zeros((), dtype=torch.int64, device=device)
   count, steps = 0, 0
   lr, momentum = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['momentum']
-  for i, (x, y) in enumerate(batches):
-    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+  for i, batch in enumerate(batches):
+    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
     with autocast(dtype, device):
       logits = model(x)
       loss = torch.nn.functional.cross_entropy(logits, y)  # float32: autocast's list
+      if len(batch) == 4:  # mixup: bit_pytorch/train.py's mixup_criterion
+        lam = batch[3]
+        loss = lam * loss + (1 - lam) * torch.nn.functional.cross_entropy(logits, batch[2].to(device))
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if clip_grad_norm > 0:
@@ -669,7 +685,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
     else:
       hook = functools.partial(after_batch, epoch)
     epoch_start = time.perf_counter()
-    train = train_epoch(model, optimizer, torch_batches(dataset, config, epoch, data_mode), device,
+    batches = torch_batches(dataset, config, epoch, data_mode, mixup_alpha=config.data.get('mixup', 0.0))
+    train = train_epoch(model, optimizer, batches, device,
                         hook, config.halt_on_nan, config.optimizer.clip_grad_norm, config.model.frozen_bn,
                         config.model.dtype)
     if device.type == 'cuda':

@@ -71,6 +71,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.validation_size = 0  # > 0: hold out this many from the end of train, evaluate on them
   config.data.drop_remainder = False  # False: a final partial batch, like torch's drop_last=False
   config.data.augment = True  # random crop (pad 4) and horizontal flip
+  # > 0: BiT's mixup, each training batch mixed with itself permuted at a weight ~ Beta(mixup, mixup)
+  # (steps.mixup; BiT's HyperRule: 0.1 for 20k examples or more)
+  config.data.mixup = 0.0
   config.data.synthetic_train_size = 2048
   config.data.synthetic_eval_size = 512
   config.data.synthetic_seed = -1  # synthetic: the seed of the images; -1 = config.seed

@@ -475,3 +475,50 @@ def test_jax_train_steps_follow_torch_identical_mode():
   # and a tensor of size 1e-3 makes any relative measure of its rounding noise large).
   jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=TRAJECTORY_RTOL, atol=1e-5),
                (state.params, state.batch_stats), (want['params'], want['batch_stats']))
+
+
+def test_mixup_steps_follow_the_torch_twins_identical_mode():
+  """BiT's mixup (data.mixup): the trainer's jitted steps and the twin's `train_epoch` on its 'identical'
+  batches (the same lam and partners, `steps.mixup`), one epoch of 5 steps: mean loss, params, statistics."""
+  config = smoke.get_config()
+  config.num_epochs, config.batch_size = 1, 8
+  config.model.width_multiplier = WIDTH
+  config.data.synthetic_train_size, config.data.synthetic_eval_size = 36, 8
+  config.data.mixup = 0.5
+  dataset = input_pipeline.load_dataset(config.data, config.seed)
+  n, spe = dataset.num_train, 5
+
+  torch.manual_seed(0)
+  model = torch_reference.create_torch_model(config.model)
+  variables = torch_reference.torch_to_flax(model.state_dict())
+  optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
+  batches = list(torch_reference.torch_batches(dataset, config, 0, 'identical', mixup_alpha=0.5))
+  lams = [b[3] for b in batches]
+  assert all(len(b) == 4 for b in batches) and all(0 < lam < 1 for lam in lams) and len(set(lams)) == 5
+  record = torch_reference.train_epoch(model, optimizer, batches, 'cpu')
+
+  lr_fn, momentum_fn = builders.create_schedules(config, spe)
+  state = builders.create_train_state(jax.random.key(0), config, builders.create_model(config.model),
+                                      lr_fn, momentum_fn)
+  state = state.replace(params=variables['params'], batch_stats=variables['batch_stats'])
+  data_key = torch_reference.jax_data_key(config.seed)
+  perm = input_pipeline.epoch_permutation(data_key, 0, n)
+  acc = steps.init_train_metrics()
+  for size in (8, 8, 8, 8, 4):
+    step = jax.jit(functools.partial(steps.train_step_on_device_data, steps_per_epoch=spe, batch_size=8,
+                                     size=size, augment=True, mixup_alpha=0.5))
+    state, acc = step(state, acc, dataset.train_images, dataset.train_labels, perm, data_key)
+  assert rel_err(float(acc['loss_sum'] / acc['count']), record['train_loss']) < TRAJECTORY_RTOL
+  want = torch_reference.torch_to_flax(model.state_dict())
+  jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=TRAJECTORY_RTOL, atol=1e-5),
+               (state.params, state.batch_stats), (want['params'], want['batch_stats']))
+  # and it mixed: the same epoch without mixup ends elsewhere
+  plain = jax.jit(functools.partial(steps.train_step_on_device_data, steps_per_epoch=spe, batch_size=8,
+                                    size=8, augment=True))
+  start = state.replace(params=variables['params'], batch_stats=variables['batch_stats'], step=0)
+  unmixed, _ = plain(start, steps.init_train_metrics(), dataset.train_images, dataset.train_labels, perm,
+                     data_key)
+  mixed, _ = jax.jit(functools.partial(steps.train_step_on_device_data, steps_per_epoch=spe, batch_size=8,
+                                       size=8, augment=True, mixup_alpha=0.5))(
+      start, steps.init_train_metrics(), dataset.train_images, dataset.train_labels, perm, data_key)
+  assert not np.allclose(np.asarray(mixed.params['fc']['kernel']), np.asarray(unmixed.params['fc']['kernel']))
