@@ -12,7 +12,9 @@ this config's choice (not the anchor's).
     --config.finetune.frozen=backbone --config.model.frozen_bn=True
 
 Expected accuracy at this length: not measured (a CPU does not run 10k steps of batch 512); RESULTS.md,
-"Fine-tuning pretrained weights", has the short CPU runs and their commands.
+"Fine-tuning pretrained weights", has the short CPU runs and their commands. There, at batch 50 and 64 px,
+BatchNorm frozen (`--config.model.frozen_bn=True`) beat BatchNorm training by 15 points after 200 steps
+(77.7 against 63.1 %); with small batches, freeze it.
 """
 
 from configs import default
