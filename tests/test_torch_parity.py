@@ -424,6 +424,16 @@ def test_torch_schedulers_match_the_jax_schedules(case):
 TRAJECTORY_RTOL = 1e-4
 
 
+def _twin(config):
+  """The data, the torch model (seed 0), its weights as Flax variables, and its optimizer."""
+  dataset = input_pipeline.load_dataset(config.data, config.seed)
+  torch.manual_seed(0)
+  model = torch_reference.create_torch_model(config.model)
+  variables = torch_reference.torch_to_flax(model.state_dict())
+  optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
+  return dataset, model, variables, optimizer
+
+
 def test_jax_train_steps_follow_torch_identical_mode():
   """20 steps of the trainer's jitted step, same initial weights and 'identical' batches, one-cycle lr
   and momentum changing every step: loss at every step, params and BN statistics at the end."""
@@ -434,13 +444,8 @@ def test_jax_train_steps_follow_torch_identical_mode():
   config.model.width_multiplier = WIDTH
   config.data.synthetic_train_size, config.data.synthetic_eval_size = 36, 8  # 5 steps, the last of 4
   config.schedule.name = 'one_cycle'  # lr and momentum change every step
-  dataset = input_pipeline.load_dataset(config.data, config.seed)
+  dataset, model, variables, optimizer = _twin(config)
   n, spe = dataset.num_train, 5
-
-  torch.manual_seed(0)
-  model = torch_reference.create_torch_model(config.model)
-  variables = torch_reference.torch_to_flax(model.state_dict())
-  optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
   scheduler = torch_reference.create_torch_scheduler(optimizer, config.schedule, config.num_epochs, spe)
   after_batch, after_epoch = torch_reference.scheduler_hooks(scheduler, config.schedule, spe)
 
@@ -485,13 +490,8 @@ def test_mixup_steps_follow_the_torch_twins_identical_mode():
   config.model.width_multiplier = WIDTH
   config.data.synthetic_train_size, config.data.synthetic_eval_size = 36, 8
   config.data.mixup = 0.5
-  dataset = input_pipeline.load_dataset(config.data, config.seed)
+  dataset, model, variables, optimizer = _twin(config)
   n, spe = dataset.num_train, 5
-
-  torch.manual_seed(0)
-  model = torch_reference.create_torch_model(config.model)
-  variables = torch_reference.torch_to_flax(model.state_dict())
-  optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
   batches = list(torch_reference.torch_batches(dataset, config, 0, 'identical', mixup_alpha=0.5))
   lams = [b[3] for b in batches]
   assert all(len(b) == 4 for b in batches) and all(0 < lam < 1 for lam in lams) and len(set(lams)) == 5
