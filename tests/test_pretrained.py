@@ -395,7 +395,7 @@ def test_lr_find_starts_from_init_from(tmp_path):
   """The LR range test of a fine-tuning config starts from the file's weights: with a zero head every
   seed's first loss is ln(10) exactly as a zero head gives it (a random head does not)."""
   path, _ = _exported(tmp_path)
-  with np.load(path) as f:
+  with np.load(path, allow_pickle=False) as f:
     tensors = {k: (np.zeros_like(v) if k.startswith('params/fc/') else v) for k, v in f.items()}
   assert any(k.startswith('params/fc/') for k in tensors)
   np.savez(path, **tensors)
