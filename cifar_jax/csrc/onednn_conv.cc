@@ -138,10 +138,6 @@ struct Entry {
   memory::desc scratchpad;
   bool reorder_weights = false;
   reorder weights_reorder;  // HWIO -> `weights` (forward, backward data), or back (weights)
-  // bfloat16 backward weights: src and diff_dst widened first into the float32 the primitive reads.
-  bool reorder_inputs = false;
-  memory::desc src, dst;
-  reorder src_reorder, dst_reorder;
 };
 
 std::mutex cache_mutex;
@@ -186,24 +182,15 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
     entry->weights = pd.weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
   } else {
-    // bfloat16: oneDNN's bfloat16 backward-weights kernel on AVX512-BF16 (jit_bf16, NHWC or blocked
-    // activations) took as long as the float32 one at its median and had calls 10-100x slower
-    // (BENCHMARKS.md, "Mixed precision"), so src and diff_dst are widened to float32 NHWC (exactly) and
-    // the float32 kernel runs; its float32 result is rounded once to bfloat16 by the reorder back to
-    // HWIO. The same sums, accumulated in float32. (Not measured with AMX's bfloat16 kernels.)
-    Geometry gw = g;
-    gw.type = dt::f32;
+    // The kernel gradient accumulated and written in float32 (bfloat16 operands: oneDNN's
+    // jit_bf16 kernel, AVX512-BF16), rounded once to the operands' type by the reorder back to HWIO.
+    // (Until 2026-12-06 bfloat16 src and diff_dst were widened to float32 for oneDNN's float32 kernel,
+    // after a measurement on a heavily loaded machine; on a quiet one the bfloat16 kernel is 1.8x
+    // faster: BENCHMARKS.md, "Mixed precision".)
     memory::desc diff_weights({g.o, g.c, g.kh, g.kw}, dt::f32, tag::any);
     auto pd = convolution_backward_weights::primitive_desc(
-        CpuEngine(), algorithm::convolution_direct, gw.Src(), diff_weights, gw.Dst(), g.Strides(),
-        g.PadL(), g.PadR(), ForwardDesc(gw), UserScratchpad());
-    entry->src = pd.src_desc();
-    entry->dst = pd.diff_dst_desc();
-    entry->reorder_inputs = entry->src != g.Src() || entry->dst != g.Dst();
-    if (entry->reorder_inputs) {
-      entry->src_reorder = reorder(reorder::primitive_desc(CpuEngine(), g.Src(), CpuEngine(), entry->src));
-      entry->dst_reorder = reorder(reorder::primitive_desc(CpuEngine(), g.Dst(), CpuEngine(), entry->dst));
-    }
+        CpuEngine(), algorithm::convolution_direct, g.Src(), diff_weights, g.Dst(), g.Strides(),
+        g.PadL(), g.PadR(), ForwardDesc(g), UserScratchpad());
     entry->conv = convolution_backward_weights(pd);
     entry->weights = pd.diff_weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
@@ -220,10 +207,9 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
   return entry;
 }
 
-// A thread's own buffers (the blocked kernel, the scratchpad, the float32 copies of a bfloat16 backward-
-// weights call's src and diff_dst), grown as needed and kept between calls.
+// A thread's own buffers (the blocked kernel, the scratchpad), grown as needed and kept between calls.
 void* ThreadBuffer(int which, size_t bytes) {
-  thread_local std::vector<char> buffers[4];
+  thread_local std::vector<char> buffers[2];
   std::vector<char>& buffer = buffers[which];
   if (buffer.size() < bytes + 64) buffer.resize(bytes + 64);
   // 64-byte aligned, as oneDNN prefers for its blocked layouts.
@@ -259,14 +245,6 @@ void RunOne(const char* kind, const Geometry& g, void* act, void* out_side, void
                             {DNNL_ARG_DIFF_SRC, act_mem},
                             {DNNL_ARG_SCRATCHPAD, scratch_mem}});
   } else {
-    if (entry->reorder_inputs) {
-      memory src(entry->src, eng, ThreadBuffer(2, entry->src.get_size()));
-      memory dst(entry->dst, eng, ThreadBuffer(3, entry->dst.get_size()));
-      entry->src_reorder.execute(s, act_mem, src);
-      entry->dst_reorder.execute(s, out_mem, dst);
-      act_mem = src;
-      out_mem = dst;
-    }
     entry->conv.execute(s, {{DNNL_ARG_SRC, act_mem},
                             {DNNL_ARG_DIFF_DST, out_mem},
                             {DNNL_ARG_DIFF_WEIGHTS, weights_mem},
