@@ -491,9 +491,9 @@ def _estimate(args, n_train: int, n_eval: int, dtype: str = 'float32') -> tuple[
   return n_train / args.guess_ips + 1.0, args.guess_start_s, f'a guess of {args.guess_ips:.0f} img/s'
 
 
-def train_plan(args, n_train: int, n_eval: int, left: float) -> tuple[list[str], int, str]:
-  """(dtypes, epochs, basis): the same number of epochs in every dtype of --dtypes when all fit in `left`
-  seconds (float32 first), else float32 alone with as many epochs as fit."""
+def train_plan(args, n_train: int, n_eval: int, left: float) -> tuple[list[str], int, list[tuple]]:
+  """(dtypes, epochs, estimates): the same number of epochs in every dtype of --dtypes when all fit in
+  `left` seconds (float32 first), else float32 alone with as many epochs as fit; `_estimate` of each."""
   dtypes = [d for d in args.dtypes.split(',') if d]
   dtypes = ['float32'] + [d for d in dtypes if d != 'float32']
   estimates = [_estimate(args, n_train, n_eval, d) for d in dtypes]
@@ -501,7 +501,7 @@ def train_plan(args, n_train: int, n_eval: int, left: float) -> tuple[list[str],
   if len(dtypes) > 1 and epochs < 1:
     dtypes, estimates = dtypes[:1], estimates[:1]
     epochs = int((left - estimates[0][1]) / estimates[0][0])
-  return dtypes, min(args.max_epochs, epochs), '; '.join(e[2] for e in estimates)
+  return dtypes, min(args.max_epochs, epochs), estimates
 
 
 def train(args) -> None:
@@ -522,8 +522,8 @@ def train(args) -> None:
     skip(args.out, {'stage': 'train', 'note': f'{count} images in {args.data}: too few for a batch of '
                                               f'{args.batch} and {args.eval_size} held out'})
   left = args.deadline - time.time()
-  dtypes, epochs, basis = train_plan(args, n_train, n_eval, left)
-  epoch_s, start_s, _ = _estimate(args, n_train, n_eval)
+  dtypes, epochs, estimates = train_plan(args, n_train, n_eval, left)
+  (epoch_s, start_s, _), basis = estimates[0], '; '.join(e[2] for e in estimates)
   source = bundle.get('source', {})
   plan = {'stage': 'train', 'images': count, 'train_images': n_train, 'eval_images': n_eval,
           'source': 'synthetic' if 'synthetic' in source else source.get('file', '?'),

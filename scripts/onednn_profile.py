@@ -5,10 +5,10 @@ summed per primitive kind, direction and implementation.
   JAX_PLATFORMS=cpu python scripts/onednn_profile.py --width=0.25 --dtype=bfloat16 --steps=3
 
 Each framework runs in a child process with ONEDNN_VERBOSE=1: two untimed steps, then --steps steps
-between markers; the table is milliseconds per step (oneDNN's own timing of each call). JAX: `jax.grad` of
-the model's loss (BatchNorm in training mode) jitted with the trainer's CPU settings; torch: the reference
-model's forward, loss and backward under autocast for bfloat16, 2 threads. Calls outside oneDNN (XLA's
-fusions, torch's elementwise kernels) are not in the table.
+between markers; the table is milliseconds per step (oneDNN's own timing of each call). The steps are
+`scripts/profile_step.py`'s: JAX's jitted loss gradient (BatchNorm in training mode) with the trainer's
+CPU settings; torch's train step (forward and loss under autocast for bfloat16, backward, SGD), 2
+threads. Calls outside oneDNN (XLA's fusions, torch's elementwise kernels and optimizer) are not in it.
 """
 
 import argparse
@@ -19,58 +19,18 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+import profile_step  # noqa: E402  (its JAX gradient step and torch train step)
+
 START, END = '=== profile start', '=== profile end'
 
 
 def _jax_child(args) -> None:
-  from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  config = default.get_config()
-  config.cpu_devices = 1
-  cpu_backend.configure(config)
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-
-  from cifar_jax import builders  # pylint: disable=g-import-not-at-top
-  from cifar_jax import models  # pylint: disable=g-import-not-at-top
-  model = models.create_model('resnet18', width_multiplier=args.width, dtype=builders.DTYPES[args.dtype],
-                              conv_impl=builders.conv_impl(config.model))
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.random((args.batch, 32, 32, 3), np.float32))
-  y = jnp.asarray(rng.integers(0, 10, args.batch))
-  variables = model.init(jax.random.key(0), x[:2])
-
-  def loss(params, batch_stats):
-    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats'])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits.astype(jnp.float32)), y[:, None], 1)), new
-
-  grad = jax.jit(jax.grad(loss, has_aux=True))
-  _steps(args, lambda: jax.block_until_ready(grad(variables['params'], variables['batch_stats'])))
+  _steps(args, profile_step.jax_gradient_step(args)[0])
 
 
 def _torch_child(args) -> None:
-  import torch  # pylint: disable=g-import-not-at-top
-
-  from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(2)
-  config = default.get_config()
-  config.model.width_multiplier = args.width
-  model = torch_reference.create_torch_model(config.model)
-  if args.channels_last:
-    model = model.to(memory_format=torch.channels_last)
-  x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-  if args.channels_last:
-    x = x.contiguous(memory_format=torch.channels_last)
-
-  def step():
-    with torch_reference.autocast(args.dtype, 'cpu'):
-      loss = torch.nn.functional.cross_entropy(model(x), y)
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-
-  _steps(args, step)
+  _steps(args, profile_step.torch_train_step(args, threads=2, channels_last=args.channels_last))
 
 
 def _steps(args, step) -> None:
@@ -102,6 +62,7 @@ def summarize(lines, steps: int) -> tuple[dict, int]:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='resnet18')
   parser.add_argument('--width', type=float, default=0.25)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=3)
@@ -118,8 +79,8 @@ def main() -> None:
                          check=True).stdout
     total, calls = summarize(out.splitlines(), args.steps)
     label = 'torch channels_last' if child == 'torch' and args.channels_last else child
-    print(f'{label}, ResNet18 width {args.width}, batch {args.batch}, {args.dtype}: oneDNN ms per gradient '
-          f'step ({calls} calls)')
+    print(f'{label}, {args.model} width {args.width}, batch {args.batch}, {args.dtype}: oneDNN ms per '
+          f'gradient step ({calls} calls)')
     for (kind, direction, impl), ms in sorted(total.items(), key=lambda kv: -kv[1]):
       print(f'  {ms:8.1f} ms  {kind:12s} {direction:24s} {impl}')
     print(f'  {sum(total.values()):8.1f} ms  all oneDNN calls')

@@ -24,13 +24,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
-def _jax_profile(args) -> None:
+def jax_gradient_step(args):
+  """A zero-argument function running one jitted loss gradient of --model (BatchNorm in training mode)
+  on a fixed random batch, with cifar-jax's XLA:CPU settings (one device), and the model."""
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
   config.cpu_devices = 1
-  config.model.conv = args.conv
+  config.model.conv = getattr(args, 'conv', 'auto')
   cpu_backend.configure(config)
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -48,19 +50,56 @@ def _jax_profile(args) -> None:
 
   def loss(params, batch_stats, x):
     logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats'])
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1)), new
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))  # the loss in float32, as the trainer's
+    return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], 1)), new
 
   grad = jax.grad(loss, has_aux=True)
-  if args.seeds > 1:  # k models in one vmap-ed call, as config.num_seeds = k (each its own images)
-    variables = jax.tree.map(lambda v: jnp.stack([v] * args.seeds), variables)
-    x = jnp.asarray(rng.random((args.seeds,) + x.shape, np.float32))
+  seeds = getattr(args, 'seeds', 1)
+  if seeds > 1:  # k models in one vmap-ed call, as config.num_seeds = k (each its own images)
+    variables = jax.tree.map(lambda v: jnp.stack([v] * seeds), variables)
+    x = jnp.asarray(rng.random((seeds,) + x.shape, np.float32))
     grad = jax.vmap(grad)
   grad = jax.jit(grad)
-  jax.block_until_ready(grad(variables['params'], variables['batch_stats'], x))
+  return (lambda: jax.block_until_ready(grad(variables['params'], variables['batch_stats'], x))), model
+
+
+def torch_train_step(args, threads: int, channels_last: bool = False):
+  """A zero-argument function running one train step of the torch reference model (forward and loss under
+  `autocast(args.dtype)`, backward, SGD) on a fixed random batch with `threads` threads."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(threads)
+  config = default.get_config()
+  config.model.name, config.model.width_multiplier = args.model, args.width
+  model = torch_reference.create_torch_model(config.model)
+  x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
+  if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+  optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
+
+  def step():
+    with torch_reference.autocast(args.dtype, 'cpu'):
+      loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+
+  return step
+
+
+def _jax_profile(args) -> None:
+  import jax  # pylint: disable=g-import-not-at-top
+
+  step, model = jax_gradient_step(args)
+  step()
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(args.steps):
-        jax.block_until_ready(grad(variables['params'], variables['batch_stats'], x))
+        step()
     path = glob.glob(os.path.join(trace_dir, '**', '*perfetto_trace.json.gz'), recursive=True)[0]
     with gzip.open(path) as f:
       events = json.load(f)
@@ -83,23 +122,7 @@ def _jax_profile(args) -> None:
 def _torch_profile(args) -> None:
   import torch  # pylint: disable=g-import-not-at-top
 
-  from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
-
-  torch.set_num_threads(args.torch_threads)
-  config = default.get_config()
-  config.model.name, config.model.width_multiplier = args.model, args.width
-  model = torch_reference.create_torch_model(config.model)
-  optimizer = torch_reference.create_torch_optimizer(model.parameters(), config.optimizer)
-  x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-
-  def step():
-    with torch_reference.autocast(args.dtype, 'cpu'):
-      loss = torch.nn.functional.cross_entropy(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-
+  step = torch_train_step(args, args.torch_threads)
   for _ in range(2):
     step()
   start = time.perf_counter()

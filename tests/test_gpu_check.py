@@ -179,8 +179,8 @@ def test_the_train_stage_plans_bfloat16_beside_float32_when_both_fit(tmp_path):
                             guess_start_s=1.0)
   # an epoch of 10,000 + 1,000 images: float32 10000/1000*1.25 + 0.1 + 1 = 13.6 s, bfloat16 7.3 s; 30 s
   # to start each
-  dtypes, epochs, basis = gpu_stages.train_plan(args, 10_000, 1_000, 60.0 + 3 * 20.9 + 1.0)
-  assert (dtypes, epochs) == (['float32', 'bfloat16'], 3) and 'bfloat16 batch 128' in basis
+  dtypes, epochs, estimates = gpu_stages.train_plan(args, 10_000, 1_000, 60.0 + 3 * 20.9 + 1.0)
+  assert (dtypes, epochs) == (['float32', 'bfloat16'], 3) and 'bfloat16 batch 128' in estimates[1][2]
   dtypes, epochs, _ = gpu_stages.train_plan(args, 10_000, 1_000, 60.0 + 20.0)
   assert (dtypes, epochs) == (['float32'], 3)  # (80 - 30) / 13.6
   args.max_epochs = 2
