@@ -188,41 +188,44 @@ def describe(conv_impl: str, dtype) -> str:
           'oneDNN would emulate it)')
 
 
-def _attrs(strides, padding) -> dict:
+def _attrs(strides, padding, groups) -> dict:
   (pt, pb), (pl, pr) = padding
   return dict(stride_h=np.int64(strides[0]), stride_w=np.int64(strides[1]), pad_top=np.int64(pt),
-              pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr))
+              pad_bottom=np.int64(pb), pad_left=np.int64(pl), pad_right=np.int64(pr),
+              groups=np.int64(groups))
 
 
-def _call(target: str, out_shape, a, b, strides, padding):
+def _call(target: str, out_shape, a, b, strides, padding, groups):
   # 'expand_dims': under vmap (several seeds in one run, several SWAG samples) the handler gets every
   # seed's operands in one call, with leading batch dimensions (size 1 where an operand is shared), and
   # spreads the seeds' convolutions over the cores (csrc/onednn_conv.cc, `Run`).
   load()  # registered (once) before any program that calls it compiles or loads from a cache
   return jax.ffi.ffi_call(_target_name(target, _state['loaded']),
                           jax.ShapeDtypeStruct(out_shape, a.dtype),
-                          vmap_method='expand_dims')(a, b, **_attrs(strides, padding))
+                          vmap_method='expand_dims')(a, b, **_attrs(strides, padding, groups))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def conv_nhwc(x: jax.Array, kernel: jax.Array, strides: tuple[int, int],
-              padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+              padding: tuple[tuple[int, int], tuple[int, int]], groups: int = 1) -> jax.Array:
   """An NHWC x HWIO convolution with explicit padding, through oneDNN (float32, or bfloat16 where
-  `dtypes()` has it: operands and result bfloat16, accumulated in float32)."""
+  `dtypes()` has it: operands and result bfloat16, accumulated in float32). `groups` is lax's
+  `feature_group_count`: the kernel is (kh, kw, C / groups, O), depthwise when groups = C."""
   out_shape = jax.eval_shape(
-      lambda a, b: lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_NHWC),
+      lambda a, b: lax.conv_general_dilated(a, b, strides, padding, dimension_numbers=_NHWC,
+                                            feature_group_count=groups),
       x, kernel).shape
-  return _call('forward', out_shape, x, kernel, strides, padding)
+  return _call('forward', out_shape, x, kernel, strides, padding, groups)
 
 
-def _conv_fwd(x, kernel, strides, padding):
-  return conv_nhwc(x, kernel, strides, padding), (x, kernel)
+def _conv_fwd(x, kernel, strides, padding, groups):
+  return conv_nhwc(x, kernel, strides, padding, groups), (x, kernel)
 
 
-def _conv_bwd(strides, padding, residuals, dy):
+def _conv_bwd(strides, padding, groups, residuals, dy):
   x, kernel = residuals
-  dx = _call('backward_data', x.shape, dy, kernel, strides, padding)
-  dkernel = _call('backward_weights', kernel.shape, x, dy, strides, padding)
+  dx = _call('backward_data', x.shape, dy, kernel, strides, padding, groups)
+  dkernel = _call('backward_weights', kernel.shape, x, dy, strides, padding, groups)
   return dx, dkernel
 
 
@@ -231,11 +234,14 @@ conv_nhwc.defvjp(_conv_fwd, _conv_bwd)
 
 def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
              feature_group_count, batch_group_count) -> bool:
-  """Whether this `lax.conv_general_dilated` call is one the oneDNN handlers cover."""
+  """Whether this `lax.conv_general_dilated` call is one the oneDNN handlers cover: NHWC / HWIO, ungrouped
+  or grouped (`feature_group_count`, depthwise included), no dilation, no batch groups."""
   dims = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
   return (lhs.ndim == 4 and lhs.dtype == rhs.dtype and lhs.dtype in dtypes()
-          and dims == nhwc and feature_group_count == 1 and batch_group_count == 1
+          and dims == nhwc and batch_group_count == 1
+          and feature_group_count >= 1 and rhs.shape[2] * feature_group_count == lhs.shape[3]
+          and rhs.shape[3] % feature_group_count == 0
           and all(d == 1 for d in (lhs_dilation or (1, 1)))
           and all(d == 1 for d in (rhs_dilation or (1, 1)))
           and (isinstance(padding, str) or all(p >= 0 for pair in padding for p in pair)))
@@ -244,8 +250,8 @@ def supports(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dime
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                          dimension_numbers=None, feature_group_count=1, batch_group_count=1,
                          precision=None, preferred_element_type=None):
-  """`lax.conv_general_dilated` through oneDNN where it applies (`supports`: NHWC 2-D in float32, or
-  bfloat16 on CPUs with bfloat16 instructions), lax otherwise."""
+  """`lax.conv_general_dilated` through oneDNN where it applies (`supports`: NHWC 2-D, grouped or not, in
+  float32, or bfloat16 on CPUs with bfloat16 instructions), lax otherwise."""
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           feature_group_count, batch_group_count)
   if preferred_element_type is not None or not supports(*args):
@@ -255,4 +261,4 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   if isinstance(padding, str):
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
-  return conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), padding)
+  return conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), padding, int(feature_group_count))

@@ -54,6 +54,87 @@ def test_forward_and_gradients_equal_lax(n, size, cin, cout, k, stride, padding)
   np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
 
 
+# EfficientNet-Lite0's depthwise convolutions at 128 px (size, channels, kernel, stride), with TensorFlow's
+# 'SAME' padding as the model pads (`efficientnet_lite.same_padding`): stride 1 pads (k - 1) / 2 each side,
+# stride 2 pads k / 2 - 1 before and k / 2 after.
+LITE0_DEPTHWISE = [(64, 32, 3, 1), (64, 96, 3, 2), (32, 144, 3, 1), (32, 144, 5, 2), (16, 240, 5, 1),
+                   (16, 240, 3, 2), (8, 480, 3, 1), (8, 480, 5, 1), (8, 672, 5, 1), (8, 672, 5, 2),
+                   (4, 1152, 5, 1), (4, 1152, 3, 1)]
+
+
+def _same_padding(k, stride):
+  total = k - 1 if stride == 1 else k - 2
+  return ((total // 2, total - total // 2),) * 2
+
+
+def _grouped_grads(conv, x, w, stride, padding, groups):
+  loss = lambda x, w: _grouped_loss(conv, x, w, stride, padding, groups)
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(x, w)
+
+
+def _grouped_loss(conv, x, w, stride, padding, groups):
+  y = conv(x, w, (stride, stride), padding, dimension_numbers=NHWC, feature_group_count=groups)
+  return jnp.sum(jnp.sin(y)), y
+
+
+def _depthwise_operands(size, channels, k, dtype, n=2, multiplier=1):
+  rng = np.random.default_rng(size * channels + k)
+  x = jnp.asarray(rng.normal(size=(n, size, size, channels)), dtype)
+  w = jnp.asarray(rng.normal(size=(k, k, 1, channels * multiplier)) / k, dtype)
+  return x, w
+
+
+@requires_onednn
+@pytest.mark.parametrize('size,channels,k,stride', LITE0_DEPTHWISE)
+def test_depthwise_forward_and_gradients_equal_lax(size, channels, k, stride):
+  x, w = _depthwise_operands(size, channels, k, jnp.float32)
+  padding = _same_padding(k, stride)
+  (loss_ref, y_ref), (dx_ref, dw_ref) = _grouped_grads(lax.conv_general_dilated, x, w, stride, padding,
+                                                       channels)
+  (loss, y), (dx, dw) = _grouped_grads(onednn_conv.conv_general_dilated, x, w, stride, padding, channels)
+  hlo = jax.jit(lambda x, w: onednn_conv.conv_general_dilated(
+      x, w, (stride, stride), padding, dimension_numbers=NHWC, feature_group_count=channels)).lower(
+          x, w).as_text()
+  assert 'cifar_jax_onednn_conv_forward' in hlo and 'convolution(' not in hlo
+  assert y.shape == y_ref.shape
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(loss, loss_ref, rtol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+
+
+@requires_onednn
+@pytest.mark.parametrize('channels,groups,multiplier', [(8, 2, 1), (6, 6, 2)])
+def test_grouped_convolutions_equal_lax(channels, groups, multiplier):
+  """Groups of several channels, and a depthwise convolution with two outputs per channel."""
+  rng = np.random.default_rng(channels * groups)
+  x = jnp.asarray(rng.normal(size=(3, 9, 9, channels)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 3, channels // groups, channels * multiplier)), jnp.float32)
+  (_, y_ref), (dx_ref, dw_ref) = _grouped_grads(lax.conv_general_dilated, x, w, 2, ((0, 1), (1, 1)),
+                                                groups)
+  (_, y), (dx, dw) = _grouped_grads(onednn_conv.conv_general_dilated, x, w, 2, ((0, 1), (1, 1)), groups)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+
+
+@requires_onednn
+def test_depthwise_under_vmap_over_seeds_equals_lax():
+  """k seeds' kernels (the vmap-ed k-seed step) on a shared input: one call, each seed as lax."""
+  x, _ = _depthwise_operands(16, 24, 5, jnp.float32)
+  w = jnp.asarray(np.random.default_rng(1).normal(size=(3, 5, 5, 1, 24)) / 5, jnp.float32)
+  padding = _same_padding(5, 2)
+
+  def f(conv):
+    return jax.jit(jax.vmap(lambda w: _grouped_grads(conv, x, w, 2, padding, 24)))(w)
+
+  (_, y_ref), (dx_ref, dw_ref) = f(lax.conv_general_dilated)
+  (_, y), (dx, dw) = f(onednn_conv.conv_general_dilated)
+  np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dx_ref, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dw, dw_ref, rtol=1e-4, atol=1e-4)
+
+
 @requires_onednn
 def test_string_padding_and_vmap_over_kernels():
   rng = np.random.default_rng(0)
@@ -214,6 +295,19 @@ def test_bfloat16_forward_and_gradients_equal_lax(n, size, cin, cout, k, stride,
   assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
   assert 'cifar_jax_onednn_conv_backward_weights' in grad(onednn_conv.conv_general_dilated).lower(
       x, w).as_text()
+  assert_within_bfloat16_rounding(y, y_ref)
+  assert_within_bfloat16_rounding(dx, dx_ref)
+  assert_within_bfloat16_rounding(dw, dw_ref)
+
+
+@requires_bfloat16
+@pytest.mark.parametrize('size,channels,k,stride', LITE0_DEPTHWISE)
+def test_bfloat16_depthwise_forward_and_gradients_equal_lax(size, channels, k, stride):
+  x, w = _depthwise_operands(size, channels, k, jnp.bfloat16)
+  padding = _same_padding(k, stride)
+  (_, y_ref), (dx_ref, dw_ref) = _grouped_grads(lax.conv_general_dilated, x, w, stride, padding, channels)
+  (_, y), (dx, dw) = _grouped_grads(onednn_conv.conv_general_dilated, x, w, stride, padding, channels)
+  assert y.dtype == dx.dtype == dw.dtype == jnp.bfloat16
   assert_within_bfloat16_rounding(y, y_ref)
   assert_within_bfloat16_rounding(dx, dx_ref)
   assert_within_bfloat16_rounding(dw, dw_ref)

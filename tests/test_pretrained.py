@@ -25,6 +25,7 @@ from cifar_jax import input_pipeline  # noqa: E402
 from cifar_jax import lr_find  # noqa: E402
 from cifar_jax import main  # noqa: E402
 from cifar_jax import models  # noqa: E402
+from cifar_jax import onednn_conv  # noqa: E402
 from cifar_jax import pretrained  # noqa: E402
 from cifar_jax import steps  # noqa: E402
 from cifar_jax import torch_reference  # noqa: E402
@@ -496,24 +497,29 @@ def test_torch_twin_fine_tunes_from_the_same_file(tmp_path):
 
 
 @pytest.mark.parametrize('kernel, stride', [(3, 1), (3, 2), (5, 1), (5, 2)])
-def test_shifted_depthwise_equals_xlas_grouped_convolution(kernel, stride):
-  """The CPU's depthwise convolution (`depthwise_shifted`) and its gradients: XLA's within float32
-  rounding."""
+def test_cpu_depthwise_convolutions_equal_xlas_grouped_convolution(kernel, stride):
+  """The CPU's depthwise convolutions (oneDNN's, and `depthwise_shifted` for the dtypes oneDNN cannot
+  run) and their gradients: XLA's within float32 rounding."""
   rng = np.random.RandomState(kernel + stride)
   x = jnp.asarray(rng.randn(2, 16, 16, 8).astype(np.float32))
   w = jnp.asarray(rng.randn(kernel, kernel, 1, 8).astype(np.float32))
+  params = {'params': {'kernel': w}}
+  padding = models.efficientnet_lite.same_padding(kernel, stride)
+  shifted = lambda p, x: models.efficientnet_lite.depthwise_shifted(x, p['params']['kernel'], stride, padding)
+  applies = {'shifted': shifted}
+  for impl in ('xla',) + (('onednn',) if onednn_conv.available() else ()):
+    applies[impl] = models.efficientnet_lite.DepthwiseConv(kernel, stride, conv_impl=impl).apply
   outs = {}
-  for shifted in (False, True):
-    conv = models.efficientnet_lite.DepthwiseConv(kernel, stride, shifted)
-    params = {'params': {'kernel': w}}
-    loss = lambda p, x, conv=conv: jnp.sum(jnp.sin(conv.apply(p, x)))
-    outs[shifted] = (conv.apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x))
-  chex.assert_trees_all_close(outs[True], outs[False], rtol=1e-5, atol=1e-5)
-  assert outs[True][0].shape == (2, 16 // stride, 16 // stride, 8)
+  for name, apply in applies.items():
+    loss = lambda p, x, apply=apply: jnp.sum(jnp.sin(apply(p, x)))
+    outs[name] = (apply(params, x), jax.grad(loss, argnums=(0, 1))(params, x))
+    assert outs[name][0].shape == (2, 16 // stride, 16 // stride, 8)
+  for name in outs:
+    chex.assert_trees_all_close(outs[name], outs['xla'], rtol=1e-5, atol=1e-5)
 
 
 def test_lite0_logits_with_the_cpus_convolutions():
-  """The trainer's CPU convolutions (oneDNN, shifted depthwise) give XLA's logits on the real weights."""
+  """The trainer's CPU convolutions (oneDNN's, depthwise included) give XLA's logits on the real weights."""
   state_dict = torch.load(efficientnet_lite.weights_path(), weights_only=True)
   model, variables, _, _ = _flax_variables('efficientnet_lite0', state_dict, 1000, image_size=64)
   cpu_model = model.clone(conv_impl=builders.conv_impl(ml_collections.ConfigDict({'conv': 'auto'})))

@@ -2,11 +2,16 @@
 //
 // Layouts are the trainer's: activations NHWC, kernels HWIO, all three operands float32 or all three
 // bfloat16 (oneDNN accumulates bfloat16 in float32 and rounds the result once). Three handlers cover a
-// training step: forward, the gradient with respect to the input (backward data) and the gradient with respect to
-// the kernel (backward weights). oneDNN's NHWC kernels read and write the activations where they lie, so
-// none of the transposes XLA's own convolutions need around the weight gradient happen here; kernels are
-// reordered to whatever blocked layout oneDNN picks (they are small). Primitives are built once per shape
-// and cached.
+// training step: forward, the gradient with respect to the input (backward data) and the gradient with
+// respect to the kernel (backward weights). oneDNN's NHWC kernels read and write the activations where
+// they lie, so none of the transposes XLA's own convolutions need around the weight gradient happen here;
+// kernels are reordered to whatever blocked layout oneDNN picks (they are small). Primitives are built
+// once per shape and cached.
+//
+// A grouped convolution (`groups` > 1; depthwise when groups = channels, as in EfficientNet) takes JAX's
+// HWIO kernel (kh, kw, C / groups, O), whose output channels are group-major: that is oneDNN's `hwigo`
+// layout of the 5-D (groups, O / groups, C / groups, kh, kw) weights. For groups = channels oneDNN picks
+// its depthwise kernels (jit_uni_dw_convolution_*, jit_avx512_common_dw_convolution_*).
 
 #include <algorithm>
 #include <cstdint>
@@ -46,22 +51,29 @@ engine& CpuEngine() {
 // One convolution's geometry, from the NHWC input, the HWIO kernel and the attributes.
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr;
+  int64_t groups = 1;
   dt type = dt::f32;  // every operand's: f32 or bf16
 
   memory::desc Src(tag t = tag::nhwc) const { return memory::desc({n, c, h, w}, type, t); }
   memory::desc Dst(tag t = tag::nhwc) const { return memory::desc({n, o, oh, ow}, type, t); }
-  memory::desc Weights(tag t) const { return memory::desc({o, c, kh, kw}, type, t); }
+  // The weights in `t`, or in the user's HWIO layout (`Hwio`).
+  memory::desc Weights(tag t, dt type_override = dt::undef) const {
+    dt wt = type_override == dt::undef ? type : type_override;
+    if (groups == 1) return memory::desc({o, c, kh, kw}, wt, t);
+    return memory::desc({groups, o / groups, c / groups, kh, kw}, wt, t);
+  }
+  memory::desc Hwio() const { return Weights(groups == 1 ? tag::hwio : tag::hwigo); }
   memory::dims Strides() const { return {sh, sw}; }
   memory::dims PadL() const { return {pt, pl}; }
   memory::dims PadR() const { return {pb, pr}; }
   int64_t SrcSize() const { return n * h * w * c; }
   int64_t DstSize() const { return n * oh * ow * o; }
-  int64_t WeightsSize() const { return kh * kw * c * o; }
+  int64_t WeightsSize() const { return kh * kw * (c / groups) * o; }
 
   std::string Key(const char* kind, int threads) const {
     std::string key(kind);
     key += type == dt::bf16 ? ",bf16" : ",f32";
-    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr}) {
+    for (int64_t v : {n, h, w, c, kh, kw, o, oh, ow, sh, sw, pt, pb, pl, pr, groups}) {
       key += ',' + std::to_string(v);
     }
     return key + ",threads=" + std::to_string(threads);
@@ -101,8 +113,8 @@ ffi::Span<const int64_t> Trailing(ffi::Span<const int64_t> dims) {
 // `result` is the one among them the handler writes (all its leading dimensions are the batch's).
 ffi::Error MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> kernel,
                         ffi::Span<const int64_t> out, ffi::Span<const int64_t> result, int64_t sh,
-                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, Geometry* g,
-                        Batch* batch) {
+                        int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups,
+                        Geometry* g, Batch* batch) {
   if (in.size() < 4 || kernel.size() != in.size() || out.size() != in.size()) {
     return ffi::Error::InvalidArgument(
         "onednn_conv: expected NHWC activations and an HWIO kernel, with the same leading dimensions");
@@ -121,8 +133,9 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> in, ffi::Span<const int64_t> ke
   kernel = Trailing(kernel);
   out = Trailing(out);
   *g = Geometry{in[0],  in[1],  in[2],  in[3], kernel[0], kernel[1], kernel[3], out[1],
-                out[2], sh,     sw,     pt,    pb,        pl,        pr};
-  if (kernel[2] != in[3] || out[0] != in[0] || out[3] != kernel[3] ||
+                out[2], sh,     sw,     pt,    pb,        pl,        pr,        groups};
+  if (groups < 1 || in[3] % groups || kernel[3] % groups || kernel[2] * groups != in[3] ||
+      out[0] != in[0] || out[3] != kernel[3] ||
       g->oh != (g->h + pt + pb - g->kh) / sh + 1 || g->ow != (g->w + pl + pr - g->kw) / sw + 1) {
     return ffi::Error::InvalidArgument("onednn_conv: inconsistent shapes");
   }
@@ -167,7 +180,7 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
   if (it != Cache().end()) return it->second;
 
   auto entry = std::make_shared<Entry>();
-  memory::desc hwio = g.Weights(tag::hwio);
+  memory::desc hwio = g.Hwio();
   std::string k(kind);
   if (k == "fwd") {
     auto pd = ForwardDesc(g);
@@ -187,7 +200,7 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
     // (Until 2026-12-06 bfloat16 src and diff_dst were widened to float32 for oneDNN's float32 kernel,
     // after a measurement on a heavily loaded machine; on a quiet one the bfloat16 kernel is 1.8x
     // faster: BENCHMARKS.md, "Mixed precision".)
-    memory::desc diff_weights({g.o, g.c, g.kh, g.kw}, dt::f32, tag::any);
+    memory::desc diff_weights = g.Weights(tag::any, dt::f32);
     auto pd = convolution_backward_weights::primitive_desc(
         CpuEngine(), algorithm::convolution_direct, g.Src(), diff_weights, g.Dst(), g.Strides(),
         g.PadL(), g.PadR(), ForwardDesc(g), UserScratchpad());
@@ -225,7 +238,7 @@ void RunOne(const char* kind, const Geometry& g, void* act, void* out_side, void
   stream s(eng);
   memory act_mem(g.Src(), eng, act);
   memory out_mem(g.Dst(), eng, out_side);
-  memory hwio_mem(g.Weights(tag::hwio), eng, kernel);
+  memory hwio_mem(g.Hwio(), eng, kernel);
   memory weights_mem = entry->reorder_weights
                            ? memory(entry->weights, eng,
                                     ThreadBuffer(0, entry->weights.get_size()))
@@ -319,11 +332,12 @@ ffi::Error OperandType(ffi::DataType a, ffi::DataType b, ffi::DataType result, d
 }
 
 ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
-                       int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                       int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                       int64_t groups) {
   Geometry g;
   Batch batch;
   ffi::Error err = MakeGeometry(x.dimensions(), w.dimensions(), y->dimensions(), y->dimensions(), sh,
-                                sw, pt, pb, pl, pr, &g, &batch);
+                                sw, pt, pb, pl, pr, groups, &g, &batch);
   if (err.failure()) return err;
   err = OperandType(x.element_type(), w.element_type(), y->element_type(), &g.type);
   if (err.failure()) return err;
@@ -332,11 +346,12 @@ ffi::Error ForwardImpl(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyB
 }
 
 ffi::Error BackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
-                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+                            int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,
+                       int64_t groups) {
   Geometry g;
   Batch batch;
   ffi::Error err = MakeGeometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dx->dimensions(),
-                                sh, sw, pt, pb, pl, pr, &g, &batch);
+                                sh, sw, pt, pb, pl, pr, groups, &g, &batch);
   if (err.failure()) return err;
   err = OperandType(dy.element_type(), w.element_type(), dx->element_type(), &g.type);
   if (err.failure()) return err;
@@ -346,11 +361,11 @@ ffi::Error BackwardDataImpl(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi
 
 ffi::Error BackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
                                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-                               int64_t pr) {
+                               int64_t pr, int64_t groups) {
   Geometry g;
   Batch batch;
   ffi::Error err = MakeGeometry(x.dimensions(), dw->dimensions(), dy.dimensions(), dw->dimensions(),
-                                sh, sw, pt, pb, pl, pr, &g, &batch);
+                                sh, sw, pt, pb, pl, pr, groups, &g, &batch);
   if (err.failure()) return err;
   err = OperandType(x.element_type(), dy.element_type(), dw->element_type(), &g.type);
   if (err.failure()) return err;
@@ -366,7 +381,8 @@ ffi::Error BackwardWeightsImpl(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<
       .Attr<int64_t>("pad_top")    \
       .Attr<int64_t>("pad_bottom") \
       .Attr<int64_t>("pad_left")   \
-      .Attr<int64_t>("pad_right")
+      .Attr<int64_t>("pad_right")  \
+      .Attr<int64_t>("groups")
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvForward, ForwardImpl,
                               ffi::Ffi::Bind()
@@ -386,4 +402,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(OnednnConvBackwardWeights, BackwardWeightsImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() CONV_ATTRS);
 
-extern "C" int onednn_conv_abi_version() { return 3; }
+extern "C" int onednn_conv_abi_version() { return 4; }

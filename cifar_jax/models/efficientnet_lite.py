@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from cifar_jax import onednn_conv
 from cifar_jax.models import layers
 
 # (repeats, kernel, stride, expand ratio, input filters, output filters): the package's
@@ -54,7 +55,9 @@ def same_padding(kernel: int, stride: int) -> tuple[tuple[int, int], tuple[int, 
 def depthwise_shifted(x, kernel, stride: int, padding) -> jax.Array:
   """A depthwise convolution (NHWC, kernel (k, k, 1, C)) as a sum of k * k shifted, scaled copies of the
   input: the same sum as `lax.conv_general_dilated(feature_group_count=C)` in another order, and 3-11x
-  faster forward and backward than XLA:CPU's grouped convolution on the 2-core CPU (BENCHMARKS.md)."""
+  faster forward and backward than XLA:CPU's grouped convolution on the 2-core CPU (BENCHMARKS.md). Its
+  gradient keeps each of the k * k slices, so it needs k * k times the input's memory: the path only
+  where oneDNN cannot run the dtype (bfloat16 on a CPU without bfloat16 instructions)."""
   k = kernel.shape[0]
   x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   out_h = (x.shape[1] - k) // stride + 1
@@ -69,12 +72,13 @@ def depthwise_shifted(x, kernel, stride: int, padding) -> jax.Array:
 
 
 class DepthwiseConv(nn.Module):
-  """The depthwise convolution, with nn.Conv's `kernel` (k, k, 1, C): XLA's grouped convolution, or on the
-  CPU (`shifted`, where the model's other convolutions are oneDNN's) `depthwise_shifted`."""
+  """The depthwise convolution, with nn.Conv's `kernel` (k, k, 1, C), by `conv_impl` as the model's other
+  convolutions: 'xla', XLA's grouped convolution; 'onednn', oneDNN's depthwise kernels (`onednn_conv`,
+  groups = C) in the dtypes this CPU's oneDNN runs natively, `depthwise_shifted` in the others."""
 
   kernel_size: int
   stride: int
-  shifted: bool
+  conv_impl: str = 'xla'
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -83,11 +87,11 @@ class DepthwiseConv(nn.Module):
     kernel = self.param('kernel', layers.conv_kernel_init, (self.kernel_size, self.kernel_size, 1, features),
                         jnp.float32).astype(self.dtype)
     padding = same_padding(self.kernel_size, self.stride)
-    if self.shifted:
+    if self.conv_impl == 'onednn' and jnp.dtype(self.dtype) not in onednn_conv.dtypes():
       return depthwise_shifted(x, kernel, self.stride, padding)
-    return jax.lax.conv_general_dilated(x, kernel, (self.stride, self.stride), padding,
-                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-                                        feature_group_count=features)
+    conv = onednn_conv.conv_general_dilated if self.conv_impl == 'onednn' else jax.lax.conv_general_dilated
+    return conv(x, kernel, (self.stride, self.stride), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                feature_group_count=features)
 
 
 class MBConvBlock(nn.Module):
@@ -145,7 +149,7 @@ class EfficientNetLite0(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     conv = layers.conv_module(self.conv_impl, self.dtype)
-    depthwise = functools.partial(DepthwiseConv, shifted=self.conv_impl == 'onednn', dtype=self.dtype)
+    depthwise = functools.partial(DepthwiseConv, conv_impl=self.conv_impl, dtype=self.dtype)
     norm = functools.partial(layers.batch_norm(train and not self.frozen_bn, self.dtype, BN_MOMENTUM,
                                                self.axis_name), epsilon=BN_EPSILON)
     x = layers.pretrained_input(x, train=train, image_size=self.image_size, resize_size=self.resize_size,
