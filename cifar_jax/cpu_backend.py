@@ -86,7 +86,8 @@ def auto_device_count(config, cores: int | None = None) -> int:
   if config.get('cpu_devices', 0) > 0:
     return config.cpu_devices
   cores = cores or os.cpu_count() or 1
-  processes = config.distributed.num_processes or int(os.environ.get('JAX_NUM_PROCESSES') or 0)
+  processes = (config.distributed.num_processes or int(os.environ.get('JAX_NUM_PROCESSES') or 0)
+               or int(os.environ.get('SLURM_NTASKS') or 0))  # srun --ntasks=N: N processes (parallel.py)
   if (config.get('parallelism', 'jit') != 'jit' or processes > 1 or config.get('num_seeds', 1) > 1):
     return 1
   if uses_onednn(config):

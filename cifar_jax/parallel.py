@@ -46,6 +46,9 @@ MODES = ('jit', 'pmap')
 ENV_COORDINATOR_ADDRESS = 'JAX_COORDINATOR_ADDRESS'
 ENV_NUM_PROCESSES = 'JAX_NUM_PROCESSES'
 ENV_PROCESS_ID = 'JAX_PROCESS_ID'
+# What jax's SLURM detection reads (jax/_src/clusters/slurm_cluster.py); srun sets them all in each task.
+SLURM_TASK_VARIABLES = ('SLURM_JOB_ID', 'SLURM_STEP_NODELIST', 'SLURM_NTASKS', 'SLURM_PROCID',
+                        'SLURM_LOCALID')
 
 
 def _env_int(name: str, default: int) -> int:
@@ -63,7 +66,8 @@ def initialize_distributed(distributed_config) -> bool:
 
   Must run before anything touches a JAX device. Fields left unset ('', 0, -1) fall back to
   JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID; whatever is still missing is left to
-  jax's own cluster detection (Slurm, Open MPI). Nothing configured: a single process.
+  jax's own cluster detection (Slurm, Open MPI). Nothing configured: the tasks of `srun --ntasks=N`
+  (N > 1) join as N processes (`_join_slurm_tasks`); otherwise a single process.
 
   Returns:
     Whether this process is part of a multi-process run.
@@ -75,6 +79,8 @@ def initialize_distributed(distributed_config) -> bool:
   process_id = distributed_config.process_id
   if process_id < 0:
     process_id = _env_int(ENV_PROCESS_ID, -1)
+  if not address and num_processes <= 0 and process_id < 0:
+    return _join_slurm_tasks()
   if not address and num_processes <= 1 and process_id < 0:
     return False
   if num_processes == 1:
@@ -92,6 +98,31 @@ def initialize_distributed(distributed_config) -> bool:
         f'distributed: cannot start a multi-process run ({e}); set distributed.coordinator_address '
         '(host:port of process 0), distributed.num_processes and distributed.process_id, or '
         f'{ENV_COORDINATOR_ADDRESS}, {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID}') from e
+  except RuntimeError as e:  # JAX was used before
+    raise ConfigError(f'distributed: {e}') from e
+  return True
+
+
+def _join_slurm_tasks() -> bool:
+  """Under `srun --ntasks=N` (N > 1): this task joins the N processes through jax's SLURM detection.
+
+  SLURM_NTASKS > 1 without the rest of SLURM_TASK_VARIABLES is a shell that srun did not start (an sbatch
+  script, an allocation's shell, a node one logged in to: jax-ml/jax#30073), where jax would fail on a
+  missing variable: one line saying what to run instead.
+  """
+  tasks = _env_int('SLURM_NTASKS', 0)
+  if tasks <= 1:
+    return False
+  missing = [name for name in SLURM_TASK_VARIABLES if not os.environ.get(name)]
+  if missing:
+    raise ConfigError(
+        f"SLURM_NTASKS={tasks} but {', '.join(missing)} not set: this process is not a task that srun "
+        'started; start one process per task with `srun cifar-jax ...`, or train in this one process with '
+        '--config.distributed.num_processes=1')
+  try:
+    jax.distributed.initialize()  # coordinator, process count and id from SLURM's variables
+  except (ValueError, TypeError, KeyError) as e:
+    raise ConfigError(f'distributed: cannot join the {tasks} SLURM tasks ({e})') from e
   except RuntimeError as e:  # JAX was used before
     raise ConfigError(f'distributed: {e}') from e
   return True
