@@ -31,9 +31,9 @@ def _worker(args) -> None:
   os.environ['CUDA_VISIBLE_DEVICES'] = ','.join(gpus.split(',')[:int(num_devices)])
   sys.path.insert(0, ROOT)
   sys.path.insert(0, os.path.join(ROOT, 'scripts'))
-  import benchmark  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
+  from bench import step  # pylint: disable=g-import-not-at-top
   from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
 
@@ -44,7 +44,7 @@ def _worker(args) -> None:
   config.steps_per_dispatch = 1
   par = parallel.create(mode)
   assert par.num_devices == int(num_devices), (par.num_devices, num_devices)
-  run, state, acc, _ = benchmark.synthetic_step(config, par, args.batch_size, 1)
+  run, state, acc, _ = step.synthetic_step(config, par, args.batch_size, 1)
   state, acc = run(state, acc, 2)  # warm up
   jax.block_until_ready(state)
   print(json.dumps({'ready': True, 'devices': [str(d) for d in jax.devices()]}), flush=True)

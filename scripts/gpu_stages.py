@@ -268,9 +268,9 @@ def check_losses(precision: str, dtype: str = 'float32', conv: str = 'xla', devi
   """Per-step train losses and the final eval loss of CHECK's run, compiled under `precision`."""
   sys.path.insert(0, ROOT)
   sys.path.insert(0, SCRIPTS)
-  import benchmark  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 
+  from bench import step  # pylint: disable=g-import-not-at-top
   from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
   from configs import default  # pylint: disable=g-import-not-at-top
 
@@ -280,7 +280,7 @@ def check_losses(precision: str, dtype: str = 'float32', conv: str = 'xla', devi
   config.batch_size, config.eval_batch_size, config.steps_per_dispatch = CHECK['batch'], 128, 1
   par = parallel.create('jit', devices=jax.devices()[:devices])
   with jax.default_matmul_precision(precision):
-    run, state, acc, compiled = benchmark.synthetic_step(config, par, CHECK['batch'], CHECK['eval_images'])
+    run, state, acc, compiled = step.synthetic_step(config, par, CHECK['batch'], CHECK['eval_images'])
     losses, total = [], 0.0
     for _ in range(CHECK['steps']):
       state, acc = run(state, acc, 1)
@@ -377,7 +377,7 @@ def _benchmark_cells(args, stage: str, variant: str, extra: list[str], framework
     path = os.path.join(args.work, f'{stage}_{dtype}_{batch}.json')
     if os.path.exists(path):
       os.remove(path)
-    cmd = [sys.executable, os.path.join(SCRIPTS, 'benchmark.py'), f'--model={args.model}',
+    cmd = [sys.executable, os.path.join(SCRIPTS, 'benchmark.py'), 'step', f'--model={args.model}',
            f'--width={args.width}', f'--batch={batch}', f'--dtype={dtype}', f'--windows={args.windows}',
            f'--steps={args.steps}', f'--json={path}'] + extra
     status, seconds, tail = run_logged(cmd, min(args.deadline, time.time() + args.cell_cap_s))

@@ -1,4 +1,5 @@
-"""scripts/benchmark.py end to end at a tiny size: the JSON it writes and its throughputs."""
+"""scripts/benchmark.py: the harness every family shares (scripts/bench/harness.py), and the step family
+end to end at a tiny size: the JSON it writes and its throughputs."""
 
 import json
 import math
@@ -11,6 +12,98 @@ import pytest
 from cifar_jax import cpu_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARK = os.path.join(ROOT, 'scripts', 'benchmark.py')
+sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+from bench import harness  # pylint: disable=g-import-not-at-top,wrong-import-position  # noqa: I001
+
+CPUINFO = """processor\t: 0
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse avx512f avx512_bf16 amx_tile
+"""
+
+
+def test_alternate_rotates_the_turn_order_and_keeps_each_kind_together():
+  calls = []
+  samples = harness.alternate(['a', 'b', 'c'], 4, lambda name, kind: calls.append((name, kind)) or len(calls),
+                              kinds=('train', 'eval'))
+  assert calls[:6] == [('a', 'train'), ('b', 'train'), ('c', 'train'), ('a', 'eval'), ('b', 'eval'),
+                       ('c', 'eval')]
+  assert [name for name, kind in calls[6:9]] == ['b', 'c', 'a']  # window 2 starts with the next one
+  assert [name for name, kind in calls[12:15]] == ['c', 'a', 'b']
+  assert [name for name, kind in calls[18:21]] == ['a', 'b', 'c']  # window 4: round again
+  assert samples['a'] == {'train': [1, 9, 14, 19], 'eval': [4, 12, 17, 22]}
+
+
+def test_alternate_in_a_fixed_order_and_without_kinds():
+  calls, seen = [], []
+  copy = lambda samples: {k: list(v) for k, v in samples.items()}
+  samples = harness.alternate(['x', 'y'], 3, lambda name: calls.append(name) or 10 * len(calls), rotate=False,
+                              on_window=lambda index, s: seen.append((index, copy(s))))
+  assert calls == ['x', 'y'] * 3
+  assert samples == {'x': [10, 30, 50], 'y': [20, 40, 60]}
+  assert seen[0] == (0, {'x': [10], 'y': [20]}) and seen[-1][0] == 2
+
+
+def test_rotation_and_medians():
+  assert harness.rotation(['a', 'b', 'c'], 4) == ['b', 'c', 'a']
+  assert harness.median([5.0, 1.0, 3.0, 100.0]) == 4.0
+  assert harness.spread([2.0, 9.0, 4.0]) == {'median': 4.0, 'min': 2.0, 'max': 9.0, 'n': 3}
+
+
+def test_markdown_table_rows():
+  table = harness.markdown_table(['variant', 'img/s', 'note'], [['jax', 123.456, None], ['torch', 7, 'x']])
+  assert table.splitlines() == ['| variant | img/s | note |', '| --- | --- | --- |', '| jax | 123.5 |  |',
+                                '| torch | 7 | x |']
+
+
+def test_fingerprint_reads_the_cpu_model_flags_and_memory():
+  assert harness.cpu_info(CPUINFO) == {'cpu_model': 'Intel(R) Xeon(R) Platinum 8480+',
+                                       'cpu_flags': {'avx512f': True, 'avx512_bf16': True, 'amx_bf16': False}}
+  assert harness.memory_gib('MemTotal:       24683772 kB\nMemFree: 1 kB\n') == 24683772 / 2**20
+  fp = harness.fingerprint()
+  assert fp['cores'] == os.cpu_count() and fp['jax'] and set(fp['cpu_flags']) == set(harness.CPU_FLAGS)
+  assert fp['date'].startswith('20') and fp['date'].endswith('+00:00')
+  assert fp['cpu_model'] in harness.describe(fp)
+
+
+def test_write_json_adds_the_fingerprint(tmp_path, monkeypatch):
+  monkeypatch.setattr(harness, 'fingerprint', lambda: {'cpu_model': 'test'})
+  path = tmp_path / 'out.json'
+  harness.write_json(str(path), {'rows': [{'variant': 'jax', 'images_per_second': 1.5}]})
+  assert json.loads(path.read_text()) == {'rows': [{'variant': 'jax', 'images_per_second': 1.5}],
+                                          'fingerprint': {'cpu_model': 'test'}}
+
+
+def test_a_worker_answers_in_turn_and_reports_its_peak_memory():
+  """A worker process speaking the harness's protocol: ready, one answer a command, its peak RSS at the end
+  (ru_maxrss of the worker, not the parent: 200 MiB touched there)."""
+  child = (f'import sys; sys.path.insert(0, {os.path.join(ROOT, "scripts")!r})\n'
+           'from bench import harness\n'
+           'n = {"calls": 0}\n'
+           'def train():\n'
+           '  n["calls"] += 1\n'
+           '  return {"seconds": n["calls"]}\n'
+           'def touch():\n'
+           '  global block\n'
+           '  block = bytearray(200 * 2**20)\n'
+           '  return {}\n'
+           'harness.serve({"label": "tiny"}, {"train": train, "touch": touch}, done=lambda: {"extra": 1})\n')
+  with harness.workers({'tiny': [sys.executable, '-c', child]}) as procs:
+    worker = procs['tiny']
+    assert worker.ready == {'ready': True, 'label': 'tiny'}
+    assert [worker.ask('train')['seconds'] for _ in range(3)] == [1, 2, 3]
+    worker.ask('touch')
+    last = worker.finish()
+  assert last['extra'] == 1 and last['peak_rss_mb'] > 200
+  assert harness.peak_rss_mb() > 0
+
+
+def test_unknown_variants_and_families_are_usage_errors():
+  for argv in (['finetune', '--variants=jax,nope'], ['nope'], ['step', '--torch_modes=nope']):
+    proc = subprocess.run([sys.executable, BENCHMARK, *argv], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert proc.returncode == 2, (argv, proc.stderr)
+    assert 'nope' in proc.stderr, proc.stderr
 
 
 def _bench_config():
@@ -26,9 +119,9 @@ def test_benchmark_writes_finite_positive_throughputs(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--model=resnet9', '--width=0.125',
-       '--batch=16', '--windows=2', '--steps=2', '--torch_modes=eager', '--jax_settings=default,plain',
-       '--end_to_end=2', '--end_to_end_steps=4', f'--json={out}'],
+      [sys.executable, BENCHMARK, 'step', '--model=resnet9', '--width=0.125', '--batch=16', '--windows=2',
+       '--steps=2', '--torch_modes=eager', '--jax_settings=default,plain', '--end_to_end=2',
+       '--end_to_end_steps=4', f'--json={out}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   assert 'train img/s' in proc.stdout
@@ -64,9 +157,8 @@ def test_benchmark_runs_both_dtypes_in_the_same_windows(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
   proc = subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--model=resnet9', '--width=0.125',
-       '--batch=16', '--windows=2', '--steps=1', '--torch_modes=eager', '--dtype=float32,bfloat16',
-       f'--json={out}'],
+      [sys.executable, BENCHMARK, 'step', '--model=resnet9', '--width=0.125', '--batch=16', '--windows=2',
+       '--steps=1', '--torch_modes=eager', '--dtype=float32,bfloat16', f'--json={out}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
   result = json.loads(out.read_text())
@@ -74,6 +166,6 @@ def test_benchmark_runs_both_dtypes_in_the_same_windows(tmp_path):
     assert len(result[variant]['train_windows']) == 2 and result[variant]['train_images_per_second'] > 0
   assert set(result['bfloat16_over_float32_train']) == {'jax', 'torch'}
   assert result['jax'] is None and result['jax_over_torch_eager_train'] is None
-  bad = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'), '--dtype=float16'],
+  bad = subprocess.run([sys.executable, BENCHMARK, 'step', '--dtype=float16'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
   assert bad.returncode == 2 and '--dtype' in bad.stderr

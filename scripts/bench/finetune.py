@@ -1,0 +1,184 @@
+"""Fine-tuning throughput and peak memory, JAX vs torch: EfficientNet-Lite0 (or a torchvision ResNet)
+training steps on CIFAR-size images resized on the device, full fine-tune or linear probe.
+
+  JAX_PLATFORMS=cpu python scripts/benchmark.py finetune --model=efficientnet_lite0 --image_size=64 --batch=50
+
+Variants (`VARIANTS`: a name and the function that builds its step), each in its own worker process:
+  jax            the trainer's jitted `steps.train_step` with `builders.create_optimizer` (the config's stage
+                 groups), the model's convolutions as `cifar-jax` picks them (`builders.conv_impl`: oneDNN on
+                 one CPU device; depthwise ones stay XLA's)
+  torch          the torch twin (`torch_models.finetune`: the package's / torchvision-named model behind the
+                 same input transform, the same param groups), eager, NCHW
+  torch_cl       the same in torch.channels_last
+A window is --warmup untimed steps (the first window's include the compile) then --steps timed ones; the
+variants take turns window by window. With --windows=1 (the default) that is the measurement
+scripts/bench_finetune.py made: each variant warmed up, then --steps steps timed, one after the other.
+Reports images/s of wall time, images per CPU-second of the worker (the second is steadier on a shared
+machine: other jobs' load slows the first), medians over the windows, and each worker's peak resident set
+(ru_maxrss: the torch worker's includes JAX, which the torch twin imports; the JAX worker does not import
+torch).
+
+To add a variant, add an entry to VARIANTS: a function (args, images, labels) -> (one_step, label) where
+one_step() runs one training step to completion and label names the row (None: the variant's name).
+"""
+
+import functools
+import json
+import time
+
+import numpy as np
+
+from bench import harness
+
+
+def add_flags(parser) -> None:
+  parser.add_argument('--model', default='efficientnet_lite0')
+  parser.add_argument('--image_size', type=int, default=64)
+  parser.add_argument('--batch', type=int, default=50)
+  parser.add_argument('--steps', type=int, default=5, help='timed steps a window')
+  parser.add_argument('--warmup', type=int, default=2, help='untimed steps at the start of every window')
+  parser.add_argument('--windows', type=int, default=1, help='timed windows per variant, taking turns')
+  parser.add_argument('--probe', action='store_true', help='linear probe (frozen backbone and BatchNorm)')
+  parser.add_argument('--variants', default='jax,torch,torch_cl', help='comma-separated names of VARIANTS')
+  parser.add_argument('--json', default='')
+
+
+def _config(args):
+  from configs import default  # pylint: disable=g-import-not-at-top
+
+  config = default.get_config()
+  config.model.name = args.model
+  config.model.image_size = args.image_size
+  config.optimizer.lr = 0.01
+  if args.probe:
+    config.finetune.frozen = 'backbone'
+    config.model.frozen_bn = True
+  return config
+
+
+def jax_step(args, images, labels):
+  """The trainer's jitted train step (state donated) on one fixed batch."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import builders  # pylint: disable=g-import-not-at-top
+  from cifar_jax import steps  # pylint: disable=g-import-not-at-top
+
+  config = _config(args)
+  model = builders.create_model(config.model)
+  params, batch_stats = builders.initialized(jax.random.PRNGKey(0), model)
+  state = steps.TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats,
+                                  tx=builders.create_optimizer(config, config.optimizer.lr))
+  step = jax.jit(steps.train_step, donate_argnums=0)
+  batch = (jnp.asarray(images), jnp.asarray(labels))
+  rngs = {'shake': jax.random.PRNGKey(1)}
+  holder = [state]
+
+  def one():
+    holder[0], metrics = step(holder[0], batch, rngs=rngs)
+    jax.block_until_ready(metrics)
+
+  return one, f'jax ({model.conv_impl} convolutions)'
+
+
+def torch_step(args, images, labels, channels_last: bool = False):
+  """The torch twin's eager train step (SGD with the same param groups) on one fixed batch."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax.torch_models import finetune  # pylint: disable=g-import-not-at-top
+
+  config = _config(args)
+  torch.manual_seed(0)
+  model = finetune.create_model(config.model, 10)
+  optimizer = finetune.create_optimizer(model, config)
+  finetune.set_train_mode(model, config.model.frozen_bn)
+  x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+  y = torch.from_numpy(labels).long()
+  if channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)
+
+  def one():
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+  return one, None
+
+
+VARIANTS = {
+    'jax': jax_step,
+    'torch': torch_step,
+    'torch_cl': functools.partial(torch_step, channels_last=True),
+}
+
+
+def _batch(args):
+  rng = np.random.RandomState(0)
+  images = rng.randn(args.batch, 32, 32, 3).astype(np.float32)
+  labels = rng.randint(0, 10, args.batch).astype(np.int32)
+  return images, labels
+
+
+def _timed(step, n: int) -> tuple[float, float]:
+  """(wall seconds, process CPU seconds) of n calls of step()."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  for _ in range(n):
+    step()
+  return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def worker(args) -> None:
+  one, label = VARIANTS[args.worker](args, *_batch(args))
+
+  def window():
+    for _ in range(args.warmup):
+      one()
+    wall, cpu = _timed(one, args.steps)
+    return {'wall': wall, 'cpu': cpu}
+
+  harness.serve({'label': label or args.worker}, {'train': window})
+
+
+def _variants(args) -> list[str]:
+  names = [v for v in args.variants.split(',') if v]
+  bad = [v for v in names if v not in VARIANTS]
+  if bad or not names:
+    raise harness.UsageError(f'--variants: unknown {bad}; choose from {list(VARIANTS)}')
+  return names
+
+
+def main(args) -> None:
+  names = _variants(args)
+  flags = [f'--model={args.model}', f'--image_size={args.image_size}', f'--batch={args.batch}',
+           f'--steps={args.steps}', f'--warmup={args.warmup}'] + (['--probe'] if args.probe else [])
+  n = args.steps * args.batch
+  with harness.workers({v: harness.worker_command('finetune', v, flags) for v in names}) as procs:
+
+    def on_window(index, times):
+      for v in names:
+        t = times[v][-1]
+        print(f'{procs[v].ready["label"]:32s} {n / t["wall"]:8.1f} images/s  {n / t["cpu"]:8.1f} images per '
+              f'CPU-second (window {index + 1})', flush=True)
+
+    times = harness.alternate(names, args.windows, lambda v: procs[v].ask('train'), on_window=on_window)
+    memory = {v: procs[v].finish() for v in names}
+    labels = {v: procs[v].ready['label'] for v in names}
+  rows = []
+  for v in names:
+    wall = harness.median(t['wall'] for t in times[v])
+    cpu = harness.median(t['cpu'] for t in times[v])
+    rows.append({'variant': labels[v], 'images_per_second': n / wall, 'images_per_cpu_second': n / cpu,
+                 'peak_rss_mb': memory[v]['peak_rss_mb'],
+                 'windows_images_per_second': [n / t['wall'] for t in times[v]]})
+  what = 'linear probe' if args.probe else 'full'
+  fp = harness.fingerprint()
+  print(f'\n{args.model} at {args.image_size} px, batch {args.batch}, {what}; {args.steps} steps x '
+        f'{args.windows} window(s), medians; {harness.describe(fp)}\n')
+  print(harness.markdown_table(
+      ['variant', 'images/s', 'images per CPU-second', 'peak RSS (MiB)'],
+      [[r['variant'], r['images_per_second'], r['images_per_cpu_second'], r['peak_rss_mb']] for r in rows]))
+  out = {'args': {k: v for k, v in vars(args).items() if k not in ('worker', 'family')}, 'rows': rows,
+         'fingerprint': fp}
+  harness.write_json(args.json, json.loads(json.dumps(out)))
