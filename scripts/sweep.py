@@ -363,8 +363,10 @@ def submit_sweep(paths: list[str], workdir: str, command: str) -> None:
   and tabulates; exit status 2 with one line when the sweep cannot be submitted."""
   options = slurm_options()
   cluster.check_workdir(workdir)
-  if FLAGS.executor == 'slurm':
+  if FLAGS.executor == 'slurm' and FLAGS.train:  # tabulating needs no sbatch (squeue where there is one)
     cluster.check_slurm(options)
+  # Absolute: a task starts in the submission's folder, which a compute node may not share.
+  workdir = os.path.abspath(workdir)
   rows = plan(paths, FLAGS.seeds, FLAGS.set, workdir, FLAGS.seeds_per_task)
   runs = [run for row in rows for run in row['runs']]
   if FLAGS.train:

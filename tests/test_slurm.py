@@ -8,6 +8,7 @@ since the CPU convolutions' rounding depends on the thread count.
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slurm_cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from cifar_jax import cluster  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -137,9 +139,12 @@ def test_array_equals_inline_and_submits_nothing_twice(slurm, tmp_path):
 
 
 @pytest.mark.slow
-def test_requeued_task_resumes_bitwise(slurm, tmp_path):
-  """`scontrol requeue` mid-run: the task checkpoints on SIGTERM, SLURM starts it again, it resumes from
-  the checkpoint and ends with the metrics of an uninterrupted run."""
+@pytest.mark.parametrize('interrupt', ['scontrol_requeue', 'usr2'])
+def test_requeued_task_resumes_bitwise(slurm, tmp_path, interrupt):
+  """Mid-run, `scontrol requeue` (SIGTERM, then SLURM starts the batch script again) or submitit's SIGUSR2
+  (a time limit or preemption: the task checkpoints and requeues itself): the trainer checkpoints the
+  current step, SLURM starts the task again, it resumes from that checkpoint and ends with the metrics of
+  an uninterrupted run."""
   longer = ['--seeds=1', '--set=num_epochs=6', '--set=data.synthetic_train_size=256']
   env = _env(slurm)
   workdir = tmp_path / 'requeued'
@@ -148,7 +153,10 @@ def test_requeued_task_resumes_bitwise(slurm, tmp_path):
   job_id = _submissions(workdir)[0]['job_id']
   metrics = workdir / 'smoke' / 'metrics.jsonl'
   _wait_until(lambda: metrics.exists() and metrics.read_text().count('\n') >= 1, 'the first epoch')
-  slurm.run('scontrol', 'requeue', job_id)
+  if interrupt == 'usr2':
+    slurm.run('scancel', '--signal=USR2', job_id)  # what `#SBATCH --signal=USR2@90` sends before the limit
+  else:
+    slurm.run('scontrol', 'requeue', job_id)
   log = workdir / 'submitit' / f'{job_id}_0_log.err'
   _wait_until(lambda: 'stopped by SIGTERM' in log.read_text(), 'the checkpoint on SIGTERM', 120)
   # A requeued job waits (BeginTime) before SLURM starts it again; start it now.
@@ -161,6 +169,8 @@ def test_requeued_task_resumes_bitwise(slurm, tmp_path):
   out = (workdir / 'submitit' / f'{job_id}_0_log.out').read_text()
   assert out.count('Starting with') == 2, out  # submitit started the task twice
   assert 'Resuming from step' in log.read_text()
+  if interrupt == 'usr2':  # submitit's handler requeued it, with TrainTask.checkpoint's call
+    assert f'Requeued job {job_id}' in out + log.read_text()
 
   inline = tmp_path / 'inline'
   result = _sweep(_env(), inline, ['configs/smoke.py'], *longer)
@@ -279,6 +289,60 @@ def test_partial_slurm_variables_stop_cifar_jax_in_one_line(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith('cifar-jax: error: SLURM_NTASKS=2 but'), result.stderr
   assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.slow
+def test_local_executor_trains_what_inline_trains(tmp_path):
+  """--executor=local: submitit's local processes, one per run (here 2 seed chunks), waited for; the
+  table and metrics are those of the inline sweep of the same runs."""
+  flags = ['--seeds=2', '--seeds_per_task=1', '--set=num_epochs=1']
+  result = _sweep(_env(), tmp_path / 'local', ['configs/smoke.py'], '--executor=local', *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [s['run'] for s in _submissions(tmp_path / 'local')] == ['smoke/seeds_0-0', 'smoke/seeds_1-1']
+  result = _sweep(_env(), tmp_path / 'inline', ['configs/smoke.py'], *flags)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert _rows(tmp_path / 'local') == _rows(tmp_path / 'inline')
+  assert _rows(tmp_path / 'local')[0][2:4] == ['1', '2']  # one epoch, both seeds in one row
+  for chunk in ('seeds_0-0', 'seeds_1-1'):
+    assert _records(tmp_path / 'local' / 'smoke' / chunk) == _records(tmp_path / 'inline' / 'smoke' / chunk)
+
+
+def test_run_states_from_metrics_ledger_and_results(tmp_path):
+  """What a rerun decides from: the metrics (finished), the ledger and a live process (running), and
+  submitit's result of a job that ended (failed with its error line, or stopped)."""
+  config = sweep.load_config(os.path.join(ROOT, 'configs', 'smoke.py'))[0]  # num_epochs=2
+  runs = {name: cluster.Run(name, str(tmp_path / name), config)
+          for name in ('done', 'alive', 'failed', 'stopped', 'killed', 'new')}
+  for name, epochs in (('done', 2), ('stopped', 1)):
+    os.makedirs(runs[name].workdir)
+    with open(os.path.join(runs[name].workdir, 'metrics.jsonl'), 'w') as f:
+      for epoch in range(1, epochs + 1):
+        f.write(json.dumps({'epoch': epoch}) + '\n')
+  os.makedirs(tmp_path / 'submitit')
+  pid_max = int(open('/proc/sys/kernel/pid_max').read())
+  jobs = {'alive': str(os.getpid()), 'failed': str(pid_max - 1), 'stopped': str(pid_max - 2),
+          'killed': str(pid_max - 3)}  # local jobs' ids are pids: the last three are no process's
+  with open(tmp_path / 'submitit' / 'submissions.jsonl', 'w') as f:
+    for name, job_id in jobs.items():
+      f.write(json.dumps({'run': name, 'job_id': job_id, 'executor': 'local'}) + '\n')
+  folder = tmp_path / 'submitit'
+  traceback = ('Traceback (most recent call last):\n  ...\n'
+               'cifar_jax.errors.DataError: data.path=/x: no such file')
+  with open(folder / f"{jobs['failed']}_0_result.pkl", 'wb') as f:
+    pickle.dump(('error', traceback), f)
+  with open(folder / f"{jobs['stopped']}_0_result.pkl", 'wb') as f:
+    pickle.dump(('success', 'stopped'), f)
+  (folder / f"{jobs['killed']}_0_log.err").write_text('step 3\nKilled\n')
+  states = cluster.run_states(list(runs.values()), str(tmp_path))
+  got = {name: (states[run.workdir].status, states[run.workdir].error) for name, run in runs.items()}
+  assert got['done'] == ('finished', '') and got['new'] == ('not run', '')
+  assert got['alive'] == ('running', '')
+  assert got['failed'] == ('failed', 'DataError: data.path=/x: no such file')
+  assert got['stopped'] == ('stopped', '') and states[runs['stopped'].workdir].epochs == 1
+  assert got['killed'][0] == 'failed'
+  assert got['killed'][1].startswith('ended without a result (killed?): Killed; log: ')
+  assert sweep.row_status([states[runs['done'].workdir], states[runs['failed'].workdir]]) == (
+      'failed: DataError: data.path=/x: no such file; 1 of 2 runs finished')
 
 
 def test_seed_chunks_train_the_seeds_of_one_run(tmp_path):
