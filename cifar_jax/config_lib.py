@@ -15,6 +15,8 @@ from cifar_jax import lr_curves
 from cifar_jax import models
 from cifar_jax import parallel
 from cifar_jax import pretrained
+from cifar_jax import schedules
+from cifar_jax import steps
 from cifar_jax import swag
 from cifar_jax.errors import ConfigError
 
@@ -106,6 +108,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
            f'optimizer.momentum must be in [0, 1), got {config.optimizer.momentum}')
   _require(config.optimizer.weight_decay >= 0.0,
            f'optimizer.weight_decay must be >= 0, got {config.optimizer.weight_decay}')
+  _validate_micro_batches(config)
   _validate_schedule(config.schedule)
   if 'init_from' in config:
     _validate_finetuning(config)
@@ -124,6 +127,45 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _require(isinstance(config.get('compilation_cache', ''), str),
            "compilation_cache must be 'auto', a folder, or '' (off), got "
            f"{config.get('compilation_cache')!r}")
+
+
+def _validate_micro_batches(config: ml_collections.ConfigDict) -> None:
+  """optimizer.micro_batches: a whole number of examples in each micro-batch of a full batch."""
+  n = config.optimizer.get('micro_batches', 1)
+  _int_at_least(n, 'optimizer.micro_batches', 1, ' (1 = no gradient accumulation)')
+  b = config.batch_size
+  if b % n:
+    options = [d for d in range(1, b + 1) if b % d == 0]
+    nearest = sorted(options, key=lambda d: (abs(d - n), d))[:2]
+    raise ConfigError(
+        f'optimizer.micro_batches={n} does not divide batch_size={b} into equal micro-batches; use a '
+        f'divisor of {b} such as {" or ".join(map(str, sorted(nearest)))}, or a batch_size that is a '
+        f'multiple of {n}')
+
+
+def check_micro_batch_split(config: ml_collections.ConfigDict, mode: str, data_devices: int,
+                            num_examples: int | None = None) -> None:
+  """Each micro-batch must split evenly over the devices; under pmap the last partial batch's too
+  (`steps.micro_batch_sizes`; jit runs a micro-batch the devices do not divide unsharded)."""
+  n = config.optimizer.get('micro_batches', 1)
+  if n <= 1 or data_devices <= 1:
+    return
+  micro = config.batch_size // n
+  if micro % data_devices:
+    fits = [m for m in range(n, 0, -1) if config.batch_size % m == 0
+            and (config.batch_size // m) % data_devices == 0]
+    raise ConfigError(
+        f'optimizer.micro_batches={n} makes micro-batches of {micro} examples, which do not split over '
+        f'the {data_devices} devices (parallelism={mode}); use optimizer.micro_batches='
+        f'{fits[0] if fits else 1} or a batch_size that is a multiple of {n * data_devices}')
+  last = num_examples % config.batch_size if num_examples is not None else 0
+  if mode == 'pmap' and last and not config.data.drop_remainder:
+    sizes = steps.micro_batch_sizes(last, n)
+    if any(size % data_devices for size in sizes):
+      raise ConfigError(
+          f'the last batch of each epoch has {last} examples, whose micro-batches {sizes} '
+          f'(optimizer.micro_batches={n}) do not split over the {data_devices} devices under '
+          'parallelism=pmap; set data.drop_remainder=True, or parallelism=jit')
 
 
 def _validate_model(m: ml_collections.ConfigDict) -> None:
@@ -359,6 +401,7 @@ def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> No
   if config.get('num_seeds', 1) > 1:
     n = parallel.seed_mesh_shape(config.num_seeds, config.get('seed_devices', 0), device_count)[1]
   parallel.check_batch_split(config.batch_size, n, config.get('parallelism', 'jit'))
+  check_micro_batch_split(config, config.get('parallelism', 'jit'), n)
 
 
 def check_workdir(workdir: str, min_free_mb: float = MIN_FREE_DISK_MB) -> None:
@@ -400,6 +443,83 @@ def validate_against_run(config: ml_collections.ConfigDict, steps_per_epoch: int
     _require(s.total_steps >= length,
              f'schedule.total_steps={s.total_steps} is shorter than the run ({length} {unit}); torch '
              'would raise when stepped past it (use -1 for the run length)')
+  for message in schedule_warnings(config, steps_per_epoch):
+    logging.warning('%s', message)
+
+
+# The share of a run a shortened warm-up takes: big_vision's transfer recipe warms up 500 of 10k steps.
+WARMUP_SHARE = 0.05
+
+
+def schedule_warnings(config: ml_collections.ConfigDict, steps_per_epoch: int) -> list[str]:
+  """One line for each part of the schedule (a warm-up, a decay, a period, a cycle) that lies at or beyond
+  the run's last step, so that the lr never gets there, with the numbers and the field that would fix it
+  (multistep's milestones: `validate_against_run`'s own warning)."""
+  s = config.schedule
+  per_epoch = builders.step_every(s) == 'epoch'
+  unit = 'epochs' if per_epoch else 'steps'
+  epochs = builders.main_schedule_epochs(config)
+  length = epochs if per_epoch else epochs * steps_per_epoch
+  run = f'the run ({length} {unit}{" before SWA" if config.swa.enabled else ""})'
+  short = max(1, int(length * WARMUP_SHARE))
+  out = []
+  if s.warmup_epochs > 0 and s.warmup_epochs >= epochs:
+    out.append(f'schedule {s.name}: the linear warm-up of {s.warmup_epochs} epochs is as long as {run} '
+               f'or longer: the learning rate never leaves the warm-up; shorten it with '
+               f'--config.schedule.warmup_epochs={max(1, int(epochs * WARMUP_SHARE))}')
+  if s.name == 'warmup_cosine' and s.warmup_steps >= length:
+    out.append(f'schedule warmup_cosine: warm-up of {s.warmup_steps} steps is longer than {run}: the '
+               f'learning rate never leaves the warm-up; shorten it with '
+               f'--config.schedule.warmup_steps={short} ({WARMUP_SHARE:.0%} of the run)')
+  if s.name == 'bit_hyperrule':
+    supports = schedules.bit_supports(s.dataset_size)
+    small = schedules.bit_supports(0)  # the rule for under 20,000 examples
+    if supports[0] >= length:
+      fix = (f'the rule for under 20,000 examples warms up for {small[0]} steps and ends at {small[-1]}: '
+             '--config.schedule.dataset_size=10000' if small[0] < length else
+             f'BiT warms up for {small[0]} steps at least: use --config.schedule.name=warmup_cosine '
+             f'--config.schedule.warmup_steps={short}')
+      out.append(f'schedule bit_hyperrule: warm-up of {supports[0]} steps (schedule.dataset_size='
+                 f'{s.dataset_size}) is longer than {run}: the learning rate never leaves the warm-up; '
+                 + fix)
+    elif [t for t in supports[1:-1] if t >= length]:
+      missed = tuple(t for t in supports[1:-1] if t >= length)
+      out.append(f'schedule bit_hyperrule: its decays at steps {missed} (schedule.dataset_size='
+                 f'{s.dataset_size}) lie beyond {run}; BiT runs to its end at step {supports[-1]}: '
+                 f'--config.num_epochs={-(-supports[-1] // steps_per_epoch)}')
+  if s.name == 'step' and s.step_size >= length:
+    out.append(f'schedule step: the first decay after step_size={s.step_size} {unit} lies beyond {run}: '
+               'the learning rate never decays; shorten it with '
+               f'--config.schedule.step_size={max(1, length // 2)}')
+  if s.name == 'cosine' and s.T_max > length:
+    out.append(f'schedule cosine: T_max={s.T_max} {unit} is longer than {run}: the learning rate stops '
+               f'before eta_min; use --config.schedule.T_max=-1 (the run)')
+  if s.name == 'warm_restarts' and s.T_0 >= length:
+    out.append(f'schedule warm_restarts: the first period T_0={s.T_0} {unit} is as long as {run} or '
+               f'longer: the learning rate never restarts; shorten it with '
+               f'--config.schedule.T_0={max(1, length // 2)}')
+  if s.name == 'one_cycle':
+    if s.total_steps > length:
+      out.append(f'schedule one_cycle: the cycle of total_steps={s.total_steps} steps is longer than {run}: '
+                 'the learning rate never anneals to its end'
+                 + (' nor reaches its peak' if s.pct_start * s.total_steps - 1 >= length else '')
+                 + '; use --config.schedule.total_steps=-1 (the run)')
+  if s.name == 'cyclic':
+    up = s.step_size_up_epochs * steps_per_epoch if s.step_size_up_epochs > 0 else s.step_size_up
+    if up >= length:
+      out.append(f'schedule cyclic: the rise of step_size_up={up} steps is as long as {run} or longer: '
+                 f'the learning rate never reaches max_lr; shorten it with '
+                 f'--config.schedule.step_size_up={max(1, length // 2)}')
+  if s.name == 'plateau' and s.patience >= config.num_epochs:
+    out.append(f'schedule plateau: patience={s.patience} epochs is as long as the run ({config.num_epochs} '
+               'epochs) or longer: the learning rate is never reduced')
+  if config.swa.enabled and config.swa.schedule == 'swa_lr':
+    swa_epochs = config.num_epochs - config.swa.start_epoch
+    if config.swa.anneal_epochs > swa_epochs:
+      out.append(f'swa.schedule=swa_lr: the anneal of swa.anneal_epochs={config.swa.anneal_epochs} epochs '
+                 f'is longer than the SWA phase ({swa_epochs} epochs): the learning rate never reaches '
+                 f'swa.lr; shorten it with --config.swa.anneal_epochs={swa_epochs}')
+  return out
 
 
 def steps_per_epoch(config: ml_collections.ConfigDict, par: parallel.Parallel, num_train: int) -> int:
@@ -411,4 +531,5 @@ def steps_per_epoch(config: ml_collections.ConfigDict, par: parallel.Parallel, n
                       'examples with data.drop_remainder=True')
   parallel.check_batch_sizes(par.mode, par.data_devices, config.batch_size, num_train,
                              config.data.drop_remainder)
+  check_micro_batch_split(config, par.mode, par.data_devices, num_train)
   return spe

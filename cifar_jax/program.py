@@ -25,6 +25,7 @@ import numpy as np
 
 from cifar_jax import calibration
 from cifar_jax import input_pipeline
+from cifar_jax import memory
 from cifar_jax import parallel
 from cifar_jax import steps
 from cifar_jax import swa
@@ -199,12 +200,13 @@ class Program:
   calls: list[int] = dataclasses.field(default_factory=list)  # the steps of each train call so far
   compile_seconds: float = 0.0  # before `compile` returned (the first step's functions)
   background: list = dataclasses.field(default_factory=list)  # the futures of the background compiles
+  train_memory: memory.StepMemory | None = None  # the first train call's memory plan (jit only)
 
   @classmethod
   def compile(cls, config: ml_collections.ConfigDict, model, par: parallel.Parallel,
               dataset: input_pipeline.Dataset, state: steps.TrainState, acc, data_key,
               recalibration_key, first_step: int = 0, background: bool = True,
-              training: bool = True, evaluate: bool = True) -> 'Program':
+              training: bool = True, evaluate: bool = True, check_memory: bool = True) -> 'Program':
     """Places the data on the devices and compiles every function of a run of `config` for `state`.
 
     `state` and `acc` may be arrays or their shapes (`Parallel.abstract_per_seed`): only their shapes,
@@ -215,6 +217,8 @@ class Program:
     `training=False` (`train.evaluate_checkpoint`): no train calls and no SWA update, the evaluation's
     functions only.
     `evaluate=False` (the LR range test) leaves out the eval set and the eval functions.
+    `check_memory`: the first train call's memory plan is logged and, when it cannot fit the memory
+    available, a ConfigError stops the run before anything else compiles (`memory.check`).
     """
     # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
     images, labels = par.replicate(dataset.train_images), par.replicate(dataset.train_labels)
@@ -251,7 +255,8 @@ class Program:
     step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
                                 batch_size=config.batch_size, augment=config.data.augment,
                                 axis_name=par.axis_name, shard_batch=par.shard_batch,
-                                mixup_alpha=config.data.get('mixup', 0.0))
+                                mixup_alpha=config.data.get('mixup', 0.0),
+                                micro_batches=config.optimizer.get('micro_batches', 1))
     program = cls(
         par=par, steps_per_epoch=spe, sizes=sizes, full_batches=n // config.batch_size,
         max_steps_per_call=max_steps_per_call,
@@ -291,6 +296,13 @@ class Program:
     first_size = sizes[first_step % spe]
     if training:
       program.train[first_size] = program.train[first_size].compile()
+      # Said (and refused if it cannot fit) before anything else compiles and before the first step.
+      program.train_memory = memory.step_memory(program.train[first_size])
+      if check_memory:
+        memory.check(program.train_memory, batch_size=config.batch_size,
+                     micro_batches=config.optimizer.get('micro_batches', 1), data_devices=par.data_devices,
+                     resident=memory.resident_bytes((images, labels)),
+                     params_bytes=memory.shard_bytes(state.params))
     program.compile_seconds = time.perf_counter() - start
     program.compile_rest(background)
     if not background:

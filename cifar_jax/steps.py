@@ -6,6 +6,7 @@ wraps them for the devices and seeds of a run and compiles them. Several seeds (
 with a leading seed axis (`per_seed`), one seed is the tree itself.
 """
 
+import functools
 import statistics
 from typing import Any
 
@@ -139,6 +140,77 @@ def whole_batch(batch):
   return batch
 
 
+def micro_batch_sizes(size: int, micro_batches: int) -> list[int]:
+  """The sizes a batch of `size` splits into (`torch.tensor_split(x, micro_batches)`): as even as possible,
+  the first `size % micro_batches` one larger; never an empty one (a batch smaller than `micro_batches`
+  splits into micro-batches of 1)."""
+  n = min(micro_batches, size)
+  q, r = divmod(size, n)
+  return [q + 1] * r + [q] * (n - r)
+
+
+def _stacked_rows(x, *, start: int, count: int, size: int):
+  """Rows [start, start + count * size) of `x` as (count, size, ...): `count` micro-batches of `size`."""
+  return x[start:start + count * size].reshape((count, size) + x.shape[1:])
+
+
+def train_step_micro_batches(state: TrainState, batch, micro_batches: int, axis_name: str | None = None,
+                             rngs=None, shard_batch=whole_batch):
+  """`train_step` on the global `batch` split into `micro_batches` (`micro_batch_sizes`), one after the
+  other in a `lax.scan` (the activations of one micro-batch at a time), then one update: torch's
+  accumulation loop (`torch_reference.train_epoch(micro_batches=...)`).
+
+  Each micro-batch runs forward in training mode and folds its statistics into the BatchNorm running
+  statistics, in order, as torch's does; its loss (the micro-batch's mean) is weighted by its share of the
+  batch, so the gradients add up to the whole batch's mean loss and, for a model without BatchNorm, to
+  its update. `shard_batch` keeps this device's part of each micro-batch. The gates' random streams
+  (`rngs`) are folded with the micro-batch's index.
+  """
+  size = batch[0].shape[0]
+  sizes = micro_batch_sizes(size, micro_batches)
+
+  def grad_fn(params, batch_stats, micro, micro_rngs):
+    def loss_fn(p):
+      logits, new_model_state = state.apply_fn(
+          {'params': p, 'batch_stats': batch_stats}, micro[0], train=True, mutable=['batch_stats'],
+          rngs=micro_rngs)
+      loss = cross_entropy_loss(logits, micro[1]) if len(micro) == 2 else mixup_loss(logits, *micro[1:])
+      return loss, (new_model_state, logits)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+  def body(weight, carry, xs):
+    grads, batch_stats, sums = carry
+    index, micro = xs
+    micro = shard_batch(micro)
+    micro_rngs = None if rngs is None else {k: jax.random.fold_in(v, index) for k, v in rngs.items()}
+    (loss, (new_model_state, logits)), g = grad_fn(state.params, batch_stats, micro, micro_rngs)
+    grads = jax.tree.map(lambda a, b: a + weight * b, grads, g)
+    metrics = batch_metrics(logits, micro[1], loss)
+    sums = {k: sums[k] + metrics[k] for k in METRIC_KEYS}
+    return (grads, new_model_state.get('batch_stats', batch_stats), sums), None
+
+  carry = (jax.tree.map(jnp.zeros_like, state.params), state.batch_stats,
+           {k: jnp.zeros((), jnp.float32) for k in METRIC_KEYS})
+  start = 0
+  for micro_size in dict.fromkeys(sizes):  # the micro-batches of one size (consecutive): one scan
+    first, count = sizes.index(micro_size), sizes.count(micro_size)
+    rows = jax.tree.map(functools.partial(_stacked_rows, start=start, count=count, size=micro_size), batch)
+    # The micro-batch's share of the batch (of the global batch: under pmap the device's rows of each
+    # micro-batch are averaged over the devices by the pmean below).
+    weight = jnp.float32(micro_size / size)
+    carry, _ = jax.lax.scan(functools.partial(body, weight), carry,
+                            (jnp.arange(first, first + count, dtype=jnp.uint32), rows))
+    start += count * micro_size
+  grads, batch_stats, metrics = carry
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.psum(metrics, axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]))
+  metrics['params_finite'] = params_finite.astype(jnp.float32)
+  return new_state, metrics
+
+
 def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int, size: int,
                augment: bool, mixup_alpha: float = 0.0):
   """Batch `index` of epoch `epoch`: positions [index * batch_size, + size) of the epoch's order `perm`,
@@ -155,25 +227,31 @@ def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int,
 def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, *,
                               steps_per_epoch: int, batch_size: int, size: int, augment: bool,
                               axis_name: str | None = None, shard_batch=whole_batch,
-                              mixup_alpha: float = 0.0):
+                              mixup_alpha: float = 0.0, micro_batches: int = 1):
   """The next global batch of the epoch, drawn on device from (data_key, epoch, step), then a step.
 
   `shard_batch` keeps this device's part of the global batch and `axis_name` names the pmap axis
-  (parallel.Parallel supplies both); the batch drawn is the same on any number of devices.
+  (parallel.Parallel supplies both); the batch drawn is the same on any number of devices and any
+  `micro_batches` (> 1: `train_step_micro_batches` splits the drawn batch).
   """
   step = state.step
   epoch, index = step // steps_per_epoch, step % steps_per_epoch
   batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
                      augment=augment, mixup_alpha=mixup_alpha)
-  state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name,
-                              rngs=shake_rngs(data_key, epoch, index))
+  if micro_batches > 1:
+    state, metrics = train_step_micro_batches(state, batch, micro_batches, axis_name=axis_name,
+                                              rngs=shake_rngs(data_key, epoch, index),
+                                              shard_batch=shard_batch)
+  else:
+    state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name,
+                                rngs=shake_rngs(data_key, epoch, index))
   return state, accumulate(acc, metrics, step)
 
 
 def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, data_key, num_steps, *,
                                steps_per_epoch: int, batch_size: int, size: int, augment: bool,
                                axis_name: str | None = None, shard_batch=whole_batch,
-                               mixup_alpha: float = 0.0):
+                               mixup_alpha: float = 0.0, micro_batches: int = 1):
   """`num_steps` (traced: one compilation for any count) `train_step_on_device_data` steps in one call.
 
   XLA:CPU allocates a call's temporary buffers afresh on every call and the kernel zero-fills their pages
@@ -184,7 +262,7 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
     return train_step_on_device_data(
         *carry, images, labels, perm, data_key, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
         size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch,
-        mixup_alpha=mixup_alpha)
+        mixup_alpha=mixup_alpha, micro_batches=micro_batches)
 
   return jax.lax.fori_loop(0, num_steps, body, (state, acc))
 

@@ -442,45 +442,61 @@ def autocast(dtype: str, device):
   return contextlib.nullcontext()
 
 
+def micro_batches_of(batch, micro_batches: int) -> list:
+  """`batch` ((x, y) or mixup's (x, y, partner labels, lam)) as its micro-batches: each tensor split as
+  `torch.tensor_split` splits it (`steps.micro_batch_sizes`: as evenly as possible, none empty), lam kept."""
+  sizes = steps.micro_batch_sizes(batch[1].shape[0], micro_batches)
+  parts = [t.split(sizes) if hasattr(t, 'split') else [t] * len(sizes) for t in batch]
+  return list(zip(*parts))
+
+
 def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan: bool = True,
-                clip_grad_norm: float = 0.0, frozen_bn: bool = False, dtype: str = 'float32') -> dict:
+                clip_grad_norm: float = 0.0, frozen_bn: bool = False, dtype: str = 'float32',
+                micro_batches: int = 1) -> dict:
   """One pass of SGD over `batches`; `after_step(i)` runs after the i-th optimizer step. Fine-tuning:
   gradients clipped (torch's clip_grad_norm_, > 0), BatchNorm kept in eval mode (`frozen_bn`). With
-  dtype='bfloat16' the forward pass and the loss run under `autocast` (the backward pass follows it)."""
+  dtype='bfloat16' the forward pass and the loss run under `autocast` (the backward pass follows it).
+
+  `micro_batches` > 1: the accumulation loop. Each batch splits (`micro_batches_of`); each micro-batch
+  runs forward in train mode (its BatchNorm statistics folded into the running ones, in order) and
+  backward with its loss times its share of the batch, the gradients adding up; then one clip and step.
+  """
   torch = _torch()
   model.train()
   if frozen_bn or clip_grad_norm > 0:
     _finetune().set_train_mode(model, frozen_bn)
   loss_sum = torch.zeros((), dtype=torch.float64, device=device)
   correct = torch.zeros((), dtype=torch.int64, device=device)
-  count, steps = 0, 0
+  count, steps_taken = 0, 0
   lr, momentum = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['momentum']
   for i, batch in enumerate(batches):
-    x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-    with autocast(dtype, device):
-      logits = model(x)
-      loss = torch.nn.functional.cross_entropy(logits, y)  # float32: autocast's list
-      if len(batch) == 4:  # mixup: bit_pytorch/train.py's mixup_criterion
-        lam = batch[3]
-        loss = lam * loss + (1 - lam) * torch.nn.functional.cross_entropy(logits, batch[2].to(device))
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    n = batch[1].shape[0]
+    for micro in micro_batches_of(batch, micro_batches):
+      x, y = micro[0].to(device, non_blocking=True), micro[1].to(device, non_blocking=True)
+      with autocast(dtype, device):
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, y)  # float32: autocast's list
+        if len(micro) == 4:  # mixup: bit_pytorch/train.py's mixup_criterion
+          lam = micro[3]
+          loss = lam * loss + (1 - lam) * torch.nn.functional.cross_entropy(logits, micro[2].to(device))
+      (loss if micro_batches == 1 else loss * (y.shape[0] / n)).backward()
+      loss_sum += loss.detach().double() * y.shape[0]
+      correct += (logits.detach().argmax(1) == y).sum()
+      count += y.shape[0]
     if clip_grad_norm > 0:
       _finetune().clip_gradients(model, clip_grad_norm)
     lr, momentum = optimizer.param_groups[0]['lr'], optimizer.param_groups[0]['momentum']
     optimizer.step()
     if after_step is not None:
       after_step(i)
-    loss_sum += loss.detach().double() * y.shape[0]
-    correct += (logits.detach().argmax(1) == y).sum()
-    count += y.shape[0]
-    steps += 1
+    steps_taken += 1
   train_loss = loss_sum.item() / max(count, 1)
   if halt_on_nan and not math.isfinite(train_loss):
     raise FloatingPointError(f'non-finite training loss ({train_loss}); lower optimizer.lr or set '
                              'halt_on_nan=False')
   return {'train_loss': train_loss, 'train_accuracy': correct.item() / max(count, 1),
-          'learning_rate': lr, 'momentum': momentum, 'num_steps': steps, 'num_images': count}
+          'learning_rate': lr, 'momentum': momentum, 'num_steps': steps_taken, 'num_images': count}
 
 
 def evaluate_torch(model, dataset, batch_size: int, device, dtype: str = 'float32') -> dict:
@@ -688,7 +704,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
     batches = torch_batches(dataset, config, epoch, data_mode, mixup_alpha=config.data.get('mixup', 0.0))
     train = train_epoch(model, optimizer, batches, device,
                         hook, config.halt_on_nan, config.optimizer.clip_grad_norm, config.model.frozen_bn,
-                        config.model.dtype)
+                        config.model.dtype, config.optimizer.get('micro_batches', 1))
     if device.type == 'cuda':
       torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - epoch_start

@@ -88,6 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.nesterov = False
   config.optimizer.weight_decay = 5e-4
   config.optimizer.clip_grad_norm = 0.0  # > 0: torch's clip_grad_norm_ of the trained parameters' gradients
+  # Gradient accumulation: each batch (drawn whole: order, crops, mixup) runs forward and backward in this
+  # many micro-batches of batch_size / micro_batches, one at a time (the memory of one micro-batch's
+  # activations), their gradients weighted by size and added, then one update (clipping the sum): a
+  # model without BatchNorm takes the whole batch's update; BatchNorm normalises each micro-batch by its
+  # own statistics and folds them into the running ones in turn, as torch's accumulation loop does. A last
+  # partial batch splits as torch.tensor_split does (as evenly as possible). 1 = off.
+  config.optimizer.micro_batches = 1
 
   # Pretrained weights (cifar_jax/pretrained.py; README, "Fine-tuning pretrained weights"). path: a torch
   # state dict (.pt / .pth / .bin, read with weights_only=True), a .safetensors file, or for layout
