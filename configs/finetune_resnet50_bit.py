@@ -8,6 +8,12 @@ file); not measured here.
 
   cifar-jax --config=configs/finetune_resnet50_bit.py --workdir=runs/bit_r50 \\
     --config.init_from.path=resnet50.pth  # torchvision's resnet50 state dict (timm's: layout=timm_resnet)
+  # shorter: the HyperRule's steps follow schedule.dataset_size, so shorten both (under 20k examples:
+  # 100 warm-up steps, lr / 10 at 200, 300 and 400, end at 500): 6 epochs of 98 steps cover it
+  cifar-jax --config=configs/finetune_resnet50_bit.py --workdir=runs/bit_r50_short \\
+    --config.init_from.path=resnet50.pth --config.num_epochs=6 --config.schedule.dataset_size=10000
+
+A warm-up or decay beyond the run is said at start-up.
 """
 
 from configs import default
