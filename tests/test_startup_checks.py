@@ -37,6 +37,15 @@ def test_a_step_that_cannot_fit_stops_before_the_first_step(cli, monkeypatch, tm
   assert not (workdir / 'metrics.jsonl').exists() and not (workdir / 'config.json').exists()
 
 
+@pytest.mark.parametrize('override, fragments', [
+    ('--config.optimizer.micro_batches=3', ('optimizer.micro_batches=3 does not divide batch_size=64',
+                                            'such as 2 or 4')),
+    ('--config.optimizer.micro_batches=0', ('optimizer.micro_batches must be an integer >= 1', 'got 0')),
+])
+def test_bad_micro_batches_on_the_command_line(cli, override, fragments):
+  test_errors.assert_user_error(cli(override, config=TINY), *fragments)
+
+
 def test_the_plan_is_logged_and_a_step_that_fits_runs(caplog, tmp_path):
   """With the machine's own memory the tiny run trains, having logged its plan once."""
   caplog.set_level(pylogging.INFO, logger='absl')
