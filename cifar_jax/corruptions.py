@@ -20,7 +20,7 @@ Where the script differs from this module:
   bits, then truncated to 8 bits as its PNG writer does).
 - frost reads the script's frost images (frost1..5; the script draws one of the first five): the same
   files as the `imagecorruptions` package ships (Apache-2.0), resized by 0.2 as the script does
-  (OpenCV, bilinear), are stored in `frost_textures.npz` (scripts/frost_textures.py writes it).
+  (OpenCV, bilinear), are stored in `frost_textures.npz` (scripts/maintainers/frost_textures.py writes it).
 
 Sets: `corrupted_set` caches each generated (corruption, severity) set as a uint8 .npz keyed by the
 source images' hash; `ReleasedSets` reads the released CIFAR-10-C .npy files (the authors' own, the

@@ -28,13 +28,13 @@ IMAGE_SIZE = 32
 PAD = 4  # RandomCrop(32, padding=4), zero padding.
 NUM_CLASSES = 10
 SOURCES = ('tfds', 'npz', 'cifar10_python', 'images', 'synthetic')
-# data.source=images: a folder of lossless image strips and this manifest (scripts/gpu_bundle.py writes it).
+# data.source=images: a folder of lossless image strips and this manifest (scripts/gpu/gpu_bundle.py).
 IMAGES_MANIFEST = 'manifest.json'
 IMAGES_FORMAT = 'cifar_jax.image_strips.v1'
 # The other sources, and how to choose one, for the errors of a source that cannot load.
 OTHER_SOURCES = ('--config.data.source=npz --config.data.path=FILE.npz (x_train, y_train), '
                  '--config.data.source=cifar10_python --config.data.path=cifar-10-batches-py, '
-                 '--config.data.source=images --config.data.path=FOLDER (scripts/gpu_bundle.py) or '
+                 '--config.data.source=images --config.data.path=FOLDER (scripts/gpu/gpu_bundle.py) or '
                  '--config.data.source=synthetic')
 
 # The archive TFDS's cifar10 builder downloads (its checksum is registered in tensorflow-datasets).
@@ -182,7 +182,7 @@ def load_cifar10_python(path: str) -> dict[str, np.ndarray]:
 
 
 def load_images(path: str) -> dict[str, np.ndarray]:
-  """x_train, y_train from a folder of lossless image strips and its manifest (scripts/gpu_bundle.py).
+  """x_train, y_train from a folder of lossless image strips and its manifest (scripts/gpu/gpu_bundle.py).
 
   Each strip is `count` images stacked vertically (count * 32 x 32 RGB, lossless WebP or PNG); the
   manifest gives each strip's file, sha256, count and labels (one digit an image), and the sha256 of all
@@ -191,7 +191,7 @@ def load_images(path: str) -> dict[str, np.ndarray]:
   manifest_path = os.path.join(path, IMAGES_MANIFEST) if path and os.path.isdir(path) else path
   if not manifest_path or not os.path.isfile(manifest_path):
     raise DataError(f'data.path: {path!r} is not a folder with {IMAGES_MANIFEST}; data.source=images reads '
-                    'the folder scripts/gpu_bundle.py writes (.gpu_data)')
+                    'the folder scripts/gpu/gpu_bundle.py writes (.gpu_data)')
   try:
     with open(manifest_path) as f:
       manifest = json.load(f)

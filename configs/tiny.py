@@ -1,5 +1,5 @@
 """configs/smoke.py shrunk further: a ResNet9 of width 1/8 on 200 synthetic images (4 steps an epoch, the
-last a partial batch of 8). The tests' config (tests/conftest.py) and scripts/golden_outputs.py's.
+last a partial batch of 8). The tests' config (tests/conftest.py) and scripts/maintainers/golden_outputs.py's.
 
   cifar-jax --config=configs/tiny.py --workdir=runs/tiny
 

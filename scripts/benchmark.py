@@ -15,13 +15,29 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
+from bench import checkpoint
+from bench import conv_layers
+from bench import corruptions
+from bench import devices
 from bench import finetune
 from bench import harness
+from bench import profile
+from bench import seeds
+from bench import shake
+from bench import startup
 from bench import step
 
 FAMILIES = {
-    'step': step,            # train-step and eval throughput, compile time, memory: JAX vs torch
-    'finetune': finetune,    # fine-tuning steps of a pretrained family, JAX vs torch
+    'step': step,                # train-step and eval throughput, compile time, memory: JAX vs torch
+    'devices': devices,          # the same global batch on 1 vs N devices
+    'seeds': seeds,              # k seeds in one run: what one more seed costs
+    'conv_layers': conv_layers,  # one 3x3 convolution: XLA's Eigen and YNNPACK paths, torch
+    'shake': shake,              # the Shake-Shake and ShakeDrop gates' cost
+    'finetune': finetune,        # fine-tuning steps of a pretrained family, JAX vs torch
+    'checkpoint': checkpoint,    # an epoch with synchronous and asynchronous checkpoints
+    'startup': startup,          # whole processes: cold and warm compilation cache, torch
+    'corruptions': corruptions,  # CIFAR-10-C generation, ours and the reference's
+    'profile': profile,          # where a step's time goes: XLA's ops or oneDNN's calls
 }
 
 
@@ -30,7 +46,8 @@ def main(argv=None) -> None:
   families = parser.add_subparsers(dest='family', required=True, metavar='FAMILY')
   parsers = {}
   for name, module in FAMILIES.items():
-    parsers[name] = families.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__,
+    summary = ' '.join(module.__doc__.split('\n\n')[0].split())  # the docstring's first paragraph
+    parsers[name] = families.add_parser(name, help=summary, description=module.__doc__,
                                         formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_flags(parsers[name])
     parsers[name].add_argument('--worker', default='', help=argparse.SUPPRESS)

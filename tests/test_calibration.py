@@ -107,10 +107,10 @@ def test_eval_step_sums_keep_the_loss_and_add_calibration():
 
 
 def test_plot_calibration_draws_every_ensemble_size(tmp_path):
-  """scripts/plot_calibration.py: one PNG from evaluation.json; the NLL lines take `nll_by_models` (every
+  """scripts/plot.py calibration: one PNG from evaluation.json; the NLL lines take `nll_by_models` (every
   ensemble size) when evaluate wrote it, else the table's two points per family."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-  import plot_calibration  # pylint: disable=g-import-not-at-top
+  import plot  # pylint: disable=g-import-not-at-top
 
   bins = {'count': [0] * 13 + [3, 5], 'confidence': [None] * 13 + [0.88, 0.97],
           'accuracy': [None] * 13 + [0.67, 1.0]}
@@ -124,5 +124,5 @@ def test_plot_calibration_draws_every_ensemble_size(tmp_path):
     workdir = tmp_path / name
     workdir.mkdir()
     (workdir / 'evaluation.json').write_text(json.dumps(evaluation))
-    out = plot_calibration.plot_calibration(str(workdir), str(workdir / 'calibration.png'))
+    out = plot.plot_calibration(str(workdir), str(workdir / 'calibration.png'))
     assert os.path.getsize(out) > 10_000

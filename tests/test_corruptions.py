@@ -12,8 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from cifar_jax import corruptions
 from cifar_jax.errors import DataError
 
-# scripts/corruption_fixture.py: the reference script's output for each (corruption, severity) on one
-# of 6 CIFAR-10 training images, numpy's global RandomState seeded with the case's seed.
+# scripts/maintainers/corruption_fixture.py: the reference script's output for each (corruption, severity)
+# on one of 6 CIFAR-10 training images, numpy's global RandomState seeded with the case's seed.
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fixtures', 'cifar10_c_reference.npz')
 # Their mean distance to the clean image does not grow with every severity step: by the script's CIFAR
 # constants (saturate desaturates at 1-2 and saturates at 3-5; elastic's largest affine jitter is at 1;

@@ -480,7 +480,7 @@ def test_sigkill_during_a_background_save_then_same_command_is_bitwise_equal(uni
 
 def test_a_cut_metrics_line_is_dropped_on_resume_and_readers_cope(tiny_config, tmp_path, caplog):
   """A kill in the middle of a metrics write leaves a partial last line: the readers (the trainer,
-  plot_history.py, sweep.py, compare_frameworks.py: all through metrics_writer.read_metrics) leave it
+  plot.py history, sweep.py, compare_frameworks.py: all through metrics_writer.read_metrics) leave it
   out, and a resume drops it with one warning."""
   tiny_config.num_epochs = 3
   train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
@@ -494,7 +494,7 @@ def test_a_cut_metrics_line_is_dropped_on_resume_and_readers_cope(tiny_config, t
   assert _strip(metrics_writer.read_metrics(workdir)) == _strip(straight[:2])
 
   scripts = os.path.join(ROOT, 'scripts')
-  plot = subprocess.run([sys.executable, os.path.join(scripts, 'plot_history.py'), workdir,
+  plot = subprocess.run([sys.executable, os.path.join(scripts, 'plot.py'), 'history', workdir,
                          f'--out={tmp_path / "h.png"}'], cwd=ROOT, env=_env(), capture_output=True, text=True,
                         timeout=300)
   assert plot.returncode == 0 and os.path.isfile(tmp_path / 'h.png'), plot.stderr[-2000:]

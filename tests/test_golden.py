@@ -1,5 +1,5 @@
-"""Golden outputs (scripts/golden_outputs.py): hashes of tiny runs that a refactor must leave bitwise
-unchanged, and a checkpoint written before the Program/actions redesign that must still resume.
+"""Golden outputs (scripts/maintainers/golden_outputs.py): hashes of tiny runs that a refactor must leave
+bitwise unchanged, and a checkpoint written before the Program/actions redesign that must still resume.
 
 - tests/fixtures/golden_pre_redesign.json: the trainer at 8b3a93c, before the redesign; the redesign
   reproduced every case bitwise (commit 7fa5add). The fixture's resume still does.
@@ -25,7 +25,7 @@ import pytest
 from cifar_jax import metrics_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+sys.path.insert(0, os.path.join(ROOT, 'scripts', 'maintainers'))
 import golden_outputs  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
@@ -62,7 +62,7 @@ def test_golden_outputs_are_bitwise_unchanged(tmp_path):
   and under pmap, the fixture's resume) ends with the bits recorded in tests/fixtures/golden.json."""
   out = tmp_path / 'now.json'
   result = golden_outputs.subprocess.run(
-      [sys.executable, os.path.join(ROOT, 'scripts', 'golden_outputs.py'), f'--out={out}',
+      [sys.executable, os.path.join(ROOT, 'scripts', 'maintainers', 'golden_outputs.py'), f'--out={out}',
        f"--fixture={os.path.join(FIXTURES, 'pre_redesign_checkpoint')}",
        f"--compare={os.path.join(FIXTURES, 'golden.json')}"],
       capture_output=True, text=True, timeout=1800)

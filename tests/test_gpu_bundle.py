@@ -1,4 +1,5 @@
-"""scripts/gpu_bundle.py: lossless image strips that the trainer's `images` source reads back bit for bit."""
+"""scripts/gpu/gpu_bundle.py: lossless image strips that the trainer's `images` source reads back bit for
+bit."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import pytest
 from cifar_jax import input_pipeline as ip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+sys.path.insert(0, os.path.join(ROOT, 'scripts', 'gpu'))
 import gpu_bundle  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 NPZ = gpu_bundle.DEFAULT_NPZ
@@ -76,7 +77,7 @@ def test_a_strip_webp_would_change_is_stored_as_png(tmp_path, monkeypatch):
 
 def test_the_command_line_writes_a_bundle_the_trainer_reads(tmp_path):
   out = tmp_path / 'gpu_data'
-  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'gpu_bundle.py'), '--no_wheels',
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'gpu', 'gpu_bundle.py'), '--no_wheels',
                          '--synthetic=300', f'--data_dir={out}', f'--wheel_dir={tmp_path / "whl"}',
                          '--budget_mib=2'],
                         cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)

@@ -1,5 +1,5 @@
-"""scripts/gpu_check.sh and gpu_stages.py on the CPU: the smoke run of every stage (GPU_CHECK_SMOKE=1), the
-stop on a wrong backend, the deadline, and the rows kept when a stage is killed."""
+"""scripts/gpu/gpu_check.sh and gpu_stages.py on the CPU: the smoke run of every stage (GPU_CHECK_SMOKE=1),
+the stop on a wrong backend, the deadline, and the rows kept when a stage is killed."""
 
 import argparse
 import os
@@ -10,10 +10,10 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+sys.path.insert(0, os.path.join(ROOT, 'scripts', 'gpu'))
 import gpu_stages  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-SCRIPT = os.path.join(ROOT, 'scripts', 'gpu_check.sh')
+SCRIPT = os.path.join(ROOT, 'scripts', 'gpu', 'gpu_check.sh')
 
 
 def _run(tmp_path, timeout=900, **env):
@@ -147,7 +147,8 @@ def test_gpu_check_with_too_little_time_skips_stages_and_keeps_its_deadline(tmp_
 def test_a_stage_ended_by_sigterm_ends_its_children(tmp_path):
   pid_file = tmp_path / 'child.pid'
   child = f'import os, time\nopen({str(pid_file)!r}, "w").write(str(os.getpid()))\ntime.sleep(60)\n'
-  stage = (f'import signal, sys\nsys.path.insert(0, {os.path.join(ROOT, "scripts")!r})\nimport gpu_stages\n'
+  stage = (f'import signal, sys\nsys.path.insert(0, {os.path.dirname(gpu_stages.__file__)!r})\n'
+           'import gpu_stages\n'
            'signal.signal(signal.SIGTERM, gpu_stages._end_children)\n'
            f'gpu_stages.run_logged([sys.executable, "-c", {child!r}], float("inf"))\n')
   proc = subprocess.Popen([sys.executable, '-c', stage])

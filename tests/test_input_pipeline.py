@@ -168,7 +168,7 @@ def test_default_config_without_tfds_fails_with_one_line(tmp_path):
 
 
 def _write_strip(folder, images, labels, **changes):
-  """A one-strip bundle written by hand (scripts/gpu_bundle.py writes real ones)."""
+  """A one-strip bundle written by hand (scripts/gpu/gpu_bundle.py writes real ones)."""
   buffer = io.BytesIO()
   Image.fromarray(images.reshape(-1, 32, 3)).save(buffer, format='PNG')
   data = buffer.getvalue()

@@ -108,7 +108,8 @@ def test_every_np_load_refuses_pickles():
   default is False, and every call says so explicitly (package, scripts and tests)."""
   root = os.path.dirname(PACKAGE)
   loose = []
-  for folder in ('cifar_jax', 'cifar_jax/models', 'cifar_jax/torch_models', 'scripts', 'tests'):
+  for folder in ('cifar_jax', 'cifar_jax/models', 'cifar_jax/torch_models', 'scripts', 'scripts/bench',
+                 'scripts/gpu', 'scripts/maintainers', 'tests'):
     if not os.path.isdir(os.path.join(root, folder)):
       continue
     for name in sorted(os.listdir(os.path.join(root, folder))):

@@ -157,9 +157,9 @@ def test_evaluation_json_holds_the_shift(tmp_path):
 
 
 def test_plot_shift_draws_the_box_plots(tmp_path):
-  """scripts/plot_calibration.py's shift figure from an evaluation.json with a shift; none without one."""
+  """scripts/plot.py's shift figure from an evaluation.json with a shift; none without one."""
   sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-  import plot_calibration  # pylint: disable=g-import-not-at-top
+  import plot  # pylint: disable=g-import-not-at-top
 
   models = ('single model', 'deep ensemble')
   table = [{'model': m, 'models': 1, 'seeds': 2, 'accuracy': 0.9, 'nll': 0.4, 'ece': 0.05, 'brier': 0.2}
@@ -171,7 +171,7 @@ def test_plot_shift_draws_the_box_plots(tmp_path):
            'summary_corruptions': ['fog', 'snow', 'frost'], 'rows': rows,
            'summary': train.shift_summary(rows, ['fog', 'snow', 'frost'], [1, 2, 3])}
   (tmp_path / 'evaluation.json').write_text(json.dumps({'table': table, 'shift': shift}))
-  out = plot_calibration.plot_shift(str(tmp_path), str(tmp_path / 'shift.png'))
+  out = plot.plot_shift(str(tmp_path), str(tmp_path / 'shift.png'))
   assert os.path.getsize(out) > 10_000
   (tmp_path / 'evaluation.json').write_text(json.dumps({'table': table}))
-  assert plot_calibration.plot_shift(str(tmp_path), str(tmp_path / 'none.png')) is None
+  assert plot.plot_shift(str(tmp_path), str(tmp_path / 'none.png')) is None

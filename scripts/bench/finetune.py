@@ -23,7 +23,6 @@ one_step() runs one training step to completion and label names the row (None: t
 """
 
 import functools
-import json
 import time
 
 import numpy as np
@@ -179,6 +178,4 @@ def main(args) -> None:
   print(harness.markdown_table(
       ['variant', 'images/s', 'images per CPU-second', 'peak RSS (MiB)'],
       [[r['variant'], r['images_per_second'], r['images_per_cpu_second'], r['peak_rss_mb']] for r in rows]))
-  out = {'args': {k: v for k, v in vars(args).items() if k not in ('worker', 'family')}, 'rows': rows,
-         'fingerprint': fp}
-  harness.write_json(args.json, json.loads(json.dumps(out)))
+  harness.write_json(args.json, {'args': harness.flag_values(args), 'rows': rows, 'fingerprint': fp})

@@ -170,6 +170,11 @@ def markdown_table(header: list[str], rows: list[list], digits: int = 1) -> str:
   return '\n'.join(lines)
 
 
+def flag_values(args) -> dict:
+  """A family's flags as they were given (without the harness's own: the family, the worker)."""
+  return {k: v for k, v in vars(args).items() if k not in ('family', 'worker')}
+
+
 def write_json(path: str, results: dict) -> None:
   """Writes `results` with the machine's fingerprint (under 'fingerprint', unless it has one)."""
   if not path:

@@ -1,7 +1,7 @@
 """What a GPU machine without network needs beside the tree: wheels (.whl/) and real images (.gpu_data/).
 
-  python scripts/gpu_bundle.py                       # both, from ../shared/data/cifar10/cifar10_train.npz
-  python scripts/gpu_bundle.py --no_wheels --synthetic=256 --data_dir=/tmp/tiny   # a tiny one, no network
+  python scripts/gpu/gpu_bundle.py                       # both, from ../shared/data/cifar10/cifar10_train.npz
+  python scripts/gpu/gpu_bundle.py --no_wheels --synthetic=256 --data_dir=/tmp/tiny   # a tiny one, no network
 
 Wheels: `pip download --no-deps --only-binary=:all:` for CPython 3.12 on manylinux x86-64 of the packages
 the GPU image lacks (ml_collections, pinned to the version installed here; tensorflow-datasets is not
@@ -34,7 +34,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 from cifar_jax import input_pipeline  # noqa: E402

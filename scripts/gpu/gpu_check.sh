@@ -2,28 +2,28 @@
 # One NVIDIA GPU node, often without internet access: one deadline-driven run of a few minutes that keeps
 # every row it measures and cannot pass CPU numbers off as GPU numbers.
 #
-#   python scripts/gpu_bundle.py                  # where pip and the CIFAR-10 npz are: .whl/ and .gpu_data/
-#   bash scripts/gpu_check.sh --out=/tmp/gpu_check  # on the GPU node, .whl and .gpu_data beside the tree
-#   bash scripts/gpu_check.sh --smoke             # every stage at tiny sizes on the CPU: checks the script
+#   python scripts/gpu/gpu_bundle.py                  # where pip and the CIFAR-10 npz are: .whl/ and .gpu_data/
+#   bash scripts/gpu/gpu_check.sh --out=/tmp/gpu_check  # on the GPU node, .whl and .gpu_data beside the tree
+#   bash scripts/gpu/gpu_check.sh --smoke             # every stage at tiny sizes on the CPU: checks the script
 #
 # Options (each overrides its environment variable): --deadline_s=S (GPU_CHECK_DEADLINE_S; 480, smoke
 # 330), --out=DIR (OUT; /tmp/gpu_check), --data=DIR (GPU_CHECK_DATA; .gpu_data), --work=DIR
 # (GPU_CHECK_WORK; /tmp/gpu_check_work), --smoke (GPU_CHECK_SMOKE=1).
 #
 # Stages, in order of value, each bounded by `timeout` of the time left before the deadline;
-# scripts/gpu_stages.py runs each one:
+# scripts/gpu/gpu_stages.py runs each one:
 #   preflight      versions, devices, settings. JAX's backend must be GPU_CHECK_BACKEND's (gpu; smoke:
 #                  cpu; JAX_PLATFORMS=cuda, smoke cpu), else the script stops with one line before
 #                  measuring anything. torch without CUDA skips the torch stages.
 #   correctness    8 train steps and an eval of a small ResNet9 at precision=highest against the losses
-#                  computed on the CPU (scripts/gpu_reference_losses.json, rtol 1e-4: see that file),
+#                  computed on the CPU (scripts/gpu/gpu_reference_losses.json, rtol 1e-4: see that file),
 #                  then at the default precision (TF32 on Hopper), reported only.
-#   jax_step       the trainer's compiled step (scripts/benchmark.py, JAX only) for float32/TF32 and
+#   jax_step       the trainer's compiled step (scripts/benchmark.py step, JAX only) for float32/TF32 and
 #                  bfloat16 at batch 128 and 512: compile seconds, train and eval images/s, peak memory.
-#   seeds          k = 1 and 4 seeds in one vmap-ed run (scripts/bench_seeds.py, synthetic data).
+#   seeds          k = 1 and 4 seeds in one vmap-ed run (scripts/benchmark.py seeds, synthetic data).
 #   train          `cifar-jax`, one-cycle, on the real images of .gpu_data (GPU_CHECK_DATA), as many
 #                  epochs as the time left allows (estimated from jax_step), accuracy every epoch.
-#   torch_eager    benchmark.py's torch at its best: channels_last, cudnn.benchmark, same cells.
+#   torch_eager    benchmark.py step's torch at its best: channels_last, cudnn.benchmark, same cells.
 #   torch_compile  the same under torch.compile, if time remains.
 # Each row goes to $OUT/results.jsonl the moment it is measured; a stage that fails, times out or finds too
 # little time adds a row saying so and the script goes on. On exit (trap) $OUT/summary.md is written from
@@ -32,7 +32,7 @@
 # JAX_COMPILATION_CACHE_DIR (/tmp/gpu_check_jax_cache).
 #
 # Needs JAX (CUDA), flax, optax, orbax, Pillow and torch. ml_collections, if missing, is installed from
-# .whl/ (python scripts/gpu_bundle.py makes it) into the work folder; without it the trainer's stages fail.
+# .whl/ (python scripts/gpu/gpu_bundle.py makes it) into the work folder; without it the trainer's stages fail.
 set -uo pipefail
 for arg in "$@"; do
   case $arg in
@@ -46,7 +46,7 @@ for arg in "$@"; do
        exit 2 ;;
   esac
 done
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 ROOT=$PWD
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu_check}
@@ -84,7 +84,7 @@ STOPPED=
 finish() {
   local rc=$?
   trap - EXIT
-  "$PY" scripts/gpu_stages.py summary --out="$OUT" --work="$WORK" --stopped="$STOPPED" --started="$START" \
+  "$PY" scripts/gpu/gpu_stages.py summary --out="$OUT" --work="$WORK" --stopped="$STOPPED" --started="$START" \
     --deadline_s="$DEADLINE_S" --exit_status="$rc" ${SMOKE:+--smoke} >>"$LOG" 2>&1 \
     || echo "gpu_check: the summary failed (see $LOG)"
   [[ -z $STOPPED && -f "$OUT/summary.md" ]] && { echo; cat "$OUT/summary.md"; }
@@ -96,7 +96,7 @@ trap 'exit 130' INT TERM
 say() { echo "$*" | tee -a "$LOG"; }
 
 record() {  # record STAGE STATUS SECONDS RC NOTE: the stage's end row
-  "$PY" scripts/gpu_stages.py record --out="$OUT" --work="$WORK" --stage_name="$1" --status="$2" \
+  "$PY" scripts/gpu/gpu_stages.py record --out="$OUT" --work="$WORK" --stage_name="$1" --status="$2" \
     --seconds="$3" --rc="$4" --note="$5" >>"$LOG" 2>&1
 }
 
@@ -117,7 +117,7 @@ run_stage() {
   fi
   say "== $name (up to ${budget} s; $((DEADLINE - now)) s to the deadline)"
   t0=$(date +%s)
-  timeout -k 5 "$budget" "$PY" scripts/gpu_stages.py "$stage" --out="$OUT" --work="$WORK" \
+  timeout -k 5 "$budget" "$PY" scripts/gpu/gpu_stages.py "$stage" --out="$OUT" --work="$WORK" \
     --deadline=$((now + budget - 4)) --expect="$BACKEND" "$@" 2>&1 | tee -a "$LOG" "$WORK/$name.out"
   rc=${PIPESTATUS[0]}
   case $rc in
@@ -139,7 +139,7 @@ if ! "$PY" -c 'import ml_collections' 2>/dev/null; then
     export PYTHONPATH=$WORK/site:$PYTHONPATH
   fi
   "$PY" -c 'import ml_collections' 2>/dev/null \
-    || say "gpu_check: ml_collections is missing and .whl/ holds no wheel of it (python scripts/gpu_bundle.py)"
+    || say "gpu_check: ml_collections is missing and .whl/ holds no wheel of it (python scripts/gpu/gpu_bundle.py)"
 fi
 
 # Preflight: a wrong backend stops everything, with one line and no row.
@@ -147,7 +147,7 @@ say "== preflight"
 t0=$(date +%s)
 limit=$((DEADLINE - RESERVE - t0))
 ((limit > 90)) && limit=90
-timeout -k 5 "$limit" "$PY" scripts/gpu_stages.py preflight --out="$OUT" --work="$WORK" --expect="$BACKEND" \
+timeout -k 5 "$limit" "$PY" scripts/gpu/gpu_stages.py preflight --out="$OUT" --work="$WORK" --expect="$BACKEND" \
   --data="$DATA" >"$WORK/preflight.out" 2>&1
 rc=$?
 cat "$WORK/preflight.out" >>"$LOG"
@@ -164,7 +164,7 @@ record preflight ok $(($(date +%s) - t0)) 0 ""
 
 if [[ -n $SMOKE && -z "${GPU_CHECK_DATA:-}" ]]; then  # 320 synthetic images in the bundle's format
   timeout -k 2 $((DEADLINE - RESERVE - $(date +%s) > 1 ? DEADLINE - RESERVE - $(date +%s) : 1)) \
-    "$PY" scripts/gpu_bundle.py --no_wheels --synthetic=320 --data_dir="$DATA" --budget_mib=2 --workers=1 \
+    "$PY" scripts/gpu/gpu_bundle.py --no_wheels --synthetic=320 --data_dir="$DATA" --budget_mib=2 --workers=1 \
     >>"$LOG" 2>&1 || say "gpu_check: the smoke's image bundle failed (see $LOG)"
 fi
 

@@ -1,14 +1,15 @@
-"""The stages of scripts/gpu_check.sh; each appends its rows to OUT/results.jsonl the moment it measures them.
+"""The stages of scripts/gpu/gpu_check.sh; each appends its rows to OUT/results.jsonl the moment it measures
+them.
 
-  python scripts/gpu_stages.py preflight --out=DIR --expect=gpu      # versions, devices; stops on a mismatch
-  python scripts/gpu_stages.py correctness --out=DIR                 # precision=highest losses vs the CPU's
-  python scripts/gpu_stages.py jax_step --out=DIR --deadline=T       # the step grid (scripts/benchmark.py)
-  python scripts/gpu_stages.py seeds --out=DIR --deadline=T          # k seeds in one run (bench_seeds.py)
-  python scripts/gpu_stages.py shake --out=DIR --deadline=T          # gated models' steps (bench_shake.py)
-  python scripts/gpu_stages.py train --out=DIR --deadline=T --data=.gpu_data   # cifar-jax on real images
-  python scripts/gpu_stages.py torch --out=DIR --deadline=T --mode=channels_last   # benchmark.py's torch
-  python scripts/gpu_stages.py summary --out=DIR                     # summary.md from results.jsonl
-  JAX_PLATFORMS=cpu python scripts/gpu_stages.py reference           # rewrites gpu_reference_losses.json
+  python scripts/gpu/gpu_stages.py preflight --out=DIR --expect=gpu   # versions, devices; stops on a mismatch
+  python scripts/gpu/gpu_stages.py correctness --out=DIR              # precision=highest losses vs the CPU's
+  python scripts/gpu/gpu_stages.py jax_step --out=DIR --deadline=T    # the step grid (benchmark.py step)
+  python scripts/gpu/gpu_stages.py seeds --out=DIR --deadline=T       # k seeds in one run: benchmark.py seeds
+  python scripts/gpu/gpu_stages.py shake --out=DIR --deadline=T       # gated models: benchmark.py shake
+  python scripts/gpu/gpu_stages.py train --out=DIR --deadline=T --data=.gpu_data   # cifar-jax on real images
+  python scripts/gpu/gpu_stages.py torch --out=DIR --deadline=T --mode=channels_last   # benchmark.py step
+  python scripts/gpu/gpu_stages.py summary --out=DIR                  # summary.md from results.jsonl
+  JAX_PLATFORMS=cpu python scripts/gpu/gpu_stages.py reference        # rewrites gpu_reference_losses.json
 
 Every row is one JSON line with `stage` and `status`: 'measured' (a measurement), 'skipped', 'failed',
 'timeout' or 'wrong_backend' (a cell that did not measure, and why), and gpu_check.sh's stage-end rows
@@ -32,15 +33,17 @@ import sys
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = os.path.join(ROOT, 'scripts')
+# The benchmark harness: every measurement here is one of its families.
+BENCHMARK = [sys.executable, os.path.join(SCRIPTS, 'benchmark.py')]
 RESULTS = 'results.jsonl'
 SKIPPED = 75  # a stage's exit status when it had too little time or nothing to run on (gpu_check.sh: skipped)
 SUMMARY = 'summary.md'
-REFERENCE = os.path.join(SCRIPTS, 'gpu_reference_losses.json')
+REFERENCE = os.path.join(SCRIPTS, 'gpu', 'gpu_reference_losses.json')
 STAGES = ('preflight', 'correctness', 'jax_step', 'seeds', 'shake', 'train', 'torch_eager', 'torch_compile')
 # The correctness check: ResNet9 at width 1/4, float32, XLA's convolutions, one step a call, on
-# benchmark.py's synthetic data (the trainer's own compiled Program), seed 0.
+# the step family's synthetic data (the trainer's own compiled Program), seed 0.
 CHECK = dict(model='resnet9', width=0.25, batch=32, steps=8, eval_images=256)
 PACKAGES = ('jax', 'jaxlib', 'jax-cuda13-plugin', 'jax-cuda12-plugin', 'flax', 'optax', 'orbax-checkpoint',
             'ml_collections', 'numpy', 'pillow', 'torch', 'tensorflow-datasets', 'tensorboardX')
@@ -342,7 +345,7 @@ def reference(args) -> None:
          f'{args.rtol / max(order, 1e-12):.0f}x the first, so that a GPU computing float32 in its own order '
          'passes and an error the size of bfloat16 rounding fails. TF32 (10 mantissa bits to bfloat16\'s 7, '
          'about 8x finer) is not what this checks: the default-precision run reports it.')
-  out = {'command': 'JAX_PLATFORMS=cpu python scripts/gpu_stages.py reference', 'check': CHECK,
+  out = {'command': 'JAX_PLATFORMS=cpu python scripts/gpu/gpu_stages.py reference', 'check': CHECK,
          'precision': 'highest', 'jax': jax.__version__, 'flax': _version('flax'),
          'machine': platform.processor() or platform.machine(),
          'date': datetime.date.today().isoformat(), **base,
@@ -355,7 +358,7 @@ def reference(args) -> None:
   print(json.dumps(out, indent=1))
 
 
-# the JAX step grid, and torch through benchmark.py -----------------------------------------------------
+# the JAX step grid, and torch: benchmark.py step ---------------------------------------------------
 
 
 def _cells(args):
@@ -363,7 +366,7 @@ def _cells(args):
 
 
 def _benchmark_cells(args, stage: str, variant: str, extra: list[str], framework: str) -> int:
-  """benchmark.py once per (dtype, batch) cell, a row for each as soon as it ends; the cells measured."""
+  """benchmark.py step once per (dtype, batch) cell, a row for each as soon as it ends; the cells measured."""
   measured = 0
   want = _jax_backend(args.expect) if framework == 'jax' else _torch_backend(args.expect)
   for dtype, batch in _cells(args):
@@ -377,7 +380,7 @@ def _benchmark_cells(args, stage: str, variant: str, extra: list[str], framework
     path = os.path.join(args.work, f'{stage}_{dtype}_{batch}.json')
     if os.path.exists(path):
       os.remove(path)
-    cmd = [sys.executable, os.path.join(SCRIPTS, 'benchmark.py'), 'step', f'--model={args.model}',
+    cmd = BENCHMARK + ['step', f'--model={args.model}',
            f'--width={args.width}', f'--batch={batch}', f'--dtype={dtype}', f'--windows={args.windows}',
            f'--steps={args.steps}', f'--json={path}'] + extra
     status, seconds, tail = run_logged(cmd, min(args.deadline, time.time() + args.cell_cap_s))
@@ -403,13 +406,14 @@ def _benchmark_cells(args, stage: str, variant: str, extra: list[str], framework
 
 
 def jax_step(args) -> None:
-  """The trainer's compiled step (benchmark.py's jax variant) for each dtype and batch."""
+  """The trainer's compiled step (benchmark.py step's jax variant) for each dtype and batch."""
   if not _benchmark_cells(args, 'jax_step', 'jax', ['--torch_modes='], 'jax'):
     sys.exit(1)
 
 
 def torch_stage(args) -> None:
-  """benchmark.py's torch variant `--mode` for each dtype and batch; skipped when torch lacks the device."""
+  """benchmark.py step's torch variant `--mode` for each dtype and batch; skipped when torch lacks the
+  device."""
   stage = 'torch_compile' if args.mode.startswith('compile') else 'torch_eager'
   pre = [r for r in read_rows(args.out) if r.get('stage') == 'preflight' and r.get('status') == 'measured']
   if pre and not pre[-1].get('torch_ok'):
@@ -424,10 +428,10 @@ def torch_stage(args) -> None:
 
 
 def seeds(args) -> None:
-  """bench_seeds.py for k in --seeds: a row for each k as soon as its run ends."""
+  """benchmark.py seeds for k in --seeds: a row for each k as soon as its run ends."""
   workdir = os.path.join(args.work, 'seeds')
   ks = [int(k) for k in args.seeds.split(',')]
-  cmd = [sys.executable, os.path.join(SCRIPTS, 'bench_seeds.py'), '--config=configs/one_cycle.py',
+  cmd = BENCHMARK + ['seeds', '--config=configs/one_cycle.py',
          f'--seeds={args.seeds}', f'--epochs={args.epochs}', '--rounds=1', f'--workdir={workdir}',
          f'--set=model.name={args.model}', f'--set=model.width_multiplier={args.width}',
          f'--set=batch_size={args.batch}', '--set=data.source=synthetic',
@@ -456,12 +460,12 @@ def seeds(args) -> None:
 
 
 def shake(args) -> None:
-  """bench_shake.py: images/s of each gated model (Shake-Shake-26 2xNd, ResNet18 + ShakeDrop) and its
+  """benchmark.py shake: images/s of each gated model (Shake-Shake-26 2xNd, ResNet18 + ShakeDrop) and its
   step against the same network without gates; a row per pair."""
   path = os.path.join(args.work, 'shake.json')
   if os.path.exists(path):
     os.remove(path)
-  cmd = [sys.executable, os.path.join(SCRIPTS, 'bench_shake.py'), f'--pairs={args.pairs}',
+  cmd = BENCHMARK + ['shake', f'--pairs={args.pairs}',
          f'--batch={args.batch}', f'--windows={args.windows}', f'--steps={args.steps}', f'--json={path}']
   status, seconds, tail = run_logged(cmd, args.deadline)
   if status != 'ok' or not os.path.isfile(path):
@@ -510,8 +514,8 @@ def train(args) -> None:
   sets their accuracies side by side."""
   manifest = os.path.join(args.data, 'manifest.json')
   if not os.path.isfile(manifest):
-    skip(args.out, {'stage': 'train', 'note': f'no {manifest}: run python scripts/gpu_bundle.py and carry '
-                                              '.gpu_data'})
+    skip(args.out, {'stage': 'train', 'note': f'no {manifest}: run python scripts/gpu/gpu_bundle.py and '
+                                              'carry .gpu_data'})
   with open(manifest) as f:
     bundle = json.load(f)
   count = bundle['count']
@@ -647,14 +651,14 @@ def summarize(out: str, stopped: str = '', started: float = 0.0, deadline_s: flo
   seed_rows = measured('seeds')
   if seed_rows:
     base = seed_rows[0]
-    lines += ['', '## Seeds in one run (bench_seeds.py, synthetic data)', '']
+    lines += ['', '## Seeds in one run (benchmark.py seeds, synthetic data)', '']
     lines += _table(['k', 'images/s, all seeds', 'per seed', 'epoch time vs k = 1', 'compile s'], [
         [r['k'], r['images_per_second'], r['per_seed'],
          f'{(r["k"] / r["images_per_second"]) / (base["k"] / base["images_per_second"]):.2f}x',
          _fmt(r.get('compile_s'), 1)] for r in seed_rows])
   shake_rows = measured('shake')
   if shake_rows:
-    lines += ['', '## Shake-Shake and ShakeDrop (bench_shake.py, the trainer\'s step, float32)', '']
+    lines += ['', '## Shake-Shake and ShakeDrop (benchmark.py shake, the trainer\'s step, float32)', '']
     lines += _table(['model', 'batch', 'images/s', 'step vs the same net without gates'], [
         [r['model'], r['batch'], r['images_per_second'], f'{r["gated_over_plain"]:.3f}x']
         for r in shake_rows])
@@ -689,7 +693,7 @@ def main():
   parser.add_argument('--work', default='/tmp/gpu_check_work', help='workdirs and scratch files')
   parser.add_argument('--deadline', type=float, default=float('inf'), help='Unix time to stop by')
   parser.add_argument('--expect', default='gpu', choices=('gpu', 'cpu'), help="JAX's backend")
-  parser.add_argument('--data', default='', help='the image bundle (scripts/gpu_bundle.py)')
+  parser.add_argument('--data', default='', help='the image bundle (scripts/gpu/gpu_bundle.py)')
   parser.add_argument('--model', default='resnet18')
   parser.add_argument('--width', type=float, default=1.0)
   parser.add_argument('--dtypes', default='float32,bfloat16')
@@ -699,9 +703,10 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   parser.add_argument('--min_cell_s', type=float, default=30.0)
   parser.add_argument('--cell_cap_s', type=float, default=120.0)
-  parser.add_argument('--mode', default='channels_last', help='torch: a benchmark.py torch mode')
+  parser.add_argument('--mode', default='channels_last', help='torch: a benchmark.py step torch mode')
   parser.add_argument('--seeds', default='1,4')
-  parser.add_argument('--pairs', default='shake_shake:96,resnet18:1', help='shake: bench_shake.py --pairs')
+  parser.add_argument('--pairs', default='shake_shake:96,resnet18:1',
+                      help='shake: benchmark.py shake --pairs')
   parser.add_argument('--epochs', type=int, default=2, help='seeds')
   parser.add_argument('--train_size', type=int, default=12800, help='seeds: synthetic images')
   parser.add_argument('--eval_size', type=int, default=5000, help='train: images held out, at least')

@@ -12,7 +12,7 @@ Each (corruption, severity) runs on one of the images with numpy's global Random
 case's seed (the script's draws: np.random.normal, uniform, randint, poisson), and scikit-image's
 `random_noise` (impulse noise) given `rng=seed`; the test replays the same draws from the seed.
 
-  python scripts/corruption_fixture.py --reference /tmp/ref/ref_patched.py \
+  python scripts/maintainers/corruption_fixture.py --reference /tmp/ref/ref_patched.py \
       --frost_dir /tmp/ref/ic/imagecorruptions/frost --data ../shared/data/cifar10/cifar10_train.npz
 """
 
@@ -25,13 +25,13 @@ import sys
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
 
 from cifar_jax import corruptions  # noqa: E402
 
 IMAGES = (0, 1, 2, 3, 4, 5)  # of the training set
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tests', 'fixtures',
-                   'cifar10_c_reference.npz')
+OUT = os.path.join(ROOT, 'tests', 'fixtures', 'cifar10_c_reference.npz')
 
 
 def case_seed(corruption: int, severity: int) -> int:

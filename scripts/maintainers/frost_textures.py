@@ -6,7 +6,7 @@ package reads neither the files nor their decoders at run time. The files: the `
 (PyPI, Apache-2.0; the ImageNet-C frost images of hendrycks/robustness, Apache-2.0), e.g.
 
   pip download --no-deps imagecorruptions==1.1.2 -d /tmp/ic && unzip -o /tmp/ic/*.whl -d /tmp/ic
-  python scripts/frost_textures.py /tmp/ic/imagecorruptions/frost
+  python scripts/maintainers/frost_textures.py /tmp/ic/imagecorruptions/frost
 """
 
 import argparse
@@ -15,7 +15,7 @@ import os
 import cv2
 import numpy as np
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'cifar_jax',
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), 'cifar_jax',
                    'frost_textures.npz')
 FILES = ('frost1.png', 'frost2.png', 'frost3.png', 'frost4.jpg', 'frost5.jpg')
 

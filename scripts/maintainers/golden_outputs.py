@@ -1,7 +1,7 @@
 """Golden outputs of tiny training runs: hashes that a refactor of the trainer must leave bitwise unchanged.
 
-  python scripts/golden_outputs.py --out=/tmp/golden_before.json      # on the old tree
-  python scripts/golden_outputs.py --out=/tmp/golden_after.json --compare=/tmp/golden_before.json
+  python scripts/maintainers/golden_outputs.py --out=/tmp/golden_before.json      # on the old tree
+  python scripts/maintainers/golden_outputs.py --out=/tmp/golden_after.json --compare=/tmp/golden_before.json
 
 Each case trains configs/tiny.py (ResNet9 at width 1/8 on 200 synthetic images) in a
 subprocess of its own, with the device count it needs, through the public `train.train_and_evaluate`, and
@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 EIGEN_CONVOLUTIONS = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 FIXTURE_STEP = 6
 CASES = {  # name: (device count, config changes)
