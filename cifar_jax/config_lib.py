@@ -86,7 +86,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _choice(config.data.source, 'data.source', input_pipeline.SOURCES)
   if config.data.source in ('npz', 'cifar10_python', 'images'):
     what = {'npz': 'an .npz file with x_train, y_train', 'cifar10_python': 'the cifar-10-batches-py folder',
-            'images': 'the folder scripts/gpu_bundle.py writes (.gpu_data)'}[config.data.source]
+            'images': 'the folder scripts/gpu/gpu_bundle.py writes (.gpu_data)'}[config.data.source]
     _require(bool(config.data.path), f'data.path must be set for data.source={config.data.source}: {what}')
   _require(config.data.validation_size >= 0,
            f'data.validation_size must be >= 0, got {config.data.validation_size}')

@@ -31,7 +31,7 @@ from cifar_jax import steps
 from cifar_jax import swa
 from cifar_jax import swag
 
-# Auto `steps_per_dispatch` on the CPU (scripts/bench_dispatch.py, BENCHMARKS.md).
+# Auto `steps_per_dispatch` on the CPU (BENCHMARKS.md; scripts/bench_dispatch.py measured it: see git).
 CPU_STEPS_PER_DISPATCH = 8
 # Compiled functions are named FUNCTION_PREFIX + their ARG_KINDS name (in XLA's logs and compile events).
 FUNCTION_PREFIX = 'cifar_jax_'

@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.drop_connect_rate = 0.2  # efficientnet_lite0: block i of 16 drops its branch at rate * i / 16
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tfds'  # tfds | npz | cifar10_python | images (scripts/gpu_bundle.py) | synthetic
+  config.data.source = 'tfds'  # tfds | npz | cifar10_python | images (scripts/gpu/gpu_bundle.py) | synthetic
   config.data.data_dir = ''  # tfds: where the dataset is prepared ('' = TFDS's default)
   config.data.path = ''  # npz: the file; cifar10_python: the cifar-10-batches-py folder; images: the folder
   config.data.validation_size = 0  # > 0: hold out this many from the end of train, evaluate on them
