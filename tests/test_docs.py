@@ -32,8 +32,10 @@ SHELL_LANGUAGES = ('', 'sh', 'bash', 'shell', 'console')
 # Words that run the command after them, with how many operands they take (`flock -s FILE cmd`, `taskset -c 1
 # cmd`, `timeout 60 cmd`), and their options that take a value (`nice -n 5`).
 WRAPPERS = {'flock': 1, 'taskset': 1, 'timeout': 1, 'nice': 0, 'env': 0, 'time': 0, 'do': 0, 'then': 0,
-            'exec': 0, 'nohup': 0}
+            'exec': 0, 'nohup': 0, 'srun': 0}
 WRAPPER_OPTIONS_WITH_VALUES = {'nice': ('-n',), 'timeout': ('-s', '-k'), 'flock': ('-w', '-E')}
+# srun's options are `--name=value` or take the next word, except these.
+SRUN_OPTIONS_WITHOUT_VALUES = ('--unbuffered', '-u', '--label', '-l', '--exclusive', '--overlap', '--pty')
 SHELL_OPERATORS = (';', '&', '&&', '|', '||', '(', ')')
 # Flags every absl program has; argparse's help.
 ABSL_FLAGS = {'--help', '--helpshort', '--helpfull', '--helpxml', '--flagfile', '--logtostderr',
@@ -110,7 +112,9 @@ def _unwrap(argv):
       operands = WRAPPERS[wrapper]
       while argv and argv[0].startswith('-'):
         option = argv.pop(0)
-        if option in WRAPPER_OPTIONS_WITH_VALUES.get(wrapper, ()) and argv:
+        takes_value = (option in WRAPPER_OPTIONS_WITH_VALUES.get(wrapper, ()) or
+                       wrapper == 'srun' and '=' not in option and option not in SRUN_OPTIONS_WITHOUT_VALUES)
+        if takes_value and argv:
           argv.pop(0)
       del argv[:operands]
     else:
@@ -180,6 +184,8 @@ def check_cifar_jax(args):
   if not config_arg:
     raise DocError('no --config=FILE')
   path = config_arg.split(':', 1)[0]
+  if '$' in path:  # a loop over configs (`--config=configs/$name.py`): the shell picks the file
+    return
   if not os.path.isfile(os.path.join(ROOT, path)):
     raise DocError(f'--config={config_arg}: no such file')
   # A value that the shell fills in ($DT, $id) can only have its field name checked.
@@ -421,11 +427,13 @@ def test_the_check_finds_mistakes(command, message):
 def test_commands_are_read_as_the_shell_reads_them():
   text = ('```sh\nJAX_PLATFORMS=cpu flock -s /tmp/l .venv/bin/python scripts/sweep.py --seeds=3 \\\n'
           '  --workdir=runs/x   # a comment\nfor id in 0 1; do\n  cifar-jax --config=c.py --a=$id &\n'
-          'done; wait\nmake test   # the tests\n```\n```python\ncifar-jax --not=a_command\n```\n')
+          'done; wait\nmake test   # the tests\nsrun --gpus=1 -n 2 --unbuffered cifar-jax --config=d.py\n'
+          '```\n```python\ncifar-jax --not=a_command\n```\n')
   commands = [argv for _, argv in shell_commands(text)]
   assert ['.venv/bin/python', 'scripts/sweep.py', '--seeds=3', '--workdir=runs/x'] in commands
   assert ['cifar-jax', '--config=c.py', '--a=$id'] in commands
   assert ['make', 'test'] in commands
+  assert ['cifar-jax', '--config=d.py'] in commands
   assert not any('--not=a_command' in argv for argv in commands)
 
 
