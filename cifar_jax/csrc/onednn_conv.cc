@@ -151,6 +151,12 @@ struct Entry {
   memory::desc scratchpad;
   bool reorder_weights = false;
   reorder weights_reorder;  // HWIO -> `weights` (forward, backward data), or back (weights)
+  std::string impl;  // oneDNN's name of the implementation it picked (jit_dw:avx512_core, ...)
+  // A bfloat16 grouped convolution for which oneDNN picked no depthwise kernel: it runs as float32
+  // (`Widened`) instead. oneDNN 3.2's bfloat16 picks there (a generic grouped kernel for 5x5 kernel
+  // gradients, AMX's strided brgconv for stride-2 data gradients) are 2-4x slower than its float32
+  // depthwise ones (BENCHMARKS.md, "Depthwise convolutions").
+  bool widen = false;
 };
 
 std::mutex cache_mutex;
@@ -173,18 +179,30 @@ convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
 
 // The primitive for `kind` and `g`, built for the calling thread's OpenMP thread count (oneDNN splits
 // its work for that many threads, so the count is part of the key).
+std::shared_ptr<Entry> Build(const std::string& k, const Geometry& g);
+
 std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
   std::string key = g.Key(kind, omp_get_max_threads());
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto it = Cache().find(key);
   if (it != Cache().end()) return it->second;
+  std::shared_ptr<Entry> entry = Build(kind, g);
+  if (g.type == dt::bf16 && g.groups > 1 && entry->impl.find("dw") == std::string::npos) {
+    entry = std::make_shared<Entry>();
+    entry->widen = true;
+  }
+  Cache()[key] = entry;
+  return entry;
+}
 
+// The primitive of `k` ("fwd", "bwd_data", "bwd_weights") for `g`, with its kernel reorder.
+std::shared_ptr<Entry> Build(const std::string& k, const Geometry& g) {
   auto entry = std::make_shared<Entry>();
   memory::desc hwio = g.Hwio();
-  std::string k(kind);
   if (k == "fwd") {
     auto pd = ForwardDesc(g);
     entry->conv = convolution_forward(pd);
+    entry->impl = pd.impl_info_str();
     entry->weights = pd.weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
   } else if (k == "bwd_data") {
@@ -192,6 +210,7 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
         CpuEngine(), algorithm::convolution_direct, g.Src(), g.Weights(tag::any), g.Dst(),
         g.Strides(), g.PadL(), g.PadR(), ForwardDesc(g), UserScratchpad());
     entry->conv = convolution_backward_data(pd);
+    entry->impl = pd.impl_info_str();
     entry->weights = pd.weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
   } else {
@@ -205,6 +224,7 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
         CpuEngine(), algorithm::convolution_direct, g.Src(), diff_weights, g.Dst(), g.Strides(),
         g.PadL(), g.PadR(), ForwardDesc(g), UserScratchpad());
     entry->conv = convolution_backward_weights(pd);
+    entry->impl = pd.impl_info_str();
     entry->weights = pd.diff_weights_desc();
     entry->scratchpad = pd.scratchpad_desc();
   }
@@ -216,13 +236,12 @@ std::shared_ptr<Entry> Lookup(const char* kind, const Geometry& g) {
                                  : reorder(reorder::primitive_desc(CpuEngine(), hwio, CpuEngine(),
                                                                    entry->weights));
   }
-  Cache()[key] = entry;
   return entry;
 }
 
 // A thread's own buffers (the blocked kernel, the scratchpad), grown as needed and kept between calls.
 void* ThreadBuffer(int which, size_t bytes) {
-  thread_local std::vector<char> buffers[2];
+  thread_local std::vector<char> buffers[5];
   std::vector<char>& buffer = buffers[which];
   if (buffer.size() < bytes + 64) buffer.resize(bytes + 64);
   // 64-byte aligned, as oneDNN prefers for its blocked layouts.
@@ -232,8 +251,11 @@ void* ThreadBuffer(int which, size_t bytes) {
 // Runs one convolution of `kind` with `act` (the NHWC tensor on the input side: src or diff_src) and
 // `out_side` (the NHWC tensor on the output side: dst or diff_dst); `kernel` is the HWIO kernel (or diff
 // kernel). Uses the calling thread's OpenMP thread count.
+void Widened(const char* kind, const Geometry& g, void* act, void* out_side, void* kernel);
+
 void RunOne(const char* kind, const Geometry& g, void* act, void* out_side, void* kernel) {
   std::shared_ptr<Entry> entry = Lookup(kind, g);
+  if (entry->widen) return Widened(kind, g, act, out_side, kernel);
   engine& eng = CpuEngine();
   stream s(eng);
   memory act_mem(g.Src(), eng, act);
@@ -265,6 +287,34 @@ void RunOne(const char* kind, const Geometry& g, void* act, void* out_side, void
     if (entry->reorder_weights) entry->weights_reorder.execute(s, weights_mem, hwio_mem);
   }
   s.wait();
+}
+
+// `count` elements from `from` (of type `a`) to `to` (of type `b`), rounding to nearest even into bfloat16.
+void Convert(void* from, dt a, void* to, dt b, int64_t count, stream& s) {
+  memory::desc da({count}, a, tag::a), db({count}, b, tag::a);
+  memory ma(da, CpuEngine(), from), mb(db, CpuEngine(), to);
+  reorder(reorder::primitive_desc(CpuEngine(), da, CpuEngine(), db)).execute(s, ma, mb);
+  s.wait();
+}
+
+// A bfloat16 call run as float32 (`Entry::widen`): the inputs widened exactly into this thread's buffers,
+// the float32 convolution, its result rounded once to bfloat16, as the bfloat16 primitive would.
+void Widened(const char* kind, const Geometry& g, void* act, void* out_side, void* kernel) {
+  Geometry g32 = g;
+  g32.type = dt::f32;
+  stream s(CpuEngine());
+  void* act32 = ThreadBuffer(2, g.SrcSize() * 4);
+  void* out32 = ThreadBuffer(3, g.DstSize() * 4);
+  void* kernel32 = ThreadBuffer(4, g.WeightsSize() * 4);
+  std::string k(kind);
+  // Inputs: fwd reads src and weights; bwd_data diff_dst and weights; bwd_weights src and diff_dst.
+  if (k != "bwd_data") Convert(act, dt::bf16, act32, dt::f32, g.SrcSize(), s);
+  if (k != "fwd") Convert(out_side, dt::bf16, out32, dt::f32, g.DstSize(), s);
+  if (k != "bwd_weights") Convert(kernel, dt::bf16, kernel32, dt::f32, g.WeightsSize(), s);
+  RunOne(kind, g32, act32, out32, kernel32);
+  if (k == "fwd") Convert(out32, dt::f32, out_side, dt::bf16, g.DstSize(), s);
+  if (k == "bwd_data") Convert(act32, dt::f32, act, dt::bf16, g.SrcSize(), s);
+  if (k == "bwd_weights") Convert(kernel32, dt::f32, kernel, dt::bf16, g.WeightsSize(), s);
 }
 
 // XLA:CPU may run independent thunks at once (a layer's backward-data and backward-weights calls);
