@@ -20,6 +20,7 @@ Preemption, time limits and requeues, all resumed from the checkpoint:
 import contextlib
 import dataclasses
 import fcntl
+import getpass
 import json
 import os
 import pickle
@@ -208,7 +209,7 @@ def slurm_job_states(env=None) -> dict[str, str]:
   """squeue's state of each of this user's jobs still queued or running, one entry per array task."""
   if shutil.which('squeue', path=(env or os.environ).get('PATH')) is None:
     return {}
-  out = _slurm_command(['squeue', '--me', '-h', '-r', '-o', '%i|%T'], env)
+  out = _slurm_command(['squeue', '-u', getpass.getuser(), '-h', '-r', '-o', '%i|%T'], env)
   return dict(line.split('|', 1) for line in out.split() if '|' in line)
 
 

@@ -305,13 +305,14 @@ def plan(config_paths: list[str], seeds: int, overrides: list[str], workdir: str
 
 
 def train_inline(rows: list[dict]) -> None:
-  """Trains every row's runs one after another in this process (a data error stops only that row)."""
+  """Trains every row's runs one after another in this process (a data or config error found while
+  training, such as a workdir another run holds, stops only that row)."""
   from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   for row in rows:
     for run in row['runs']:
       try:
         print(f'{run.workdir}: {train_config(run.config, run.workdir)}', flush=True)
-      except input_pipeline.DataError as e:
+      except (ConfigError, input_pipeline.DataError) as e:
         print(f'{run.workdir}: skipped: {e}', flush=True)
         row['error'] = f'error: {e}'.replace('|', '/')
         break

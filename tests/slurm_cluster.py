@@ -26,7 +26,7 @@ START_TIMEOUT_S = 60
 
 SLURM_CONF = '''\
 ClusterName=cifarjax
-SlurmctldHost={host}
+SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
 SlurmctldPort={ctld_port}
@@ -54,7 +54,7 @@ ReturnToService=2
 KillWait=30
 MinJobAge=60
 SchedulerParameters=sched_interval=1
-NodeName={host} CPUs={cpus} RealMemory=4096 State=UNKNOWN
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=4096 State=UNKNOWN
 PartitionName={partition} Nodes={host} Default=YES MaxTime=INFINITE State=UP
 '''
 
