@@ -16,7 +16,7 @@ sweep can be split (`--configs=...` per session, `--train=False` to only tabulat
 On a cluster (docs/cluster.md): `--executor=slurm` submits the runs as one SLURM job array through submitit
 (cifar_jax/cluster.py), each task one run in its own workdir as above, and returns; `--wait` blocks until
 the array has ended and tabulates. `--seeds_per_task=m` splits each config's seeds into runs of m seeds
-(WORKDIR/<config name>/seeds_<first>-<last>; seed s trains as in one k-seed run). Run again, the command
+(WORKDIR/<config name>/seeds_<first>-<last>: the seeds one k-seed run trains). Run again, the command
 keeps finished runs, submits failed ones again and never a run that SLURM still has queued or running;
 `--train=False` tabulates at any time, marking the runs that have not finished.
 
@@ -296,6 +296,8 @@ def plan(config_paths: list[str], seeds: int, overrides: list[str], workdir: str
       config.num_seeds = seeds
       config_lib.validate(config)
       row['runs'] = config_runs(name, config, seeds, seeds_per_task, workdir)
+      for run in row['runs']:  # a seed chunk's num_seeds, too
+        config_lib.validate(run.config)
     except config_lib.ConfigError as e:
       print(f'{os.path.join(workdir, name)}: skipped: {e}', flush=True)
       row['error'] = f'error: {e}'.replace('|', '/')
