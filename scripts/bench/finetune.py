@@ -6,17 +6,21 @@ training steps on CIFAR-size images resized on the device, full fine-tune or lin
 Variants (`VARIANTS`: a name and the function that builds its step), each in its own worker process:
   jax            the trainer's jitted `steps.train_step` with `builders.create_optimizer` (the config's stage
                  groups), the model's convolutions as `cifar-jax` picks them (`builders.conv_impl`: oneDNN on
-                 one CPU device; depthwise ones stay XLA's)
+                 one CPU device, depthwise ones included); with --micro_batches > 1 the trainer's
+                 `steps.train_step_micro_batches`
+  jax_bf16       the same with model.dtype=bfloat16 (mixed precision)
   torch          the torch twin (`torch_models.finetune`: the package's / torchvision-named model behind the
                  same input transform, the same param groups), eager, NCHW
   torch_cl       the same in torch.channels_last
+  torch_autocast, torch_cl_autocast   the two under torch.autocast('cpu', torch.bfloat16)
 A window is --warmup untimed steps (the first window's include the compile) then --steps timed ones; the
 variants take turns window by window. With --windows=1 (the default) that is the measurement
 scripts/bench_finetune.py made: each variant warmed up, then --steps steps timed, one after the other.
 Reports images/s of wall time, images per CPU-second of the worker (the second is steadier on a shared
 machine: other jobs' load slows the first), medians over the windows, and each worker's peak resident set
 (ru_maxrss: the torch worker's includes JAX, which the torch twin imports; the JAX worker does not import
-torch).
+torch), with the step's own share: the peak less the resident set before the first step (model, state
+and batch built), which leaves the imports of either framework out.
 
 To add a variant, add an entry to VARIANTS: a function (args, images, labels) -> (one_step, label) where
 one_step() runs one training step to completion and label names the row (None: the variant's name).
@@ -38,15 +42,18 @@ def add_flags(parser) -> None:
   parser.add_argument('--warmup', type=int, default=2, help='untimed steps at the start of every window')
   parser.add_argument('--windows', type=int, default=1, help='timed windows per variant, taking turns')
   parser.add_argument('--probe', action='store_true', help='linear probe (frozen backbone and BatchNorm)')
+  parser.add_argument('--micro_batches', type=int, default=1,
+                      help='jax variants: optimizer.micro_batches (gradient accumulation in the step)')
   parser.add_argument('--variants', default='jax,torch,torch_cl', help='comma-separated names of VARIANTS')
   parser.add_argument('--json', default='')
 
 
-def _config(args):
+def _config(args, dtype: str = 'float32'):
   from configs import default  # pylint: disable=g-import-not-at-top
 
   config = default.get_config()
   config.model.name = args.model
+  config.model.dtype = dtype
   config.model.image_size = args.image_size
   config.optimizer.lr = 0.01
   if args.probe:
@@ -55,7 +62,7 @@ def _config(args):
   return config
 
 
-def jax_step(args, images, labels):
+def jax_step(args, images, labels, dtype: str = 'float32'):
   """The trainer's jitted train step (state donated) on one fixed batch."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -63,12 +70,16 @@ def jax_step(args, images, labels):
   from cifar_jax import builders  # pylint: disable=g-import-not-at-top
   from cifar_jax import steps  # pylint: disable=g-import-not-at-top
 
-  config = _config(args)
+  config = _config(args, dtype)
   model = builders.create_model(config.model)
   params, batch_stats = builders.initialized(jax.random.PRNGKey(0), model)
   state = steps.TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats,
                                   tx=builders.create_optimizer(config, config.optimizer.lr))
-  step = jax.jit(steps.train_step, donate_argnums=0)
+  if args.micro_batches > 1:
+    step = jax.jit(functools.partial(steps.train_step_micro_batches, micro_batches=args.micro_batches),
+                   donate_argnums=0)
+  else:
+    step = jax.jit(steps.train_step, donate_argnums=0)
   batch = (jnp.asarray(images), jnp.asarray(labels))
   rngs = {'shake': jax.random.PRNGKey(1)}
   holder = [state]
@@ -77,10 +88,11 @@ def jax_step(args, images, labels):
     holder[0], metrics = step(holder[0], batch, rngs=rngs)
     jax.block_until_ready(metrics)
 
-  return one, f'jax ({model.conv_impl} convolutions)'
+  micro = f', {args.micro_batches} micro-batches' if args.micro_batches > 1 else ''
+  return one, f'jax {dtype} ({model.conv_impl} convolutions{micro})'
 
 
-def torch_step(args, images, labels, channels_last: bool = False):
+def torch_step(args, images, labels, channels_last: bool = False, autocast: bool = False):
   """The torch twin's eager train step (SGD with the same param groups) on one fixed batch."""
   import torch  # pylint: disable=g-import-not-at-top
 
@@ -98,18 +110,23 @@ def torch_step(args, images, labels, channels_last: bool = False):
     x = x.contiguous(memory_format=torch.channels_last)
 
   def one():
-    loss = torch.nn.functional.cross_entropy(model(x), y)
+    with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+      loss = torch.nn.functional.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
 
-  return one, None
+  layout = 'channels_last' if channels_last else 'eager NCHW'
+  return one, f'torch {"autocast bfloat16" if autocast else "float32"} ({layout})'
 
 
 VARIANTS = {
     'jax': jax_step,
+    'jax_bf16': functools.partial(jax_step, dtype='bfloat16'),
     'torch': torch_step,
     'torch_cl': functools.partial(torch_step, channels_last=True),
+    'torch_autocast': functools.partial(torch_step, autocast=True),
+    'torch_cl_autocast': functools.partial(torch_step, channels_last=True, autocast=True),
 }
 
 
@@ -137,7 +154,7 @@ def worker(args) -> None:
     wall, cpu = _timed(one, args.steps)
     return {'wall': wall, 'cpu': cpu}
 
-  harness.serve({'label': label or args.worker}, {'train': window})
+  harness.serve({'label': label or args.worker, 'baseline_rss_mb': harness.peak_rss_mb()}, {'train': window})
 
 
 def _variants(args) -> list[str]:
@@ -151,7 +168,8 @@ def _variants(args) -> list[str]:
 def main(args) -> None:
   names = _variants(args)
   flags = [f'--model={args.model}', f'--image_size={args.image_size}', f'--batch={args.batch}',
-           f'--steps={args.steps}', f'--warmup={args.warmup}'] + (['--probe'] if args.probe else [])
+           f'--steps={args.steps}', f'--warmup={args.warmup}', f'--micro_batches={args.micro_batches}'
+           ] + (['--probe'] if args.probe else [])
   n = args.steps * args.batch
   with harness.workers({v: harness.worker_command('finetune', v, flags) for v in names}) as procs:
 
@@ -164,18 +182,22 @@ def main(args) -> None:
     times = harness.alternate(names, args.windows, lambda v: procs[v].ask('train'), on_window=on_window)
     memory = {v: procs[v].finish() for v in names}
     labels = {v: procs[v].ready['label'] for v in names}
+    baselines = {v: procs[v].ready['baseline_rss_mb'] for v in names}
   rows = []
   for v in names:
     wall = harness.median(t['wall'] for t in times[v])
     cpu = harness.median(t['cpu'] for t in times[v])
     rows.append({'variant': labels[v], 'images_per_second': n / wall, 'images_per_cpu_second': n / cpu,
-                 'peak_rss_mb': memory[v]['peak_rss_mb'],
+                 'peak_rss_mb': memory[v]['peak_rss_mb'], 'baseline_rss_mb': baselines[v],
+                 'step_rss_mb': memory[v]['peak_rss_mb'] - baselines[v],
                  'windows_images_per_second': [n / t['wall'] for t in times[v]]})
   what = 'linear probe' if args.probe else 'full'
   fp = harness.fingerprint()
   print(f'\n{args.model} at {args.image_size} px, batch {args.batch}, {what}; {args.steps} steps x '
         f'{args.windows} window(s), medians; {harness.describe(fp)}\n')
   print(harness.markdown_table(
-      ['variant', 'images/s', 'images per CPU-second', 'peak RSS (MiB)'],
-      [[r['variant'], r['images_per_second'], r['images_per_cpu_second'], r['peak_rss_mb']] for r in rows]))
+      ['variant', 'images/s', 'images per CPU-second', 'peak RSS (MiB)', 'before the first step (MiB)',
+       'the step: peak less before (MiB)'],
+      [[r['variant'], r['images_per_second'], r['images_per_cpu_second'], r['peak_rss_mb'],
+        r['baseline_rss_mb'], r['step_rss_mb']] for r in rows]))
   harness.write_json(args.json, {'args': harness.flag_values(args), 'rows': rows, 'fingerprint': fp})
