@@ -22,6 +22,7 @@ import dataclasses
 import fcntl
 import getpass
 import json
+import logging as pylogging
 import os
 import pickle
 import shutil
@@ -97,6 +98,7 @@ class TrainTask(submitit.helpers.Checkpointable):
 
   def __call__(self, run: Run) -> str:
     logging.set_verbosity(logging.INFO)
+    pylogging.getLogger('absl').addFilter(_quiet_checkpointer)
     cpu_backend.configure(run.config)  # before JAX starts, as cifar-jax does
     parallel.initialize_distributed(run.config.distributed)  # a job of several tasks: one run
     with _Usr2StopsTraining() as usr2:
@@ -108,6 +110,11 @@ class TrainTask(submitit.helpers.Checkpointable):
           usr2.requeue()  # submitit's handler: dumps self.checkpoint(run), scontrol requeue, exits
         raise SystemExit(128 + e.signum) from None  # no result: the requeued task runs this call again
     return run.workdir
+
+
+def _quiet_checkpointer(record) -> bool:
+  """Leaves orbax's INFO lines (a dozen a checkpoint) out of the task's log, as cifar-jax does."""
+  return record.levelno >= pylogging.WARNING or '/orbax/' not in record.pathname
 
 
 class _Usr2StopsTraining:
