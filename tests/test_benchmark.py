@@ -4,6 +4,7 @@ end to end at a tiny size: the JSON it writes and its throughputs."""
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -63,6 +64,8 @@ def test_fingerprint_reads_the_cpu_model_flags_and_memory():
   fp = harness.fingerprint()
   assert fp['cores'] == os.cpu_count() and fp['jax'] and set(fp['cpu_flags']) == set(harness.CPU_FLAGS)
   assert fp['date'].startswith('20') and fp['date'].endswith('+00:00')
+  if fp['torch']:  # read from the header torch's wheel ships, without importing torch
+    assert re.fullmatch(r'\d+\.\d+\.\d+', fp['torch_onednn']), fp['torch_onednn']
   assert fp['cpu_model'] in harness.describe(fp)
 
 

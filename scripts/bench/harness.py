@@ -11,6 +11,7 @@ turn window by window (`alternate`), so a noisy or shared machine slows every va
 import contextlib
 import datetime
 import importlib.metadata
+import importlib.util
 import json
 import os
 import platform
@@ -211,13 +212,13 @@ def memory_gib(text: str) -> float | None:
 
 
 def torch_onednn_version() -> str | None:
-  """The oneDNN torch bundles (its build configuration names it), without importing torch here."""
-  if not version('torch'):
+  """The oneDNN torch bundles, from the header its wheel ships (importing torch would take seconds)."""
+  spec = importlib.util.find_spec('torch') if version('torch') else None
+  if not spec or not spec.origin:
     return None
-  proc = subprocess.run([sys.executable, '-c', 'import torch; print(torch.__config__.show())'],
-                        capture_output=True, text=True, check=False)
-  found = re.search(r'(?:MKL-DNN|oneDNN) v([\d.]+)', proc.stdout)
-  return found.group(1) if found else None
+  header = _read(os.path.join(os.path.dirname(spec.origin), 'include', 'oneapi', 'dnnl', 'dnnl_version.h'))
+  parts = [re.search(rf'#define DNNL_VERSION_{p} (\d+)', header) for p in ('MAJOR', 'MINOR', 'PATCH')]
+  return '.'.join(m.group(1) for m in parts) if all(parts) else None
 
 
 def _read(path: str) -> str:
