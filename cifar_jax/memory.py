@@ -84,9 +84,12 @@ def available_bytes(device=None) -> tuple[int, str] | None:
 
 
 def resident_bytes(arrays) -> int:
-  """The bytes of `arrays` already placed on this process's devices (the dataset the step reads): the
-  plan counts them, and the available memory already lacks them."""
-  return sum(shard.data.nbytes for x in jax.tree.leaves(arrays) for shard in x.addressable_shards)
+  """The bytes of `arrays` already placed (the dataset the step reads): the plan counts them, and the
+  available memory already lacks them. On the CPU every device's copy (one host memory), else one
+  device's (each GPU is checked on its own)."""
+  devices = jax.local_devices()
+  total = sum(shard.data.nbytes for x in jax.tree.leaves(arrays) for shard in x.addressable_shards)
+  return total if devices[0].platform == 'cpu' else total // len(devices)
 
 
 def shard_bytes(tree) -> int:

@@ -27,6 +27,8 @@ if ROOT not in sys.path:
 from cifar_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import lr_curves  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import lr_find  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import memory  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import steps  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -240,6 +242,25 @@ def test_four_devices_in_micro_batches_match_one_device(tmp_path):
       for key, value in want.items():
         np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-5,
                                    err_msg=f"{run['parallelism']} {key}")
+
+
+def test_the_lr_range_test_steps_in_micro_batches():
+  """`--mode=lr_find` runs the Program's train call, so its steps accumulate too: without BatchNorm the
+  losses of 2 micro-batches are the whole batch's (up to rounding), with BatchNorm they differ."""
+  def losses(norm, micro_batches):
+    config = tiny.get_config()
+    config.model.norm = norm
+    config.data.synthetic_train_size = 128
+    config.optimizer.micro_batches = micro_batches
+    config.lr_find.start_lr, config.lr_find.end_lr = 1e-3, 0.3
+    config.lr_find.num_steps = lr_curves.MIN_STEPS
+    return np.array(lr_find.range_test(config, '', write=False)['per_seed'][0]['raw_loss'])
+
+  group_norm = [losses('group_ws', n) for n in (1, 2)]
+  assert len(group_norm[0]) == lr_curves.MIN_STEPS
+  np.testing.assert_allclose(group_norm[1], group_norm[0], rtol=1e-4)
+  batch_norm = [losses('batch', n) for n in (1, 2)]
+  assert np.max(np.abs(batch_norm[1] - batch_norm[0])) > 1e-3
 
 
 # Settings ------------------------------------------------------------------------------------------------
