@@ -81,7 +81,8 @@ def auto_device_count(config, cores: int | None = None) -> int:
   Auto keeps one device for pmap, for multi-process runs (their processes share the host's cores), for
   several seeds in one run (their CPU throughput in BENCHMARKS.md is measured on one device; set
   cpu_devices to split them), for oneDNN's convolutions (`uses_onednn`) and when the batch does not
-  split; otherwise it takes the largest count up to the cores that divides `batch_size`.
+  split; otherwise it takes the largest count up to the cores that divides `batch_size` (and each
+  micro-batch, `optimizer.micro_batches`).
   """
   if config.get('cpu_devices', 0) > 0:
     return config.cpu_devices
@@ -93,7 +94,8 @@ def auto_device_count(config, cores: int | None = None) -> int:
   if uses_onednn(config):
     return 1
   count = cores
-  while count > 1 and config.batch_size % count:
+  micro_batch = config.batch_size // max(config.optimizer.get('micro_batches', 1), 1)
+  while count > 1 and (config.batch_size % count or micro_batch % count):
     count -= 1
   return count
 

@@ -26,6 +26,7 @@ if ROOT not in sys.path:
 
 from cifar_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import input_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import lr_curves  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import lr_find  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -281,6 +282,17 @@ def test_bad_micro_batches_are_one_line(value, fragments):
     config_lib.validate(config)
   for fragment in fragments:
     assert fragment in str(error.value)
+
+
+def test_automatic_cpu_devices_split_each_micro_batch():
+  """cpu_devices=0 (one per core where the batch splits) counts the micro-batch: 96 in 32 micro-batches of
+  3 splits over 3 devices of 4 cores, not 4 (as batch 96 alone would)."""
+  config = tiny.get_config()
+  config.model.conv, config.batch_size = 'xla', 96
+  assert cpu_backend.auto_device_count(config, cores=4) == 4
+  config.optimizer.micro_batches = 32
+  assert cpu_backend.auto_device_count(config, cores=4) == 3
+  config_lib.validate_devices(config, 3)
 
 
 def test_micro_batches_must_split_over_the_devices():
