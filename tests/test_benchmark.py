@@ -1,6 +1,7 @@
 """scripts/benchmark.py: the harness every family shares (scripts/bench/harness.py), and the step family
 end to end at a tiny size: the JSON it writes and its throughputs."""
 
+import argparse
 import json
 import math
 import os
@@ -172,3 +173,38 @@ def test_benchmark_runs_both_dtypes_in_the_same_windows(tmp_path):
   bad = subprocess.run([sys.executable, BENCHMARK, 'step', '--dtype=float16'],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False)
   assert bad.returncode == 2 and '--dtype' in bad.stderr
+
+
+def test_conv_layers_reads_dense_and_depthwise_layer_specs():
+  from bench import conv_layers  # pylint: disable=g-import-not-at-top
+
+  dense = conv_layers._layers(argparse.Namespace(kind='dense', layers='16x32,64x8'))  # pylint: disable=protected-access
+  assert dense == [('16x32', 16, 32, 3, 1), ('64x8', 64, 8, 3, 1)]
+  lite0 = conv_layers._layers(argparse.Namespace(kind='depthwise', layers=''))  # pylint: disable=protected-access
+  assert ('144x32k5s2', 144, 32, 5, 2) in lite0 and len(lite0) == 9
+  # Lite0's padding is TensorFlow's 'SAME': (k - 1) / 2 each side at stride 1, k / 2 - 1 before and k / 2
+  # after at stride 2; the dense 3x3 layers keep torch's padding 1.
+  assert conv_layers._padding('depthwise', 5, 2) == ((1, 2), (1, 2))  # pylint: disable=protected-access
+  assert conv_layers._padding('depthwise', 3, 1) == ((1, 1), (1, 1))  # pylint: disable=protected-access
+  assert conv_layers._padding('dense', 3, 1) == ((1, 1), (1, 1))  # pylint: disable=protected-access
+  with pytest.raises(harness.UsageError, match='CHANNELSxSIZE'):
+    conv_layers._layers(argparse.Namespace(kind='depthwise', layers='32x64x3'))  # pylint: disable=protected-access
+
+
+def test_profile_counts_depthwise_convolutions_apart():
+  from bench import profile  # pylint: disable=g-import-not-at-top
+
+  line = 'onednn_verbose,v1,primitive,exec,cpu,convolution,{impl},{direction},src:f32,,alg,{desc},{ms}'
+  lines = [profile.START,
+           line.format(impl='jit_dw:avx512_core', direction='backward_data', ms=2.0,
+                       desc='g96mb4_ic96oc96_ih64oh32kh3sh2dh0ph0_iw64ow32kw3sw2dw0pw0'),
+           line.format(impl='jit:avx512_core', direction='backward_weights', ms=3.0,
+                       desc='g240mb4_ic240oc240_ih16oh16kh5sh1dh0ph2_iw16ow16kw5sw1dw0pw2'),
+           line.format(impl='jit:avx512_core', direction='backward_weights', ms=5.0,
+                       desc='mb4_ic16oc32_ih32oh32kh3sh1dh0ph1_iw32ow32kw3sw1dw0pw1'),
+           profile.END]
+  total, calls = profile.summarize(lines, steps=1)
+  assert calls == 3
+  assert total[('convolution (depthwise)', 'backward_data', 'jit_dw:avx512_core')] == 2.0
+  assert total[('convolution (depthwise)', 'backward_weights', 'jit:avx512_core')] == 3.0
+  assert total[('convolution', 'backward_weights', 'jit:avx512_core')] == 5.0

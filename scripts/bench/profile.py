@@ -31,13 +31,20 @@ import time
 from bench import harness
 
 MODES = ('xla', 'onednn')
+PRETRAINED_FAMILIES = ('efficientnet_lite0', 'torchvision_resnet18', 'torchvision_resnet34',
+                       'torchvision_resnet50')
+# A depthwise convolution in ONEDNN_VERBOSE's problem description: as many groups as channels in and out.
+DEPTHWISE = re.compile(r'g(\d+)mb\d+_ic\1oc\1_')
 START, END = '=== profile start', '=== profile end'
 ONEDNN_TORCH_THREADS = 2
 
 
 def add_flags(parser) -> None:
   parser.add_argument('--mode', default='xla', choices=MODES, help="xla: XLA's ops; onednn: oneDNN's calls")
-  parser.add_argument('--model', default='resnet18')
+  parser.add_argument('--model', default='resnet18', help='resnet18 | resnet9 | efficientnet_lite0 | ...')
+  parser.add_argument('--image_size', type=int, default=0,
+                      help='the pretrained families (efficientnet_lite0, torchvision_*): the size the batch '
+                           'is resized to on the device (model.image_size; 0: 32 px)')
   parser.add_argument('--width', type=float, default=0.25)
   parser.add_argument('--batch', type=int, default=128)
   parser.add_argument('--steps', type=int, default=3)
@@ -69,15 +76,24 @@ def jax_gradient_step(args):
   from cifar_jax import builders  # pylint: disable=g-import-not-at-top
   from cifar_jax import models  # pylint: disable=g-import-not-at-top
 
-  model = models.create_model(args.model, width_multiplier=args.width, dtype=builders.DTYPES[args.dtype],
-                              conv_impl=builders.conv_impl(config.model))
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.random((args.batch, 32, 32, 3), np.float32))
   y = jnp.asarray(rng.integers(0, 10, args.batch))
-  variables = model.init(jax.random.key(0), x[:2])
+  if args.model in PRETRAINED_FAMILIES:  # as the fine-tuning configs build them
+    config.model.name, config.model.dtype = args.model, args.dtype
+    config.model.image_size = getattr(args, 'image_size', 0)
+    model = builders.create_model(config.model)
+    params, batch_stats = builders.initialized(jax.random.key(0), model)
+    variables = {'params': params, 'batch_stats': batch_stats}
+  else:
+    model = models.create_model(args.model, width_multiplier=args.width, dtype=builders.DTYPES[args.dtype],
+                                conv_impl=builders.conv_impl(config.model))
+    variables = model.init(jax.random.key(0), x[:2])
+  rngs = {'shake': jax.random.key(1)}  # EfficientNet's dropout and drop-connect (the ResNets draw none)
 
   def loss(params, batch_stats, x):
-    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats'])
+    logits, new = model.apply({'params': params, 'batch_stats': batch_stats}, x, mutable=['batch_stats'],
+                              rngs=rngs)
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))  # the loss in float32, as the trainer's
     return -jnp.mean(jnp.take_along_axis(log_probs, y[:, None], 1)), new
 
@@ -102,7 +118,12 @@ def torch_train_step(args, threads: int, channels_last: bool = False):
   torch.set_num_threads(threads)
   config = default.get_config()
   config.model.name, config.model.width_multiplier = args.model, args.width
-  model = torch_reference.create_torch_model(config.model)
+  if args.model in PRETRAINED_FAMILIES:
+    from cifar_jax.torch_models import finetune  # pylint: disable=g-import-not-at-top
+    config.model.image_size = getattr(args, 'image_size', 0)
+    model = finetune.create_model(config.model, 10)
+  else:
+    model = torch_reference.create_torch_model(config.model)
   x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
   if channels_last:
     model = model.to(memory_format=torch.channels_last)
@@ -198,14 +219,17 @@ def summarize(lines, steps: int) -> tuple[dict, int]:
       fields = line.strip().split(',')
       i = fields.index('exec')
       kind, impl, direction = fields[i + 2], fields[i + 3], fields[i + 4]
+      if kind == 'convolution' and DEPTHWISE.match(fields[-2]):
+        kind = 'convolution (depthwise)'
       total[(kind, direction, impl)] += float(fields[-1]) / steps
       calls += 1
   return total, calls // max(steps, 1)
 
 
 def _onednn_profile(args) -> None:
-  flags = ['--mode=onednn', f'--model={args.model}', f'--width={args.width}', f'--batch={args.batch}',
-           f'--steps={args.steps}', f'--dtype={args.dtype}', f'--conv={args.conv}'] + (
+  flags = ['--mode=onednn', f'--model={args.model}', f'--image_size={args.image_size}',
+           f'--width={args.width}', f'--batch={args.batch}', f'--steps={args.steps}', f'--dtype={args.dtype}',
+           f'--conv={args.conv}'] + (
                ['--channels_last'] if args.channels_last else [])
   for framework in ('jax', 'torch'):
     out = subprocess.run(harness.worker_command('profile', framework, flags), capture_output=True, text=True,
