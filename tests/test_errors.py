@@ -136,7 +136,8 @@ def test_unknown_field_suggests_the_nearest(cli):
   assert_user_error(cli('--config.optimizer.lrr=0.1'),
                     '--config.optimizer.lrr', 'no such config field', 'did you mean --config.optimizer.lr?')
   assert_user_error(cli('--config.optimiser.momentum=0.8'), 'did you mean --config.optimizer.momentum?')
-  assert_user_error(cli('--config.optimizer.xyz=1'), "optimizer has ['clip_grad_norm', 'lr', 'momentum'")
+  assert_user_error(cli('--config.optimizer.xyz=1'),
+                    "optimizer has ['clip_grad_norm', 'lr', 'micro_batches', 'momentum'")
 
 
 def test_wrong_type(cli):

@@ -177,6 +177,7 @@ def _micro_config(**changes):
   return config
 
 
+@pytest.mark.slow  # end-to-end trainer runs, kept out of the default run's ~15 minutes
 def test_k_seeds_and_a_resume_in_micro_batches(tmp_path):
   """Seed i of a k = 2 run in micro-batches trains as the single run of seed + i, within float32
   rounding; a run killed mid-epoch resumes bitwise."""
@@ -220,6 +221,7 @@ def _run_and_save(spec_path: str) -> None:
     np.savez(run['out'], **flat)
 
 
+@pytest.mark.slow  # end-to-end trainer runs, kept out of the default run's ~15 minutes
 def test_four_devices_in_micro_batches_match_one_device(tmp_path):
   """jit and pmap over 4 virtual CPU devices, each micro-batch of 32 split 8 a device (the last batch's
   micro-batches of 4, 1 a device), train what one device does, within tests/test_parallel.py's
@@ -245,6 +247,7 @@ def test_four_devices_in_micro_batches_match_one_device(tmp_path):
                                    err_msg=f"{run['parallelism']} {key}")
 
 
+@pytest.mark.slow  # a range test and a run, kept out of the default run's ~15 minutes
 def test_the_lr_range_test_steps_in_micro_batches():
   """`--mode=lr_find` runs the Program's train call, so its steps accumulate too: without BatchNorm the
   losses of 2 micro-batches are the whole batch's (up to rounding), with BatchNorm they differ."""
