@@ -63,3 +63,34 @@ class KeepProgram(loop.Action):
 
   def due(self, step: int) -> bool:
     return False
+
+
+def assert_k_seeds_train_as_singles_and_resume(config, tmp_path) -> list:
+  """Seed i of a k = 2 run of `config` (its seeds sharing the synthetic images) trains as the single run of
+  seed i within float32 rounding, and the single run killed after step 3 resumes to seed 0's end bitwise;
+  returns the single runs' final states."""
+  import chex  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import steps  # pylint: disable=g-import-not-at-top
+  from cifar_jax import train  # pylint: disable=g-import-not-at-top
+
+  config = config.copy_and_resolve_references()
+  config.data.synthetic_train_size = 128
+  config.data.synthetic_seed = 0
+  k_config = config.copy_and_resolve_references()
+  k_config.num_seeds = 2
+  k_state = train.train_and_evaluate(k_config, str(tmp_path / 'k2'))
+  singles = []
+  for i in range(2):
+    single_config = config.copy_and_resolve_references()
+    single_config.seed = i
+    singles.append(train.train_and_evaluate(single_config, str(tmp_path / f'seed_{i}')))
+    got = steps.unstack_seed((k_state.params, k_state.batch_stats), i)
+    chex.assert_trees_all_close(got, (singles[i].params, singles[i].batch_stats), rtol=1e-5, atol=1e-5)
+  workdir = str(tmp_path / 'crashed')
+  with pytest.raises(Crash):
+    train.train_and_evaluate(config, workdir, actions=[StopAfter(3)])
+  resumed = train.train_and_evaluate(config, workdir)
+  chex.assert_trees_all_equal((resumed.params, resumed.batch_stats, resumed.opt_state),
+                              (singles[0].params, singles[0].batch_stats, singles[0].opt_state))
+  return singles

@@ -182,24 +182,7 @@ def test_k_seeds_and_a_resume_in_micro_batches(tmp_path):
   """Seed i of a k = 2 run in micro-batches trains as the single run of seed + i, within float32
   rounding; a run killed mid-epoch resumes bitwise."""
   config = _micro_config()
-  config.data.synthetic_train_size = 128
-  config.data.synthetic_seed = 0  # a k-seed run's seeds share the images
-  k_config = config.copy_and_resolve_references()
-  k_config.num_seeds = 2
-  k_state = train.train_and_evaluate(k_config, str(tmp_path / 'k2'))
-  singles = []
-  for i in range(2):
-    single_config = config.copy_and_resolve_references()
-    single_config.seed = i
-    singles.append(train.train_and_evaluate(single_config, str(tmp_path / f'seed_{i}')))
-    got = steps.unstack_seed((k_state.params, k_state.batch_stats), i)
-    chex.assert_trees_all_close(got, (singles[i].params, singles[i].batch_stats), rtol=1e-5, atol=1e-5)
-  workdir = str(tmp_path / 'crashed')
-  with pytest.raises(conftest.Crash):
-    train.train_and_evaluate(config, workdir, actions=[conftest.StopAfter(3)])
-  resumed = train.train_and_evaluate(config, workdir)
-  chex.assert_trees_all_equal((resumed.params, resumed.batch_stats, resumed.opt_state),
-                              (singles[0].params, singles[0].batch_stats, singles[0].opt_state))
+  singles = conftest.assert_k_seeds_train_as_singles_and_resume(config, tmp_path)
   # and the micro-batches mattered: BatchNorm's statistics of whole batches differ
   whole = config.copy_and_resolve_references()
   whole.optimizer.micro_batches = 1

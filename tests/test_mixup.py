@@ -1,7 +1,6 @@
 """BiT's mixup (`data.mixup`, steps.mixup / mixup_loss): the mixed batch and its loss are the formulas of
 big_transfer's bit_pytorch/train.py, the draws are a function of (seed, epoch, batch), and a run trains."""
 
-import chex
 import conftest
 import jax
 import jax.numpy as jnp
@@ -88,20 +87,4 @@ def test_k_seeds_and_a_resume_mix_as_the_single_run(tmp_path):
   config = tiny.get_config()
   config.num_epochs = 2
   config.data.mixup = 0.2
-  config.data.synthetic_train_size = 128
-  config.data.synthetic_seed = 0  # a k-seed run's seeds share the images
-  k_config = config.copy_and_resolve_references()
-  k_config.num_seeds = 2
-  k_state = train.train_and_evaluate(k_config, str(tmp_path / 'k2'))
-  singles = []
-  for i in range(2):
-    single_config = config.copy_and_resolve_references()
-    single_config.seed = i
-    singles.append(train.train_and_evaluate(single_config, str(tmp_path / f'seed_{i}')))
-    got = steps.unstack_seed((k_state.params, k_state.batch_stats), i)
-    chex.assert_trees_all_close(got, (singles[i].params, singles[i].batch_stats), rtol=1e-5, atol=1e-5)
-  workdir = str(tmp_path / 'crashed')
-  with pytest.raises(conftest.Crash):
-    train.train_and_evaluate(config, workdir, actions=[conftest.StopAfter(3)])
-  resumed = train.train_and_evaluate(config, workdir)
-  chex.assert_trees_all_equal((resumed.params, resumed.opt_state), (singles[0].params, singles[0].opt_state))
+  conftest.assert_k_seeds_train_as_singles_and_resume(config, tmp_path)
