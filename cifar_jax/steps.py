@@ -94,32 +94,43 @@ def mixup_loss(logits, labels, partner_labels, lam) -> jax.Array:
           + (1.0 - lam[0]) * cross_entropy_loss(logits, partner_labels))
 
 
+def loss_and_grads(state: TrainState, params, batch_stats, batch, rngs=None):
+  """((loss, (new model state, logits)), gradients) of `batch` under `params` and `batch_stats`, the model
+  in training mode: the forward and backward pass of a step or of one of its micro-batches."""
+  images, labels = batch[:2]
+
+  def loss_fn(p):
+    logits, new_model_state = state.apply_fn(
+        {'params': p, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats'], rngs=rngs)
+    loss = cross_entropy_loss(logits, labels) if len(batch) == 2 else mixup_loss(logits, *batch[1:])
+    return loss, (new_model_state, logits)
+
+  return jax.value_and_grad(loss_fn, has_aux=True)(params)
+
+
+def apply_step(state: TrainState, grads, batch_stats, metrics, axis_name: str | None = None):
+  """The update of a step: gradients averaged (and metric sums added) over `axis_name`, the optimizer's
+  update, and whether the new params are finite."""
+  if axis_name is not None:
+    grads = jax.lax.pmean(grads, axis_name)
+    metrics = jax.lax.psum(metrics, axis_name)
+  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  # The loss can still be finite on the step whose update overflows the params.
+  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]))
+  metrics['params_finite'] = params_finite.astype(jnp.float32)
+  return new_state, metrics
+
+
 def train_step(state: TrainState, batch, axis_name: str | None = None, rngs=None):
   """One SGD step on a normalised batch (images NHWC float32, labels int); returns state and sums.
 
   `batch`: (images, labels), or `mixup`'s (images, labels, partner labels, lam); accuracy counts `labels`.
   `rngs`: the forward pass's random streams (`shake_rngs`), for models with gates.
   """
-  images, labels = batch[:2]
-
-  def loss_fn(params):
-    logits, new_model_state = state.apply_fn(
-        {'params': params, 'batch_stats': state.batch_stats}, images, train=True,
-        mutable=['batch_stats'], rngs=rngs)
-    loss = cross_entropy_loss(logits, labels) if len(batch) == 2 else mixup_loss(logits, *batch[1:])
-    return loss, (new_model_state, logits)
-
-  (loss, (new_model_state, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  metrics = batch_metrics(logits, labels, loss)
-  if axis_name is not None:
-    grads = jax.lax.pmean(grads, axis_name)
-    metrics = jax.lax.psum(metrics, axis_name)
-  new_state = state.apply_gradients(
-      grads=grads, batch_stats=new_model_state.get('batch_stats', state.batch_stats))
-  # The loss can still be finite on the step whose update overflows the params.
-  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]))
-  metrics['params_finite'] = params_finite.astype(jnp.float32)
-  return new_state, metrics
+  (loss, (new_model_state, logits)), grads = loss_and_grads(state, state.params, state.batch_stats, batch,
+                                                            rngs)
+  metrics = batch_metrics(logits, batch[1], loss)
+  return apply_step(state, grads, new_model_state.get('batch_stats', state.batch_stats), metrics, axis_name)
 
 
 def init_train_metrics() -> dict[str, jax.Array]:
@@ -169,21 +180,12 @@ def train_step_micro_batches(state: TrainState, batch, micro_batches: int, axis_
   size = batch[0].shape[0]
   sizes = micro_batch_sizes(size, micro_batches)
 
-  def grad_fn(params, batch_stats, micro, micro_rngs):
-    def loss_fn(p):
-      logits, new_model_state = state.apply_fn(
-          {'params': p, 'batch_stats': batch_stats}, micro[0], train=True, mutable=['batch_stats'],
-          rngs=micro_rngs)
-      loss = cross_entropy_loss(logits, micro[1]) if len(micro) == 2 else mixup_loss(logits, *micro[1:])
-      return loss, (new_model_state, logits)
-    return jax.value_and_grad(loss_fn, has_aux=True)(params)
-
   def body(weight, carry, xs):
     grads, batch_stats, sums = carry
     index, micro = xs
     micro = shard_batch(micro)
     micro_rngs = None if rngs is None else {k: jax.random.fold_in(v, index) for k, v in rngs.items()}
-    (loss, (new_model_state, logits)), g = grad_fn(state.params, batch_stats, micro, micro_rngs)
+    (loss, (new_model_state, logits)), g = loss_and_grads(state, state.params, batch_stats, micro, micro_rngs)
     grads = jax.tree.map(lambda a, b: a + weight * b, grads, g)
     metrics = batch_metrics(logits, micro[1], loss)
     sums = {k: sums[k] + metrics[k] for k in METRIC_KEYS}
@@ -202,13 +204,7 @@ def train_step_micro_batches(state: TrainState, batch, micro_batches: int, axis_
                             (jnp.arange(first, first + count, dtype=jnp.uint32), rows))
     start += count * micro_size
   grads, batch_stats, metrics = carry
-  if axis_name is not None:
-    grads = jax.lax.pmean(grads, axis_name)
-    metrics = jax.lax.psum(metrics, axis_name)
-  new_state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-  params_finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)]))
-  metrics['params_finite'] = params_finite.astype(jnp.float32)
-  return new_state, metrics
+  return apply_step(state, grads, batch_stats, metrics, axis_name)
 
 
 def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int, size: int,
