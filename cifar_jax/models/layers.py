@@ -65,7 +65,7 @@ class TorchBatchNorm(nn.Module):
       mean, var = ra_mean.value, ra_var.value
       y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
       return y.astype(self.dtype)
-    y, mean, var = batch_norm_train(x32, scale, bias, self.epsilon, self.axis_name)
+    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
     if not self.is_initializing():
       count = x.size // features
       if self.axis_name is not None:
@@ -88,7 +88,10 @@ def batch_norm_train(x, scale, bias, epsilon: float, axis_name: str | None):
   return _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name)[0]
 
 
-def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
+def _batch_norm_train_fwd(x_in, scale, bias, epsilon, axis_name):
+  # Statistics and output in float32; the backward pass keeps the input in its own dtype (a bfloat16
+  # activation stays half the size) and widens it again.
+  x = x_in.astype(jnp.float32)
   axes = tuple(range(x.ndim - 1))
   mean = jnp.mean(x, axes)
   if axis_name is not None:
@@ -101,12 +104,13 @@ def _batch_norm_train_fwd(x, scale, bias, epsilon, axis_name):
   y = (x - mean) * inv_std * scale + bias
   # The statistics only feed the running averages, which no loss depends on.
   stats = (jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var))
-  return (y, *stats), (x, mean, inv_std, scale)
+  return (y, *stats), (x_in, mean, inv_std, scale)
 
 
 def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
   del epsilon
-  x, mean, inv_std, scale = residuals
+  x_in, mean, inv_std, scale = residuals
+  x = x_in.astype(jnp.float32)
   g = cotangents[0]
   axes = tuple(range(x.ndim - 1))
   count = x.size // x.shape[-1]
@@ -120,7 +124,7 @@ def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
     sum_g, sum_g_x_hat = jax.lax.psum((sum_g, sum_g_x_hat), axis_name)
     count *= jax.lax.psum(1, axis_name)
   grad_x = (scale * inv_std) * (g - sum_g / count - x_hat * (sum_g_x_hat / count))
-  return grad_x, grad_scale, grad_bias
+  return grad_x.astype(x_in.dtype), grad_scale, grad_bias
 
 
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
