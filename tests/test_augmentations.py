@@ -213,6 +213,18 @@ def test_the_modern_recipe_is_one_cycle_30_with_smoothing_and_cutout():
   assert config == base  # nothing else differs from the one-cycle baseline
 
 
+def test_a_run_saved_before_the_fields_resumes_quietly_and_a_change_is_announced():
+  from cifar_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  config = tiny.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved['loss'], saved['data']['cutout'], saved['data']['cutmix']
+  assert checkpointing.compare_with_saved(config, saved) == ([], [])
+  config.loss.label_smoothing, config.data.cutout.enabled = 0.1, True
+  assert checkpointing.compare_with_saved(config, saved) == (
+      [], ['data.cutout.enabled: False -> True', 'loss.label_smoothing: 0.0 -> 0.1'])
+
+
 @pytest.mark.parametrize('field, value, fragment', [
     ('loss.label_smoothing', 1.0, 'loss.label_smoothing must be in [0, 1)'),
     ('loss.label_smoothing', -0.1, 'loss.label_smoothing must be in [0, 1)'),
