@@ -212,9 +212,12 @@ ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
                    'compilation_cache': 'auto', 'swag.enabled': False, 'swag.rank': 20, 'swag.scale': 0.5,
                    'swag.num_samples': 30, 'swag.diag_only': False, 'swag.var_clamp': 1e-30,
                    'swag.bn_update_fraction': 1.0, 'swag.samples_per_call': 0, 'data.corruptions_path': '',
-                   'optimizer.micro_batches': 1}
+                   'optimizer.micro_batches': 1,
+                   'loss.label_smoothing': 0.0, 'data.cutout.enabled': False, 'data.cutout.size': 16,
+                   'data.cutout.count': 1, 'data.cutmix.enabled': False, 'data.cutmix.alpha': 1.0,
+                   'data.cutmix.prob': 1.0, 'data.cutmix.switch_prob': 0.5}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
-                      'swa.', 'swag.', 'parallelism')
+                      'swa.', 'swag.', 'parallelism', 'loss.')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

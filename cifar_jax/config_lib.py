@@ -80,6 +80,33 @@ def field_value(config: ml_collections.ConfigDict, name: str):
   return config
 
 
+def _number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_regularizers(config: ml_collections.ConfigDict) -> None:
+  """loss.label_smoothing, data.cutout, data.cutmix (cifar_jax/augmentations.py)."""
+  loss = config.get('loss')
+  eps = 0.0 if loss is None else loss.get('label_smoothing', 0.0)
+  _require(_number(eps) and 0.0 <= eps < 1.0,
+           f'loss.label_smoothing must be in [0, 1) (0: off; timm: 0.1, airbench: 0.2), got {eps!r}')
+  cutout = config.data.get('cutout')
+  if cutout is not None and cutout.enabled:
+    size = input_pipeline.IMAGE_SIZE
+    _require(isinstance(cutout.size, int) and not isinstance(cutout.size, bool) and 1 <= cutout.size <= size,
+             f'data.cutout.size must be an integer from 1 to the image size {size} (DeVries & Taylor: 16 '
+             f'for CIFAR-10), got {cutout.size!r}')
+    _int_at_least(cutout.count, 'data.cutout.count', 1)
+  cutmix = config.data.get('cutmix')
+  if cutmix is not None and cutmix.enabled:
+    _require(_number(cutmix.alpha) and cutmix.alpha > 0,
+             f'data.cutmix.alpha must be > 0 (Yun et al.: 1.0), got {cutmix.alpha!r}')
+    for name in ('prob', 'switch_prob'):
+      value = cutmix[name]
+      _require(_number(value) and 0.0 <= value <= 1.0,
+               f'data.cutmix.{name} must be a probability in [0, 1], got {value!r}')
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field whose validity does not depend on the data; raises ConfigError."""
   _validate_model(config.model)
@@ -93,6 +120,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   mixup = config.data.get('mixup', 0.0)
   _require(isinstance(mixup, (int, float)) and math.isfinite(mixup) and mixup >= 0,
            f'data.mixup must be >= 0 (0: off; BiT: 0.1), got {mixup!r}')
+  _validate_regularizers(config)
   if config.data.source == 'synthetic':
     _positive(config.data.synthetic_train_size, 'data.synthetic_train_size', integer=True)
     _positive(config.data.synthetic_eval_size, 'data.synthetic_eval_size', integer=True)

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cifar_jax import augmentations
 from cifar_jax import calibration
 from cifar_jax import input_pipeline
 from cifar_jax import memory
@@ -256,7 +257,9 @@ class Program:
                                 batch_size=config.batch_size, augment=config.data.augment,
                                 axis_name=par.axis_name, shard_batch=par.shard_batch,
                                 mixup_alpha=config.data.get('mixup', 0.0),
-                                micro_batches=config.optimizer.get('micro_batches', 1))
+                                micro_batches=config.optimizer.get('micro_batches', 1),
+                                label_smoothing=augmentations.label_smoothing(config),
+                                **augmentations.batch_options(config))
     program = cls(
         par=par, steps_per_epoch=spe, sizes=sizes, full_batches=n // config.batch_size,
         max_steps_per_call=max_steps_per_call,

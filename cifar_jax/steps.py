@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from cifar_jax import augmentations
 from cifar_jax import calibration
 from cifar_jax import input_pipeline
 from cifar_jax import swa
@@ -57,8 +58,15 @@ def per_seed(trees: list):
   return trees[0] if len(trees) == 1 else stack_seeds(trees)
 
 
-def cross_entropy_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+def cross_entropy_loss(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+  """The batch's mean cross-entropy; with `label_smoothing` eps > 0 against torch's smoothed target
+  (`CrossEntropyLoss(label_smoothing=eps)`: (1 - eps) one-hot + eps / K), i.e. (1 - eps) NLL + eps times
+  the mean over the K classes of -log p."""
+  if not label_smoothing:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  log_probs = jax.nn.log_softmax(logits)
+  nll = -jnp.take_along_axis(log_probs, labels[:, None], axis=-1)[:, 0]
+  return ((1.0 - label_smoothing) * nll - label_smoothing * log_probs.mean(-1)).mean()
 
 
 def batch_metrics(logits, labels, loss) -> dict[str, jax.Array]:
@@ -88,21 +96,24 @@ def mixup(images, labels, key, alpha: float):
   return mixed, labels, labels[perm], jnp.full(labels.shape, lam, jnp.float32)
 
 
-def mixup_loss(logits, labels, partner_labels, lam) -> jax.Array:
-  """`mixup_criterion`: lam * CE(labels) + (1 - lam) * CE(partners' labels), each the batch mean."""
-  return (lam[0] * cross_entropy_loss(logits, labels)
-          + (1.0 - lam[0]) * cross_entropy_loss(logits, partner_labels))
+def mixup_loss(logits, labels, partner_labels, lam, label_smoothing: float = 0.0) -> jax.Array:
+  """`mixup_criterion`: lam * CE(labels) + (1 - lam) * CE(partners' labels), each the batch mean (and
+  smoothed as `cross_entropy_loss`; timm's mixed smoothed targets make the same loss)."""
+  return (lam[0] * cross_entropy_loss(logits, labels, label_smoothing)
+          + (1.0 - lam[0]) * cross_entropy_loss(logits, partner_labels, label_smoothing))
 
 
-def loss_and_grads(state: TrainState, params, batch_stats, batch, rngs=None):
+def loss_and_grads(state: TrainState, params, batch_stats, batch, rngs=None, label_smoothing: float = 0.0):
   """((loss, (new model state, logits)), gradients) of `batch` under `params` and `batch_stats`, the model
-  in training mode: the forward and backward pass of a step or of one of its micro-batches."""
+  in training mode: the forward and backward pass of a step or of one of its micro-batches. The loss is
+  smoothed by `label_smoothing` (config.loss.label_smoothing; training only)."""
   images, labels = batch[:2]
 
   def loss_fn(p):
     logits, new_model_state = state.apply_fn(
         {'params': p, 'batch_stats': batch_stats}, images, train=True, mutable=['batch_stats'], rngs=rngs)
-    loss = cross_entropy_loss(logits, labels) if len(batch) == 2 else mixup_loss(logits, *batch[1:])
+    loss = (cross_entropy_loss(logits, labels, label_smoothing) if len(batch) == 2
+            else mixup_loss(logits, *batch[1:], label_smoothing=label_smoothing))
     return loss, (new_model_state, logits)
 
   return jax.value_and_grad(loss_fn, has_aux=True)(params)
@@ -121,14 +132,15 @@ def apply_step(state: TrainState, grads, batch_stats, metrics, axis_name: str | 
   return new_state, metrics
 
 
-def train_step(state: TrainState, batch, axis_name: str | None = None, rngs=None):
+def train_step(state: TrainState, batch, axis_name: str | None = None, rngs=None,
+               label_smoothing: float = 0.0):
   """One SGD step on a normalised batch (images NHWC float32, labels int); returns state and sums.
 
   `batch`: (images, labels), or `mixup`'s (images, labels, partner labels, lam); accuracy counts `labels`.
   `rngs`: the forward pass's random streams (`shake_rngs`), for models with gates.
   """
   (loss, (new_model_state, logits)), grads = loss_and_grads(state, state.params, state.batch_stats, batch,
-                                                            rngs)
+                                                            rngs, label_smoothing)
   metrics = batch_metrics(logits, batch[1], loss)
   return apply_step(state, grads, new_model_state.get('batch_stats', state.batch_stats), metrics, axis_name)
 
@@ -166,7 +178,7 @@ def _stacked_rows(x, *, start: int, count: int, size: int):
 
 
 def train_step_micro_batches(state: TrainState, batch, micro_batches: int, axis_name: str | None = None,
-                             rngs=None, shard_batch=whole_batch):
+                             rngs=None, shard_batch=whole_batch, label_smoothing: float = 0.0):
   """`train_step` on the global `batch` split into `micro_batches` (`micro_batch_sizes`), one after the
   other in a `lax.scan` (the activations of one micro-batch at a time), then one update: torch's
   accumulation loop (`torch_reference.train_epoch(micro_batches=...)`).
@@ -185,7 +197,8 @@ def train_step_micro_batches(state: TrainState, batch, micro_batches: int, axis_
     index, micro = xs
     micro = shard_batch(micro)
     micro_rngs = None if rngs is None else {k: jax.random.fold_in(v, index) for k, v in rngs.items()}
-    (loss, (new_model_state, logits)), g = loss_and_grads(state, state.params, batch_stats, micro, micro_rngs)
+    (loss, (new_model_state, logits)), g = loss_and_grads(state, state.params, batch_stats, micro, micro_rngs,
+                                                          label_smoothing)
     grads = jax.tree.map(lambda a, b: a + weight * b, grads, g)
     metrics = batch_metrics(logits, micro[1], loss)
     sums = {k: sums[k] + metrics[k] for k in METRIC_KEYS}
@@ -208,13 +221,21 @@ def train_step_micro_batches(state: TrainState, batch, micro_batches: int, axis_
 
 
 def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int, size: int,
-               augment: bool, mixup_alpha: float = 0.0):
+               augment: bool, mixup_alpha: float = 0.0, cutout=None, cutmix=None):
   """Batch `index` of epoch `epoch`: positions [index * batch_size, + size) of the epoch's order `perm`,
   cropped and flipped with the key of (data_key, epoch, index), normalised; with `mixup_alpha` > 0 mixed
   (`mixup`, its draws from the same key with a salt). Every pass over the training data (training, the
-  SWA BatchNorm pass) draws its batches here."""
+  SWA BatchNorm pass) draws its batches here. `cutout` (augmentations.Cutout) masks squares after the
+  normalisation; `cutmix` (augmentations.CutMix) mixes by CutMix, or by mixup as timm's switch picks;
+  each from the same key with its own salt."""
   key = input_pipeline.batch_key(data_key, epoch, index)
   batch = input_pipeline.get_train_batch(images, labels, perm, index * batch_size, size, key, augment)
+  if cutout is not None:
+    batch = (augmentations.cutout(batch[0], jax.random.fold_in(key, augmentations.CUTOUT_SALT), cutout.size,
+                                  cutout.count), batch[1])
+  if cutmix is not None:
+    return augmentations.cutmix(*batch, jax.random.fold_in(key, augmentations.CUTMIX_SALT), cutmix,
+                                mixup_alpha)
   if mixup_alpha > 0:
     return mixup(*batch, jax.random.fold_in(key, MIXUP_SALT), mixup_alpha)
   return batch
@@ -223,7 +244,8 @@ def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int,
 def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data_key, *,
                               steps_per_epoch: int, batch_size: int, size: int, augment: bool,
                               axis_name: str | None = None, shard_batch=whole_batch,
-                              mixup_alpha: float = 0.0, micro_batches: int = 1):
+                              mixup_alpha: float = 0.0, micro_batches: int = 1,
+                              cutout=None, cutmix=None, label_smoothing: float = 0.0):
   """The next global batch of the epoch, drawn on device from (data_key, epoch, step), then a step.
 
   `shard_batch` keeps this device's part of the global batch and `axis_name` names the pmap axis
@@ -233,21 +255,22 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
   step = state.step
   epoch, index = step // steps_per_epoch, step % steps_per_epoch
   batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
-                     augment=augment, mixup_alpha=mixup_alpha)
+                     augment=augment, mixup_alpha=mixup_alpha, cutout=cutout, cutmix=cutmix)
   if micro_batches > 1:
     state, metrics = train_step_micro_batches(state, batch, micro_batches, axis_name=axis_name,
                                               rngs=shake_rngs(data_key, epoch, index),
-                                              shard_batch=shard_batch)
+                                              shard_batch=shard_batch, label_smoothing=label_smoothing)
   else:
     state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name,
-                                rngs=shake_rngs(data_key, epoch, index))
+                                rngs=shake_rngs(data_key, epoch, index), label_smoothing=label_smoothing)
   return state, accumulate(acc, metrics, step)
 
 
 def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, data_key, num_steps, *,
                                steps_per_epoch: int, batch_size: int, size: int, augment: bool,
                                axis_name: str | None = None, shard_batch=whole_batch,
-                               mixup_alpha: float = 0.0, micro_batches: int = 1):
+                               mixup_alpha: float = 0.0, micro_batches: int = 1,
+                               cutout=None, cutmix=None, label_smoothing: float = 0.0):
   """`num_steps` (traced: one compilation for any count) `train_step_on_device_data` steps in one call.
 
   XLA:CPU allocates a call's temporary buffers afresh on every call and the kernel zero-fills their pages
@@ -258,7 +281,8 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
     return train_step_on_device_data(
         *carry, images, labels, perm, data_key, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
         size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch,
-        mixup_alpha=mixup_alpha, micro_batches=micro_batches)
+        mixup_alpha=mixup_alpha, micro_batches=micro_batches, cutout=cutout, cutmix=cutmix,
+        label_smoothing=label_smoothing)
 
   return jax.lax.fori_loop(0, num_steps, body, (state, acc))
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cifar_jax import augmentations
 from cifar_jax import builders
 from cifar_jax import calibration
 from cifar_jax import config_lib
@@ -224,6 +225,41 @@ def torch_crop_flip(images, generator):
   return padded[torch.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
 
 
+def torch_cutout(x, rng: np.random.Generator, size: int, count: int):
+  """DeVries & Taylor's `Cutout` on each normalised NCHW image: `count` squares at centres
+  rng.integers(h), rng.integers(w), [c - size // 2, c + size // 2) clipped, multiplied by zero."""
+  torch = _torch()
+  n, _, h, w = x.shape
+  mask = np.ones((n, 1, h, w), np.float32)
+  for i in range(n):
+    for _ in range(count):
+      cy, cx = int(rng.integers(h)), int(rng.integers(w))
+      mask[i, 0, max(cy - size // 2, 0):min(cy + size // 2, h),
+           max(cx - size // 2, 0):min(cx + size // 2, w)] = 0.0
+  return x * torch.from_numpy(mask)
+
+
+def torch_cutmix(x, y, rng: np.random.Generator, generator, cutmix, mixup_alpha: float = 0.0):
+  """timm `Mixup`'s batch mode with CutMix (Yun et al.'s `rand_bbox`, the partners a `torch.randperm`):
+  (images, labels, partners' labels, lam), lam 1 for a batch left unmixed (chance 1 - cutmix.prob)."""
+  torch = _torch()
+  n, _, h, w = x.shape
+  if rng.random() >= cutmix.prob:
+    return x, y, y, 1.0
+  use_cutmix = mixup_alpha <= 0 or rng.random() < cutmix.switch_prob
+  lam = float(rng.beta(cutmix.alpha, cutmix.alpha) if use_cutmix else rng.beta(mixup_alpha, mixup_alpha))
+  partners = torch.randperm(n, generator=generator)
+  if not use_cutmix:
+    return lam * x + (1 - lam) * x[partners], y, y[partners], lam
+  cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+  cy, cx = int(rng.integers(h)), int(rng.integers(w))
+  y1, y2 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+  x1, x2 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+  x = x.clone()
+  x[:, :, y1:y2, x1:x2] = x[partners][:, :, y1:y2, x1:x2]
+  return x, y, y[partners], 1 - (y2 - y1) * (x2 - x1) / (h * w)
+
+
 def _batch_bounds(num_examples: int, batch_size: int, drop_remainder: bool):
   for step in range(input_pipeline.steps_per_epoch(num_examples, batch_size, drop_remainder)):
     start = step * batch_size
@@ -231,7 +267,7 @@ def _batch_bounds(num_examples: int, batch_size: int, drop_remainder: bool):
 
 
 def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=None,
-                  mixup_alpha: float = 0.0):
+                  mixup_alpha: float = 0.0, cutout=None, cutmix=None):
   """Yields one epoch of training batches as (float32 NCHW images, int64 labels) CPU tensors; with
   `mixup_alpha` > 0 mixed as BiT's `mixup_data` mixes them, (images, labels, partner labels, lam).
 
@@ -246,6 +282,9 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
     data_key: 'identical' only; the JAX trainer's data key (default `jax_data_key(config.seed)`).
     mixup_alpha: 'identical': the JAX trainer's draws (`steps.mixup`); 'native': lam from a numpy
       generator of (seed, epoch), the partners from the torch generator.
+    cutout, cutmix: `augmentations.batch_options` (None: off). 'identical': the JAX trainer's squares,
+      boxes, lambdas and partners (`steps.draw_batch`); 'native': `torch_cutout` and `torch_cutmix`, the
+      squares from a numpy generator of (seed, epoch, CUTOUT_SALT), CutMix's draws from mixup's.
   """
   images, labels = dataset.train_images, dataset.train_labels
   n, batch_size = dataset.num_train, config.batch_size
@@ -259,7 +298,8 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
         # Eager, not jitted: XLA's fusion of the normalisation moves ~30 % of values by one float32
         # ULP, so only the eager call is reproducible here; order, crops and flips are exact either way.
         batch = steps.draw_batch(jax_images, jax_labels, perm, key, epoch, step, batch_size=batch_size,
-                                 size=size, augment=augment, mixup_alpha=mixup_alpha)
+                                 size=size, augment=augment, mixup_alpha=mixup_alpha, cutout=cutout,
+                                 cutmix=cutmix)
         x, y = _nchw_tensors(*batch[:2])
         yield (x, y) if len(batch) == 2 else (x, y, _torch().from_numpy(np.asarray(batch[2], np.int64)),
                                               float(batch[3][0]))
@@ -269,13 +309,18 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
     perm = torch.randperm(n, generator=generator)
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64))
     mixing = np.random.default_rng([config.seed, epoch, steps.MIXUP_SALT])
+    cutting = np.random.default_rng([config.seed, epoch, augmentations.CUTOUT_SALT])
     for _, start, size in _batch_bounds(n, batch_size, drop):
       idx = perm[start:start + size]
       x = images_t[idx]
       if augment:
         x = torch_crop_flip(x, generator)
       x, y = _torch_normalize(x), labels_t[idx]
-      if mixup_alpha > 0:  # bit_pytorch/train.py: mixup_data
+      if cutout is not None:
+        x = torch_cutout(x, cutting, cutout.size, cutout.count)
+      if cutmix is not None:
+        yield torch_cutmix(x, y, mixing, generator, cutmix, mixup_alpha)
+      elif mixup_alpha > 0:  # bit_pytorch/train.py: mixup_data
         lam = float(mixing.beta(mixup_alpha, mixup_alpha))
         partners = torch.randperm(size, generator=generator)
         yield lam * x + (1 - lam) * x[partners], y, y[partners], lam
@@ -452,7 +497,7 @@ def micro_batches_of(batch, micro_batches: int) -> list:
 
 def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan: bool = True,
                 clip_grad_norm: float = 0.0, frozen_bn: bool = False, dtype: str = 'float32',
-                micro_batches: int = 1) -> dict:
+                micro_batches: int = 1, label_smoothing: float = 0.0) -> dict:
   """One pass of SGD over `batches`; `after_step(i)` runs after the i-th optimizer step. Fine-tuning:
   gradients clipped (torch's clip_grad_norm_, > 0), BatchNorm kept in eval mode (`frozen_bn`). With
   dtype='bfloat16' the forward pass and the loss run under `autocast` (the backward pass follows it).
@@ -460,6 +505,7 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
   `micro_batches` > 1: the accumulation loop. Each batch splits (`micro_batches_of`); each micro-batch
   runs forward in train mode (its BatchNorm statistics folded into the running ones, in order) and
   backward with its loss times its share of the batch, the gradients adding up; then one clip and step.
+  `label_smoothing`: torch's `cross_entropy(label_smoothing=...)` (config.loss.label_smoothing).
   """
   torch = _torch()
   model.train()
@@ -476,10 +522,12 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
       x, y = micro[0].to(device, non_blocking=True), micro[1].to(device, non_blocking=True)
       with autocast(dtype, device):
         logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits, y)  # float32: autocast's list
+        # float32: autocast's list
+        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=label_smoothing)
         if len(micro) == 4:  # mixup: bit_pytorch/train.py's mixup_criterion
           lam = micro[3]
-          loss = lam * loss + (1 - lam) * torch.nn.functional.cross_entropy(logits, micro[2].to(device))
+          loss = lam * loss + (1 - lam) * torch.nn.functional.cross_entropy(
+              logits, micro[2].to(device), label_smoothing=label_smoothing)
       (loss if micro_batches == 1 else loss * (y.shape[0] / n)).backward()
       loss_sum += loss.detach().double() * y.shape[0]
       correct += (logits.detach().argmax(1) == y).sum()
@@ -701,10 +749,12 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
     else:
       hook = functools.partial(after_batch, epoch)
     epoch_start = time.perf_counter()
-    batches = torch_batches(dataset, config, epoch, data_mode, mixup_alpha=config.data.get('mixup', 0.0))
+    batches = torch_batches(dataset, config, epoch, data_mode, mixup_alpha=config.data.get('mixup', 0.0),
+                            **augmentations.batch_options(config))
     train = train_epoch(model, optimizer, batches, device,
                         hook, config.halt_on_nan, config.optimizer.clip_grad_norm, config.model.frozen_bn,
-                        config.model.dtype, config.optimizer.get('micro_batches', 1))
+                        config.model.dtype, config.optimizer.get('micro_batches', 1),
+                        label_smoothing=augmentations.label_smoothing(config))
     if device.type == 'cuda':
       torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - epoch_start

@@ -74,12 +74,34 @@ def get_config() -> ml_collections.ConfigDict:
   # > 0: BiT's mixup, each training batch mixed with itself permuted at a weight ~ Beta(mixup, mixup)
   # (steps.mixup; BiT's HyperRule: 0.1 for 20k examples or more)
   config.data.mixup = 0.0
+  # Cutout (DeVries & Taylor 2017; cifar_jax/augmentations.py): `count` squares of side `size` px per
+  # training image, each centred anywhere (clipped at the edges), zeroed after crop, flip and normalisation
+  # (CIFAR-10: one of 16 px; airbench96: 12). Training batches only (not the SWA BatchNorm pass).
+  config.data.cutout = ml_collections.ConfigDict()
+  config.data.cutout.enabled = False
+  config.data.cutout.size = 16
+  config.data.cutout.count = 1
+  # CutMix (Yun et al. 2019; timm's mixup.py): lam ~ Beta(alpha, alpha), one box per batch of area about
+  # (1 - lam) pasted from each image's partner (a random permutation), lam corrected to the clipped box's
+  # area, the loss mixed by it. prob: the chance a batch is mixed at all; with data.mixup > 0 too, a mixed
+  # batch is CutMix's with chance switch_prob, else mixup's (timm's Mixup: prob, switch_prob).
+  config.data.cutmix = ml_collections.ConfigDict()
+  config.data.cutmix.enabled = False
+  config.data.cutmix.alpha = 1.0
+  config.data.cutmix.prob = 1.0
+  config.data.cutmix.switch_prob = 0.5
   config.data.synthetic_train_size = 2048
   config.data.synthetic_eval_size = 512
   config.data.synthetic_seed = -1  # synthetic: the seed of the images; -1 = config.seed
   # A folder of the released CIFAR-10-C files (<corruption>.npy, labels.npy; the corruptions of the test
   # set) for --mode=evaluate's evaluation.shift; '' = generate them (cifar_jax/corruptions.py).
   config.data.corruptions_path = ''
+
+  # The training loss (evaluation's NLL is always the plain cross-entropy). label_smoothing: eps in [0, 1),
+  # torch's CrossEntropyLoss(label_smoothing=eps): the target (1 - eps) one-hot + eps / K (timm: 0.1;
+  # airbench: 0.2); 0 = off.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.label_smoothing = 0.0
 
   # torch.optim.SGD with coupled weight decay (added to every parameter's gradient before momentum).
   config.optimizer = ml_collections.ConfigDict()

@@ -175,6 +175,34 @@ def test_benchmark_runs_both_dtypes_in_the_same_windows(tmp_path):
   assert bad.returncode == 2 and '--dtype' in bad.stderr
 
 
+def test_the_regularizer_variants_switch_one_field_each_and_report_their_cost():
+  """`step --jax_settings=default,cutout,cutmix,label_smoothing`: each variant is the default config with
+  one regulariser on (a valid config the step reads), and its cost is its time per step over the plain one."""
+  from bench import step  # pylint: disable=g-import-not-at-top
+  from cifar_jax import augmentations  # pylint: disable=g-import-not-at-top
+  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
+
+  plain = _bench_config()
+  assert augmentations.batch_options(plain) == {'cutout': None, 'cutmix': None}
+  changed = {}
+  for name in ('cutout', 'cutmix', 'label_smoothing'):
+    config = step.regularized(_bench_config(), name)
+    config_lib.validate(config)
+    options = augmentations.batch_options(config)
+    changed[name] = ({k for k, v in options.items() if v is not None},
+                     augmentations.label_smoothing(config))
+  assert changed == {'cutout': ({'cutout'}, 0.0), 'cutmix': ({'cutmix'}, 0.0),
+                     'label_smoothing': (set(), 0.1)}
+  args = argparse.Namespace(dtype='float32', torch_modes='', no_jax=False,
+                            jax_settings='default,cutout,cutmix,label_smoothing')
+  assert step._variants(args)[0] == ['jax:default', 'jax:cutout', 'jax:cutmix', 'jax:label_smoothing']
+  rates = lambda ips: {'train_images_per_second': ips}
+  results = {'jax': rates(100.0), 'jax_cutout': rates(98.0), 'jax_cutmix': rates(80.0)}
+  costs = step.step_cost_over_plain(results)
+  assert costs == pytest.approx({'cutout': 100 / 98, 'cutmix': 1.25})  # label_smoothing did not run
+  assert step.step_cost_over_plain({'jax': None, 'jax_cutout': rates(98.0)}) == {}
+
+
 def test_conv_layers_reads_dense_and_depthwise_layer_specs():
   from bench import conv_layers  # pylint: disable=g-import-not-at-top
 

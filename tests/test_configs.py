@@ -17,7 +17,7 @@ from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top,wro
 # schedules, momentum cycling, SWA); the rest run with `make test-slow`.
 FAST_CONFIGS = ('gn_ws', 'cyclic', 'one_cycle', 'swa')
 SLOW_CONFIGS = ('default', 'resnet9', 'multistep', 'cosine', 'warm_restarts', 'one_cycle_30', 'swa_20_20',
-                'ensemble', 'swag', 'multiswag')
+                'ensemble', 'swag', 'multiswag', 'modern_recipe')
 BLOG_CONFIGS = [*FAST_CONFIGS, *(pytest.param(n, marks=pytest.mark.slow) for n in SLOW_CONFIGS)]
 
 

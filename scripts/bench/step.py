@@ -14,7 +14,11 @@ Variants, each in its own subprocess:
                        convolutions, one virtual device per core, the batch sharded over them) and one
                        step per call: the default before oneDNN; jax_one_step, the default with one step
                        per call; jax_one_device, the default on one device; jax_plain, XLA's own settings
-                       and convolutions on one device, one step per call (before issue 7).
+                       and convolutions on one device, one step per call (before issue 7). The
+                       regularisers' variants are the default with one switched on: jax_cutout
+                       (data.cutout, 16 px), jax_cutmix (data.cutmix, alpha 1), jax_label_smoothing
+                       (loss.label_smoothing 0.1); `step_cost_over_plain` gives each one's time per step
+                       over the default's (--jax_settings=default,cutout,cutmix,label_smoothing).
   torch                `torch_reference.create_torch_model` (same model, width, init) with
                        `create_torch_optimizer` (SGD, coupled weight decay), eager, NCHW.
   torch_channels_last  the same, model and inputs in torch.channels_last.
@@ -65,7 +69,11 @@ import time
 from bench import harness
 
 TORCH_MODES = ('eager', 'channels_last', 'compile', 'compile_channels_last')
-JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain')
+# The regularisers' variants: the default with these config fields changed (cifar_jax/augmentations.py).
+REGULARIZERS = {'cutout': {'data.cutout.enabled': True},
+                'cutmix': {'data.cutmix.enabled': True},
+                'label_smoothing': {'loss.label_smoothing': 0.1}}
+JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain', *REGULARIZERS)
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
 DTYPES = ('float32', 'bfloat16')
 
@@ -118,6 +126,25 @@ def _config(args):
   config.batch_size = args.batch
   config.eval_batch_size = args.eval_batch
   return config
+
+
+def regularized(config, setting: str):
+  """`config` with the fields of the regulariser `setting` (REGULARIZERS) changed."""
+  for name, value in REGULARIZERS[setting].items():
+    parent, _, leaf = name.rpartition('.')
+    node = config
+    for key in parent.split('.'):
+      node = node[key]
+    node[leaf] = value
+  return config
+
+
+def step_cost_over_plain(results: dict) -> dict:
+  """Each regulariser variant's time per train step over the default's (the inverse ratio of their median
+  train images per second); only the variants that ran."""
+  plain = results.get('jax')
+  return {name: plain['train_images_per_second'] / results[f'jax_{name}']['train_images_per_second']
+          for name in REGULARIZERS if plain and results.get(f'jax_{name}')}
 
 
 def _serve(ready, train_window, eval_window, memory) -> None:
@@ -179,6 +206,9 @@ def _jax_worker(args, setting: str) -> None:
     cpu_backend.configure(config)
   elif setting == 'plain':  # XLA's own settings and convolutions, one step per call (before issue 7)
     config.model.conv, config.steps_per_dispatch = 'xla', 1
+  elif setting in REGULARIZERS:  # the default with one regulariser on
+    regularized(config, setting)
+    cpu_backend.configure(config)
   else:
     raise ValueError(f'unknown JAX setting {setting!r}; choose from {list(JAX_SETTINGS)}')
   import jax  # pylint: disable=g-import-not-at-top
@@ -477,6 +507,7 @@ def main(args) -> None:
                                              results[_variant_key(f"{v.partition('@')[0]}@float32")][
                                                  'train_images_per_second'])
         for v in variants if v.endswith('@bfloat16') and f"{v.partition('@')[0]}@float32" in variants}
+  results['step_cost_over_plain'] = step_cost_over_plain(results) or None
   if end_to_end:
     end_to_end['over_bare_step'] = (end_to_end['train_images_per_second'] /
                                     results['jax']['train_images_per_second'])
@@ -503,6 +534,8 @@ def main(args) -> None:
   print(harness.markdown_table(['variant', 'train img/s', 'eval img/s', 'compile s', 'peak MB'], rows))
   for key, ratio in results.get('bfloat16_over_float32_train', {}).items():
     print(f'  {key}: bfloat16 / float32 train {ratio:.2f}x')
+  for name, ratio in (results['step_cost_over_plain'] or {}).items():
+    print(f'  {name}: {ratio:.3f}x the plain step\'s time')
   if results['jax_over_torch_eager_train'] is not None:
     print(f'  jax / torch eager: train {results["jax_over_torch_eager_train"]:.2f}x, '
           f'eval {results["jax_over_torch_eager_eval"]:.2f}x')
