@@ -668,9 +668,9 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   config_lib.validate_against_run(config, steps_per_epoch)
 
   torch.manual_seed(config.seed)
-  model = create_torch_model(config.model)
+  model = create_torch_model(config.model, num_classes=dataset.num_classes)
   if config.init_from.path:
-    _finetune().load_init_from(model, config)
+    _finetune().load_init_from(model, config, dataset.num_classes)
   model = model.to(device)
   if builders.finetuning(config):
     optimizer = _finetune().create_optimizer(model, config)
