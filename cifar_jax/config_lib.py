@@ -100,6 +100,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     classes = config.data.get('synthetic_num_classes', input_pipeline.NUM_CLASSES)
     _require(isinstance(classes, int) and classes >= 2,
              f'data.synthetic_num_classes must be an integer >= 2, got {classes!r}')
+  _choice(config.data.get('normalization', 'cifar10'), 'data.normalization',
+          tuple(input_pipeline.NORMALIZATIONS))
+  normalization = config.data.get('normalization', 'cifar10')
+  _require(normalization == 'cifar10' or config.model.name not in models.PRETRAINED_FAMILIES,
+           f'data.normalization={normalization!r}: {config.model.name} normalises its input as its '
+           "pretrained weights expect (model.normalization); keep data.normalization='cifar10'")
   if config.data.source == 'tfds':
     _choice(config.data.get('tfds_name', 'cifar10'), 'data.tfds_name', tuple(input_pipeline.TFDS_DATASETS))
   _positive(config.num_epochs, 'num_epochs', integer=True)

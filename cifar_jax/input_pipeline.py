@@ -29,6 +29,13 @@ from cifar_jax.errors import DataError
 # Normalisation constants of the blog's transforms (on images scaled to [0, 1]).
 MEAN_RGB = (0.4914, 0.4822, 0.4465)
 STD_RGB = (0.2023, 0.1994, 0.2010)
+# data.normalization -> (mean, std): the blog's CIFAR-10 constants, and the standard CIFAR-100 ones (the
+# per-channel mean and standard deviation of CIFAR-100's 50,000 training images' pixels, as the CIFAR-100
+# training code in common use writes them, e.g. weiaicunzai/pytorch-cifar100).
+NORMALIZATIONS = {
+    'cifar10': (MEAN_RGB, STD_RGB),
+    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
 IMAGE_SIZE = 32
 PAD = 4  # RandomCrop(32, padding=4), zero padding.
 NUM_CLASSES = 10  # CIFAR-10's; what a source that does not state its class count holds
@@ -494,17 +501,19 @@ def random_crop_flip(images: jax.Array, key: jax.Array) -> jax.Array:
   return jnp.where(flip[:, None, None, None], images[:, :, ::-1, :], images)
 
 
-def normalize(images: jax.Array) -> jax.Array:
-  """ToTensor + Normalize(MEAN_RGB, STD_RGB), in float32, NHWC."""
+def normalize(images: jax.Array, normalization: str = 'cifar10') -> jax.Array:
+  """ToTensor + Normalize(mean, std) of `NORMALIZATIONS[normalization]`, in float32, NHWC."""
+  mean, std = NORMALIZATIONS[normalization]
   x = images.astype(jnp.float32) / 255.0
-  return (x - jnp.asarray(MEAN_RGB, jnp.float32)) / jnp.asarray(STD_RGB, jnp.float32)
+  return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def get_train_batch(images, labels, perm, start, size: int, key, augment: bool = True):
+def get_train_batch(images, labels, perm, start, size: int, key, augment: bool = True,
+                    normalization: str = 'cifar10'):
   """The batch at positions [start, start + size) of the epoch's order, augmented and normalised."""
   idx = jax.lax.dynamic_slice_in_dim(perm, start, size)
   x = jnp.take(images, idx, axis=0)
   y = jnp.take(labels, idx, axis=0)
   if augment:
     x = random_crop_flip(x, key)
-  return normalize(x), y
+  return normalize(x, normalization), y

@@ -77,6 +77,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.validation_size = 0  # > 0: hold out this many from the end of train, evaluate on them
   config.data.drop_remainder = False  # False: a final partial batch, like torch's drop_last=False
   config.data.augment = True  # random crop (pad 4) and horizontal flip
+  # The input's mean / std (input_pipeline.NORMALIZATIONS): cifar10 (the blog's constants) | cifar100 (the
+  # standard CIFAR-100 ones, its training pixels' mean and std); the CIFAR families only (a pretrained
+  # family normalises as its weights expect, model.normalization)
+  config.data.normalization = 'cifar10'
   # > 0: BiT's mixup, each training batch mixed with itself permuted at a weight ~ Beta(mixup, mixup)
   # (steps.mixup; BiT's HyperRule: 0.1 for 20k examples or more)
   config.data.mixup = 0.0

@@ -2,6 +2,7 @@
 model's head, the torch twin and the metrics, CIFAR-100-C, and a 100-class run end to end."""
 
 import functools
+import importlib
 import json
 import os
 import pickle
@@ -17,14 +18,17 @@ import numpy as np
 import pytest
 
 from cifar_jax import builders
+from cifar_jax import config_lib
 from cifar_jax import corruptions
 from cifar_jax import input_pipeline as ip
 from cifar_jax import main
 from cifar_jax import metrics_writer
 from cifar_jax import models
 from cifar_jax import pretrained
+from cifar_jax import steps
 from cifar_jax import torch_reference
 from cifar_jax import train
+from cifar_jax.errors import ConfigError
 from configs import default
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -209,6 +213,58 @@ def test_finetuning_head_at_100_classes(tmp_path):
   assert not zeroed and loaded[('params', ('fc', 'kernel'))].shape == (512, 100)
 
 
+# Normalisation and the configs ------------------------------------------------------------------------
+
+
+def test_cifar100_normalisation_in_jax_and_the_twin(tmp_path):
+  """data.normalization='cifar100': the standard constants in the training batches and the eval batches,
+  JAX's and the twin's alike."""
+  pytest.importorskip('torch')
+  x, y, _ = _images(8)
+  mean, std = np.float32(ip.NORMALIZATIONS['cifar100'][0]), np.float32(ip.NORMALIZATIONS['cifar100'][1])
+  want = (x.astype(np.float32) / np.float32(255.0) - mean) / std
+  np.testing.assert_allclose(np.asarray(ip.normalize(jnp.asarray(x), 'cifar100')), want, rtol=1e-6, atol=1e-6)
+  batch, labels = ip.get_train_batch(jnp.asarray(x), jnp.asarray(y), jnp.arange(8), 0, 8,
+                                     jax.random.PRNGKey(0), augment=False, normalization='cifar100')
+  np.testing.assert_allclose(np.asarray(batch), want, rtol=1e-6, atol=1e-6)
+  dataset = ip.Dataset(x, y.astype(np.int32), x, y.astype(np.int32), 'test', 100)
+  (got, _), = torch_reference.torch_eval_batches(dataset, 8, 'cifar100')
+  np.testing.assert_allclose(got.numpy(), want.transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+  config = default.get_config()
+  config.update(batch_size=8, seed=0)
+  config.data.update(augment=False, normalization='cifar100')
+  (got, _), = torch_reference.torch_batches(dataset, config, 0, 'identical')
+  (native, _), = torch_reference.torch_batches(dataset, config, 0, 'native')
+  order = [int(np.argmin(np.abs(want - n.numpy().transpose(1, 2, 0)).sum(axis=(1, 2, 3)))) for n in native]
+  np.testing.assert_allclose(native.numpy(), want[order].transpose(0, 3, 1, 2), rtol=1e-6, atol=1e-6)
+  assert got.shape == (8, 3, 32, 32)
+
+
+@pytest.mark.parametrize('name', ['cifar100_one_cycle', 'cifar100_multiswag'])
+def test_the_cifar100_configs(name):
+  config = importlib.import_module(f'configs.{name}').get_config()
+  config_lib.validate(config)
+  assert (config.data.source, config.data.tfds_name, config.data.normalization) == ('tfds', 'cifar100',
+                                                                                    'cifar100')
+  assert config.schedule.name == 'one_cycle' and config.schedule.max_lr == 0.1
+  if name == 'cifar100_multiswag':
+    assert config.num_seeds == 3 and config.swag.enabled and config.swa.start_epoch == 20
+
+
+def test_normalisation_choices_are_checked():
+  config = default.get_config()
+  config.data.normalization = 'imagenet'
+  with pytest.raises(ConfigError, match="data.normalization must be one of \\['cifar10', 'cifar100'\\]"):
+    config_lib.validate(config)
+  config.data.normalization = 'cifar100'
+  config.model.name = 'torchvision_resnet18'
+  with pytest.raises(ConfigError, match='as its pretrained weights expect'):
+    config_lib.validate(config)
+  config.data.normalization, config.data.tfds_name = 'cifar10', 'cifar1000'
+  with pytest.raises(ConfigError, match='data.tfds_name must be one of'):
+    config_lib.validate(config)
+
+
 # CIFAR-100-C --------------------------------------------------------------------------------------------
 
 
@@ -263,6 +319,7 @@ def test_a_100_class_run_end_to_end(tiny_config, tmp_path, monkeypatch, capsys):
   config = tiny_config
   config.data.synthetic_num_classes = 100
   config.data.synthetic_train_size = 128
+  config.data.normalization = 'cifar100'
   config.num_epochs = 1
   config.evaluation.update(shift='gaussian_noise', severities=(3,), shift_cache='')
   workdir = str(tmp_path / 'run')
@@ -278,6 +335,15 @@ def test_a_100_class_run_end_to_end(tiny_config, tmp_path, monkeypatch, capsys):
     assert 0.0 <= row['accuracy'] <= 1.0 and 0.0 < row['nll'] < 3 * np.log(100), row
     assert 0.0 <= row['ece'] <= 1.0 and 0.0 < row['brier'] <= 2.0, row
   assert np.isclose(out['table'][0]['nll'], out['eval_loss'])
+  # The evaluation normalised with CIFAR-100's constants (the config's), not CIFAR-10's.
+  data = ip.load_dataset(config.data, config.seed)
+  arrays = steps.batched_eval_arrays(data.eval_images, data.eval_labels, config.eval_batch_size)
+  nll = {name: steps.summarize(jax.jit(functools.partial(
+      steps.evaluate_variables, state.apply_fn, normalization=name))(state.params, state.batch_stats,
+                                                                     *arrays))['loss']
+         for name in ('cifar100', 'cifar10')}
+  assert np.isclose(nll['cifar100'], out['eval_loss'], rtol=1e-5) and not np.isclose(
+      nll['cifar10'], out['eval_loss'], rtol=1e-5), (nll, out['eval_loss'])
   line = _mismatch(monkeypatch, capsys, workdir, 'evaluate', '--config.data.synthetic_train_size=128')
   assert 'a 100-class model, but the data has 10 classes' in line, line
 
