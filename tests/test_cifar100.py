@@ -376,3 +376,25 @@ def test_a_100_class_multiswag_run_every_row(tiny_config, tmp_path, monkeypatch,
                    '--config.swa.enabled=True', '--config.swa.start_epoch=1', '--config.swag.enabled=True',
                    '--config.swag.rank=2', '--config.swag.num_samples=2', '--config.swag.samples_per_call=2')
   assert 'a 100-class model, but the data has 10 classes' in line, line
+
+
+def test_bad_cifar100_input_is_one_line(tmp_path, monkeypatch, capsys):
+  """Labels outside the class count (the pickles', an npz's stated one), a missing folder, an unknown
+  TFDS name: one line, exit 2, before anything compiles."""
+  folder = str(tmp_path / 'cifar-100-python')
+  write_cifar100_python(folder, fine=100)
+  npz = str(tmp_path / 'd.npz')
+  x, _, _ = _images(4)
+  np.savez(npz, x_train=x, y_train=np.array([0, 3, 20, 1]), num_classes=20)
+  workdir = f'--workdir={tmp_path / "run"}'
+  for args, fragment in (
+      (('--config.data.source=cifar100_python', f'--config.data.path={folder}'),
+       'labels must lie in 0..99 (100 classes), got '),
+      (('--config.data.source=npz', f'--config.data.path={npz}'),
+       'labels must lie in 0..19 (20 classes), got 0..20'),
+      (('--config.data.source=cifar100_python', f'--config.data.path={tmp_path / "nowhere"}'),
+       'cifar100_python needs the cifar-100-python folder'),
+      (('--config.data.source=tfds', '--config.data.tfds_name=cifar1000'), 'data.tfds_name must be one of'),
+  ):
+    code, lines = _cli(monkeypatch, capsys, workdir, *args)
+    assert code == 2 and len(lines) == 1 and fragment in lines[0], (args, code, lines)
