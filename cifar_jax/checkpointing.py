@@ -239,8 +239,8 @@ ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
                    'compilation_cache': 'auto', 'swag.enabled': False, 'swag.rank': 20, 'swag.scale': 0.5,
                    'swag.num_samples': 30, 'swag.diag_only': False, 'swag.var_clamp': 1e-30,
                    'swag.bn_update_fraction': 1.0, 'swag.samples_per_call': 0, 'data.corruptions_path': '',
-                   'optimizer.micro_batches': 1, 'data.tfds_name': 'cifar10', 'data.synthetic_num_classes': 10,
-                   'data.normalization': 'cifar10'}
+                   'optimizer.micro_batches': 1, 'data.tfds_name': 'cifar10',
+                   'data.synthetic_num_classes': 10, 'data.normalization': 'cifar10'}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
                       'swa.', 'swag.', 'parallelism')
 
