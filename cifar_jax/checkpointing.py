@@ -21,6 +21,7 @@ import orbax.checkpoint as ocp
 
 from cifar_jax import builders
 from cifar_jax import errors
+from cifar_jax import input_pipeline
 from cifar_jax import steps
 from cifar_jax.errors import ConfigError
 
@@ -143,6 +144,30 @@ def _state_fields(manager: ocp.CheckpointManager, step: int, state: steps.TrainS
           if name in on_disk or getattr(state, name) is not None}
 
 
+HEAD = 'fc'  # the classification head's module in every model family (pretrained.HEAD)
+
+
+def checkpoint_num_classes(manager: ocp.CheckpointManager) -> int | None:
+  """The class count of the newest checkpoint's model (its head's outputs), None without a readable one."""
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      path = manager.directory / str(step) / 'state'
+      head = ocp.StandardCheckpointHandler().metadata(path).tree['state']['params'][HEAD]
+      return int(head['bias'].shape[-1])
+    except Exception:  # pylint: disable=broad-except  # damaged or foreign: restore_checkpoint says so
+      continue
+  return None
+
+
+def check_num_classes(manager: ocp.CheckpointManager, workdir: str, num_classes: int) -> None:
+  """One ConfigError line when the newest checkpoint's model has another class count than the data."""
+  saved = checkpoint_num_classes(manager)
+  if saved is not None and saved != num_classes:
+    raise ConfigError(
+        f'--workdir={workdir} holds a checkpoint of a {saved}-class model, but the data has {num_classes} '
+        'classes (data.source, data.tfds_name, data.path); use the data it was trained on, or a new workdir')
+
+
 def _set_aside(manager: ocp.CheckpointManager, steps: list[int]) -> None:
   """Moves damaged checkpoints out of the way (kept for inspection), so the run can save those steps."""
   if jax.process_index() == 0:
@@ -174,14 +199,16 @@ def load_plateaus(plateaus, extra: dict) -> None:
 def restore_state(config: ml_collections.ConfigDict, workdir: str,
                   steps_per_epoch: int) -> steps.TrainState:
   """The latest checkpoint of `workdir` as a TrainState for `config` (several seeds: stacked); reads only,
-  so it may run beside the training run that writes the workdir."""
-  model = builders.create_model(config.model)
-  state, acc = builders.create_initial_state(
-      config, model, builders.create_run_schedules(config, steps_per_epoch))
+  so it may run beside the training run that writes the workdir. The model has the checkpoint's class
+  count."""
   if not os.path.isdir(os.path.join(workdir, CHECKPOINTS)):
     raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/{CHECKPOINTS}')
-  restored = restore_checkpoint(checkpoint_manager(workdir, config, read_only=True), state, acc,
-                                move_damaged=False)
+  manager = checkpoint_manager(workdir, config, read_only=True)
+  model = builders.create_model(config.model,
+                                num_classes=checkpoint_num_classes(manager) or input_pipeline.NUM_CLASSES)
+  state, acc = builders.create_initial_state(
+      config, model, builders.create_run_schedules(config, steps_per_epoch))
+  restored = restore_checkpoint(manager, state, acc, move_damaged=False)
   if restored is None:
     raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
   return restored[0]
@@ -215,7 +242,8 @@ ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
                    'optimizer.micro_batches': 1,
                    'loss.label_smoothing': 0.0, 'data.cutout.enabled': False, 'data.cutout.size': 16,
                    'data.cutout.count': 1, 'data.cutmix.enabled': False, 'data.cutmix.alpha': 1.0,
-                   'data.cutmix.prob': 1.0, 'data.cutmix.switch_prob': 0.5}
+                   'data.cutmix.prob': 1.0, 'data.cutmix.switch_prob': 0.5, 'data.tfds_name': 'cifar10',
+                   'data.synthetic_num_classes': 10, 'data.normalization': 'cifar10'}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
                       'swa.', 'swag.', 'parallelism', 'loss.')
 

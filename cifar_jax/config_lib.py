@@ -111,8 +111,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Checks every field whose validity does not depend on the data; raises ConfigError."""
   _validate_model(config.model)
   _choice(config.data.source, 'data.source', input_pipeline.SOURCES)
-  if config.data.source in ('npz', 'cifar10_python', 'images'):
+  if config.data.source in ('npz', 'cifar10_python', 'cifar100_python', 'images'):
     what = {'npz': 'an .npz file with x_train, y_train', 'cifar10_python': 'the cifar-10-batches-py folder',
+            'cifar100_python': 'the cifar-100-python folder',
             'images': 'the folder scripts/gpu/gpu_bundle.py writes (.gpu_data)'}[config.data.source]
     _require(bool(config.data.path), f'data.path must be set for data.source={config.data.source}: {what}')
   _require(config.data.validation_size >= 0,
@@ -124,6 +125,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.data.source == 'synthetic':
     _positive(config.data.synthetic_train_size, 'data.synthetic_train_size', integer=True)
     _positive(config.data.synthetic_eval_size, 'data.synthetic_eval_size', integer=True)
+    classes = config.data.get('synthetic_num_classes', input_pipeline.NUM_CLASSES)
+    _require(isinstance(classes, int) and classes >= 2,
+             f'data.synthetic_num_classes must be an integer >= 2, got {classes!r}')
+  _choice(config.data.get('normalization', 'cifar10'), 'data.normalization',
+          tuple(input_pipeline.NORMALIZATIONS))
+  normalization = config.data.get('normalization', 'cifar10')
+  _require(normalization == 'cifar10' or config.model.name not in models.PRETRAINED_FAMILIES,
+           f'data.normalization={normalization!r}: {config.model.name} normalises its input as its '
+           "pretrained weights expect (model.normalization); keep data.normalization='cifar10'")
+  if config.data.source == 'tfds':
+    _choice(config.data.get('tfds_name', 'cifar10'), 'data.tfds_name', tuple(input_pipeline.TFDS_DATASETS))
   _positive(config.num_epochs, 'num_epochs', integer=True)
   _validate_seeds(config)
   _positive(config.batch_size, 'batch_size', integer=True)

@@ -25,6 +25,10 @@ Where the script differs from this module:
 Sets: `corrupted_set` caches each generated (corruption, severity) set as a uint8 .npz keyed by the
 source images' hash; `ReleasedSets` reads the released CIFAR-10-C .npy files (the authors' own, the
 preferred source when a user has them).
+
+CIFAR-100-C is made the same way from CIFAR-100's test images: the authors made it with the same script,
+whose constants are for 32 px images and whose frost crops come from the same textures whatever the dataset
+(docs/cifar100.md); the released CIFAR-100-C files have CIFAR-10-C's layout.
 """
 
 import dataclasses
@@ -659,14 +663,14 @@ class ReleasedSets:
     expected = np.tile(np.asarray(labels), 5)
     if released.shape != expected.shape or not np.array_equal(released.astype(np.int64), expected):
       raise DataError(f'{file}: its labels are not the evaluation set\'s (shape {released.shape}, '
-                      f'expected {expected.shape}); data.corruptions_path must hold CIFAR-10-C of the '
-                      'images evaluated (the test set)')
+                      f'expected {expected.shape}); data.corruptions_path must hold CIFAR-10-C (or '
+                      'CIFAR-100-C) of the images evaluated (the test set)')
 
 
 def _load_npy(file: str) -> np.ndarray:
   if not os.path.exists(file):
-    raise DataError(f'{file}: not found; data.corruptions_path must hold the released CIFAR-10-C .npy '
-                    'files (or set it to \'\' to generate the corruptions)')
+    raise DataError(f'{file}: not found; data.corruptions_path must hold the released CIFAR-10-C (or '
+                    'CIFAR-100-C) .npy files (or set it to \'\' to generate the corruptions)')
   try:
     return np.load(file, mmap_mode='r', allow_pickle=False)
   except (OSError, ValueError, EOFError) as e:

@@ -66,15 +66,16 @@ def range_test(config: ml_collections.ConfigDict, workdir: str, write: bool = Tr
   if jax.process_count() > 1:
     raise ConfigError('--mode=lr_find runs in one process; set distributed.num_processes=0')
   run_config = range_test_config(config)
-  init = pretrained.load(config)  # before anything is written: its errors are one line
+  dataset = input_pipeline.load_dataset(config.data, config.seed)  # its class count is the head's
+  init = pretrained.load(config, dataset.num_classes)  # before anything is written: one-line errors
   par = parallel.create(config.parallelism, num_seeds=k, seed_devices=config.seed_devices)
-  dataset = input_pipeline.load_dataset(config.data, config.seed)
   spe = config_lib.steps_per_epoch(config, par, dataset.num_train)
   lrs = lr_curves.lr_ramp(lf.start_lr, lf.end_lr, lf.num_steps, lf.smoothing)
   ratio, denominator = lf.end_lr / lf.start_lr, lr_curves.ramp_denominator(lf.num_steps, lf.smoothing)
   # start_lr * lambda(t): lr_ramp's values (the same float64 operations), as a float32 device table.
   lr_fn = schedules.lambda_lr(lf.start_lr, lambda t: ratio ** (t / denominator)).with_horizon(lf.num_steps)
-  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
+  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name,
+                                num_classes=dataset.num_classes)
   state, _ = pretrained.initialize((builders.create_seed_states(run_config, model, lr_fn), None), init, k)
   state = par.place_per_seed(state)
   zeros = steps.per_seed([steps.init_train_metrics()] * k)

@@ -157,9 +157,9 @@ def _read_workdir(path: str) -> dict[str, np.ndarray]:
 # Mapping onto the model ------------------------------------------------------------------------------------
 
 
-def model_shapes(model_config: ml_collections.ConfigDict):
-  """(params, batch_stats) shapes of `config.model` (no values computed)."""
-  model = builders.create_model(model_config)
+def model_shapes(model_config: ml_collections.ConfigDict, num_classes: int = 10):
+  """(params, batch_stats) shapes of `config.model` with `num_classes` outputs (no values computed)."""
+  model = builders.create_model(model_config, num_classes=num_classes)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
                              jax.ShapeDtypeStruct(builders.INPUT_SHAPE, np.float32))
   return variables['params'], variables.get('batch_stats', {})
@@ -216,15 +216,16 @@ def apply_to_variables(params, batch_stats, loaded: dict, zeroed: dict):
   return replace('params', params), replace('batch_stats', batch_stats)
 
 
-def load(config: ml_collections.ConfigDict) -> tuple[dict, dict] | None:
-  """`config.init_from` read and mapped onto `config.model`: (loaded, zeroed) as `map_tensors` gives them,
-  or None when `init_from.path` is ''. Reads only; one ConfigError line for any problem."""
+def load(config: ml_collections.ConfigDict, num_classes: int = 10) -> tuple[dict, dict] | None:
+  """`config.init_from` read and mapped onto `config.model` with a head of `num_classes` (the data's):
+  (loaded, zeroed) as `map_tensors` gives them, or None when `init_from.path` is ''. Reads only; one
+  ConfigError line for any problem."""
   init = config.init_from
   if not init.path:
     return None
   tensors = read_tensors(init.path, init.layout)
-  loaded, zeroed, problems = map_tensors(tensors, model_shapes(config.model), init.layout, init.strict,
-                                         where=f'init_from.path={init.path}')
+  loaded, zeroed, problems = map_tensors(tensors, model_shapes(config.model, num_classes), init.layout,
+                                         init.strict, where=f'init_from.path={init.path}')
   if problems:
     logging.warning('init_from.strict=False: %s keep their initial values', '; '.join(problems))
   logging.info('init_from: %d arrays from %s (layout %s)%s', len(loaded), init.path, init.layout,

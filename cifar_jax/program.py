@@ -103,7 +103,8 @@ def recalibration_pass(step_by_size, params, running, images, labels, perm, data
 
 
 def recalibrate_batch_stats(model, params, batch_stats, images, labels, data_key, *, epoch: int,
-                            batch_size: int, drop_remainder: bool = False, augment: bool = True):
+                            batch_size: int, drop_remainder: bool = False, augment: bool = True,
+                            normalization: str = 'cifar10'):
   """torch's update_bn on one device: new BatchNorm statistics for `params` from one pass over the data.
 
   The pass sees the batches the training loader would give in epoch `epoch` (order, crops, flips) of a run
@@ -121,6 +122,7 @@ def recalibrate_batch_stats(model, params, batch_stats, images, labels, data_key
     batch_size: the training batch size.
     drop_remainder: skip the last partial batch, as the loader would.
     augment: crop and flip as in training (torch's update_bn iterates the training loader).
+    normalization: the data's (`input_pipeline.NORMALIZATIONS`).
 
   Returns:
     The recalibrated batch statistics.
@@ -132,7 +134,8 @@ def recalibrate_batch_stats(model, params, batch_stats, images, labels, data_key
   perm = jax.jit(input_pipeline.epoch_permutation, static_argnums=2)(data_key, epoch, n)
   step_by_size = {size: jax.jit(functools.partial(
       steps.recalibration_step_on_device_data, model=model.clone(bn_momentum=1.0),
-      batch_size=batch_size, size=size, augment=augment)) for size in set(sizes)}
+      batch_size=batch_size, size=size, augment=augment, normalization=normalization))
+                  for size in set(sizes)}
   return recalibration_pass(step_by_size, params, swa.reset_batch_stats(batch_stats), images, labels,
                             perm, data_key, epoch=epoch, sizes=sizes)
 
@@ -251,6 +254,7 @@ class Program:
     permutation = build('permutation', functools.partial(input_pipeline.epoch_permutation,
                                                          num_examples=n), data_key, 0).compile()
     first_perm = permutation(data_key, 0)
+    normalization = config.data.get('normalization', 'cifar10')  # input_pipeline.NORMALIZATIONS
     max_steps_per_call = steps_per_dispatch(config, par.num_devices)
     ensemble = par.num_seeds > 1  # the seeds' eval log probabilities, averaged by `ensemble`
     step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
@@ -259,7 +263,7 @@ class Program:
                                 mixup_alpha=config.data.get('mixup', 0.0),
                                 micro_batches=config.optimizer.get('micro_batches', 1),
                                 label_smoothing=augmentations.label_smoothing(config),
-                                **augmentations.batch_options(config))
+                                normalization=normalization, **augmentations.batch_options(config))
     program = cls(
         par=par, steps_per_epoch=spe, sizes=sizes, full_batches=n // config.batch_size,
         max_steps_per_call=max_steps_per_call,
@@ -269,7 +273,7 @@ class Program:
                            first_perm, data_key, np.int32(1), donate=(0, 1))
                for size in sorted(set(sizes)) if training},
         eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name,
-                                             with_log_probs=ensemble),
+                                             with_log_probs=ensemble, normalization=normalization),
                    state, *eval_arrays) if evaluate else None,
         permutation=permutation, traces=traces)
     swa_config = config.swa
@@ -280,14 +284,16 @@ class Program:
       if training:
         program.swa_update = build('swa_update', swa_update_fn, state, donate=0)
       program.swa_eval = build('eval', functools.partial(
-          steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name, with_log_probs=ensemble),
+          steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name, with_log_probs=ensemble,
+          normalization=normalization),
           state, *eval_arrays)
       if jax.tree.leaves(state.batch_stats):  # a model with BatchNorm
         pass_model = model.clone(bn_momentum=1.0)  # the batch's own statistics
         program.recalibrate = {
             size: build('recalibrate', functools.partial(
                 steps.recalibration_step_on_device_data, model=pass_model, batch_size=config.batch_size,
-                size=size, augment=swa_config.recalibration_augment, shard_batch=par.shard_batch),
+                size=size, augment=swa_config.recalibration_augment, shard_batch=par.shard_batch,
+                normalization=normalization),
                         state.swa_params, state.batch_stats, images, labels, first_perm,
                         recalibration_key, 0, 0)
             for size in sorted(set(sizes))}
@@ -317,7 +323,9 @@ class Program:
     BatchNorm pass and prediction, each over `swag_chunk` samples of every seed at once."""
     par, eval_arrays = self.par, self.data['eval_arrays']
     _, labels, mask = eval_arrays
-    per_seed_eval = par.seeded(functools.partial(steps.evaluate_on_device_data, with_log_probs=True),
+    normalization = config.data.get('normalization', 'cifar10')
+    per_seed_eval = par.seeded(functools.partial(steps.evaluate_on_device_data, with_log_probs=True,
+                                                 normalization=normalization),
                                in_axes=(0, None, None, None))
     shape = jax.eval_shape(per_seed_eval, state, *eval_arrays)[1]
     log_probs = jax.ShapeDtypeStruct(shape.shape, shape.dtype, sharding=first_perm.sharding)
@@ -349,13 +357,15 @@ class Program:
       self.swag_recalibrate = {
           size: build('swag_recalibrate', jax.vmap(functools.partial(
               steps.recalibration_step_on_device_data, model=pass_model, batch_size=config.batch_size,
-              size=size, augment=config.swa.recalibration_augment, shard_batch=par.shard_batch),
+              size=size, augment=config.swa.recalibration_augment, shard_batch=par.shard_batch,
+              normalization=normalization),
               in_axes=(0, 0) + (None,) * 6), params, running, self.data['images'], self.data['labels'],
                       first_perm, self.data['recalibration_key'], 0, 0)
           for size in sorted(set(self.sizes[:self.swag_batches]))}
 
     def predict(params, batch_stats, acc, images, labels, mask):
-      member = functools.partial(steps.evaluate_variables, state.apply_fn, with_log_probs=True)
+      member = functools.partial(steps.evaluate_variables, state.apply_fn, with_log_probs=True,
+                                 normalization=normalization)
       _, chunk_log_probs = jax.vmap(member, in_axes=(0, 0, None, None, None))(
           params, batch_stats, images, labels, mask)
       return jnp.logaddexp(acc, jax.nn.logsumexp(chunk_log_probs, axis=0))

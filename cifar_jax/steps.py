@@ -221,7 +221,8 @@ def train_step_micro_batches(state: TrainState, batch, micro_batches: int, axis_
 
 
 def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int, size: int,
-               augment: bool, mixup_alpha: float = 0.0, cutout=None, cutmix=None):
+               augment: bool, mixup_alpha: float = 0.0, normalization: str = 'cifar10', cutout=None,
+               cutmix=None):
   """Batch `index` of epoch `epoch`: positions [index * batch_size, + size) of the epoch's order `perm`,
   cropped and flipped with the key of (data_key, epoch, index), normalised; with `mixup_alpha` > 0 mixed
   (`mixup`, its draws from the same key with a salt). Every pass over the training data (training, the
@@ -229,7 +230,8 @@ def draw_batch(images, labels, perm, data_key, epoch, index, *, batch_size: int,
   normalisation; `cutmix` (augmentations.CutMix) mixes by CutMix, or by mixup as timm's switch picks;
   each from the same key with its own salt."""
   key = input_pipeline.batch_key(data_key, epoch, index)
-  batch = input_pipeline.get_train_batch(images, labels, perm, index * batch_size, size, key, augment)
+  batch = input_pipeline.get_train_batch(images, labels, perm, index * batch_size, size, key, augment,
+                                         normalization)
   if cutout is not None:
     batch = (augmentations.cutout(batch[0], jax.random.fold_in(key, augmentations.CUTOUT_SALT), cutout.size,
                                   cutout.count), batch[1])
@@ -245,7 +247,8 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
                               steps_per_epoch: int, batch_size: int, size: int, augment: bool,
                               axis_name: str | None = None, shard_batch=whole_batch,
                               mixup_alpha: float = 0.0, micro_batches: int = 1,
-                              cutout=None, cutmix=None, label_smoothing: float = 0.0):
+                              normalization: str = 'cifar10', cutout=None, cutmix=None,
+                              label_smoothing: float = 0.0):
   """The next global batch of the epoch, drawn on device from (data_key, epoch, step), then a step.
 
   `shard_batch` keeps this device's part of the global batch and `axis_name` names the pmap axis
@@ -255,7 +258,8 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
   step = state.step
   epoch, index = step // steps_per_epoch, step % steps_per_epoch
   batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
-                     augment=augment, mixup_alpha=mixup_alpha, cutout=cutout, cutmix=cutmix)
+                     augment=augment, mixup_alpha=mixup_alpha, normalization=normalization,
+                     cutout=cutout, cutmix=cutmix)
   if micro_batches > 1:
     state, metrics = train_step_micro_batches(state, batch, micro_batches, axis_name=axis_name,
                                               rngs=shake_rngs(data_key, epoch, index),
@@ -270,7 +274,8 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
                                steps_per_epoch: int, batch_size: int, size: int, augment: bool,
                                axis_name: str | None = None, shard_batch=whole_batch,
                                mixup_alpha: float = 0.0, micro_batches: int = 1,
-                               cutout=None, cutmix=None, label_smoothing: float = 0.0):
+                               normalization: str = 'cifar10', cutout=None, cutmix=None,
+                               label_smoothing: float = 0.0):
   """`num_steps` (traced: one compilation for any count) `train_step_on_device_data` steps in one call.
 
   XLA:CPU allocates a call's temporary buffers afresh on every call and the kernel zero-fills their pages
@@ -281,7 +286,8 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
     return train_step_on_device_data(
         *carry, images, labels, perm, data_key, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
         size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch,
-        mixup_alpha=mixup_alpha, micro_batches=micro_batches, cutout=cutout, cutmix=cutmix,
+        mixup_alpha=mixup_alpha, micro_batches=micro_batches, normalization=normalization,
+        cutout=cutout, cutmix=cutmix,
         label_smoothing=label_smoothing)
 
   return jax.lax.fori_loop(0, num_steps, body, (state, acc))
@@ -295,11 +301,11 @@ def one_step_on_device_data(state: TrainState, acc, images, labels, perm, data_k
 
 def recalibration_step_on_device_data(params, running, images, labels, perm, data_key, epoch, index, *,
                                       model, batch_size: int, size: int, augment: bool,
-                                      shard_batch=whole_batch):
+                                      shard_batch=whole_batch, normalization: str = 'cifar10'):
   """Batch `index` of the BatchNorm pass (`program.recalibration_pass`): drawn like a training batch
   (`draw_batch`), sharded, its statistics folded into `running` (swa.recalibration_step)."""
   batch = draw_batch(images, labels, perm, data_key, epoch, index, batch_size=batch_size, size=size,
-                     augment=augment)
+                     augment=augment, normalization=normalization)
   images, _ = shard_batch(batch)
   return swa.recalibration_step(model, params, running, index, images,
                                 rngs=shake_rngs(data_key, epoch, index))
@@ -338,7 +344,8 @@ def eval_zeros() -> dict[str, jax.Array]:
 
 
 def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False,
-                            axis_name: str | None = None, with_log_probs: bool = False):
+                            axis_name: str | None = None, with_log_probs: bool = False,
+                            normalization: str = 'cifar10'):
   """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch.
 
   Under pmap (`axis_name`) each device holds a slice of every batch and the sums are added over devices.
@@ -348,17 +355,17 @@ def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bo
   if use_swa:
     state = state.replace(params=state.swa_params, batch_stats=state.swa_batch_stats)
   return evaluate_variables(state.apply_fn, state.params, state.batch_stats, images, labels, mask,
-                            axis_name=axis_name, with_log_probs=with_log_probs)
+                            axis_name=axis_name, with_log_probs=with_log_probs, normalization=normalization)
 
 
 def evaluate_variables(apply_fn, params, batch_stats, images, labels, mask, *, axis_name=None,
-                       with_log_probs: bool = False):
+                       with_log_probs: bool = False, normalization: str = 'cifar10'):
   """`evaluate_on_device_data` of the model `apply_fn` with `params` and `batch_stats`."""
 
   def body(totals, batch):
     x, y, m = batch
-    logits = apply_fn({'params': params, 'batch_stats': batch_stats}, input_pipeline.normalize(x),
-                      train=False)
+    logits = apply_fn({'params': params, 'batch_stats': batch_stats},
+                      input_pipeline.normalize(x, normalization), train=False)
     sums, log_probs = eval_sums(logits, y, m)
     return jax.tree.map(jnp.add, totals, sums), (log_probs if with_log_probs else None)
 

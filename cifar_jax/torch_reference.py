@@ -203,12 +203,14 @@ def _nchw_tensors(images, labels):
   return torch.from_numpy(x), torch.from_numpy(np.asarray(labels, np.int64))
 
 
-def _torch_normalize(images_nhwc_uint8):
-  """ToTensor + Normalize(MEAN_RGB, STD_RGB): uint8 NHWC tensor -> float32 NCHW."""
+def _torch_normalize(images_nhwc_uint8, normalization: str = 'cifar10'):
+  """ToTensor + Normalize(mean, std) of `input_pipeline.NORMALIZATIONS[normalization]`: uint8 NHWC tensor
+  -> float32 NCHW."""
   torch = _torch()
   x = images_nhwc_uint8.permute(0, 3, 1, 2).float() / 255.0
-  mean = torch.tensor(input_pipeline.MEAN_RGB, dtype=torch.float32).view(1, 3, 1, 1)
-  std = torch.tensor(input_pipeline.STD_RGB, dtype=torch.float32).view(1, 3, 1, 1)
+  mean_rgb, std_rgb = input_pipeline.NORMALIZATIONS[normalization]
+  mean = torch.tensor(mean_rgb, dtype=torch.float32).view(1, 3, 1, 1)
+  std = torch.tensor(std_rgb, dtype=torch.float32).view(1, 3, 1, 1)
   return ((x - mean) / std).contiguous()
 
 
@@ -289,6 +291,7 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
   images, labels = dataset.train_images, dataset.train_labels
   n, batch_size = dataset.num_train, config.batch_size
   augment, drop = bool(config.data.augment), bool(config.data.drop_remainder)
+  normalization = config.data.get('normalization', 'cifar10')
   if mode == 'identical':
     with jax.default_device(jax.devices('cpu')[0]):
       key = jax_data_key(config.seed) if data_key is None else data_key
@@ -298,7 +301,8 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
         # Eager, not jitted: XLA's fusion of the normalisation moves ~30 % of values by one float32
         # ULP, so only the eager call is reproducible here; order, crops and flips are exact either way.
         batch = steps.draw_batch(jax_images, jax_labels, perm, key, epoch, step, batch_size=batch_size,
-                                 size=size, augment=augment, mixup_alpha=mixup_alpha, cutout=cutout,
+                                 size=size, augment=augment, mixup_alpha=mixup_alpha,
+                                 normalization=normalization, cutout=cutout,
                                  cutmix=cutmix)
         x, y = _nchw_tensors(*batch[:2])
         yield (x, y) if len(batch) == 2 else (x, y, _torch().from_numpy(np.asarray(batch[2], np.int64)),
@@ -315,7 +319,7 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
       x = images_t[idx]
       if augment:
         x = torch_crop_flip(x, generator)
-      x, y = _torch_normalize(x), labels_t[idx]
+      x, y = _torch_normalize(x, normalization), labels_t[idx]
       if cutout is not None:
         x = torch_cutout(x, cutting, cutout.size, cutout.count)
       if cutmix is not None:
@@ -330,13 +334,13 @@ def torch_batches(dataset, config, epoch: int, mode: str = 'native', data_key=No
     raise ValueError(f'data mode must be one of {list(DATA_MODES)}, got {mode!r}')
 
 
-def torch_eval_batches(dataset, batch_size: int):
+def torch_eval_batches(dataset, batch_size: int, normalization: str = 'cifar10'):
   """Yields the eval split in order, unaugmented and normalised, as (NCHW float32, int64) tensors."""
   torch = _torch()
   images_t = torch.from_numpy(dataset.eval_images)
   labels_t = torch.from_numpy(dataset.eval_labels.astype(np.int64))
   for _, start, size in _batch_bounds(dataset.num_eval, batch_size, False):
-    yield _torch_normalize(images_t[start:start + size]), labels_t[start:start + size]
+    yield _torch_normalize(images_t[start:start + size], normalization), labels_t[start:start + size]
 
 
 # Optimiser and schedule ----------------------------------------------------------------------------------
@@ -547,13 +551,14 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
           'learning_rate': lr, 'momentum': momentum, 'num_steps': steps_taken, 'num_images': count}
 
 
-def evaluate_torch(model, dataset, batch_size: int, device, dtype: str = 'float32') -> dict:
+def evaluate_torch(model, dataset, batch_size: int, device, dtype: str = 'float32',
+                   normalization: str = 'cifar10') -> dict:
   """Mean cross-entropy and accuracy of `model` (eval mode, under `autocast(dtype)`) on the eval split."""
   torch = _torch()
   model.eval()
   loss_sum, correct = 0.0, 0
   with torch.no_grad(), autocast(dtype, device):
-    for x, y in torch_eval_batches(dataset, batch_size):
+    for x, y in torch_eval_batches(dataset, batch_size, normalization):
       x, y = x.to(device), y.to(device)
       logits = model(x)
       loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction='sum').item()
@@ -643,13 +648,14 @@ class TorchSwag:
         p.copy_(sample[name])
 
 
-def eval_log_probs_torch(model, dataset, batch_size: int, device, dtype: str = 'float32'):
+def eval_log_probs_torch(model, dataset, batch_size: int, device, dtype: str = 'float32',
+                         normalization: str = 'cifar10'):
   """(log_softmax of `model`'s logits (eval mode) on the eval split, labels), as numpy float32 / int."""
   torch = _torch()
   model.eval()
   out, labels = [], []
   with torch.no_grad(), autocast(dtype, device):
-    for x, y in torch_eval_batches(dataset, batch_size):
+    for x, y in torch_eval_batches(dataset, batch_size, normalization):
       out.append(torch.log_softmax(model(x.to(device)).float(), dim=1).cpu().numpy())
       labels.append(y.numpy())
   return np.concatenate(out), np.concatenate(labels)
@@ -677,7 +683,8 @@ def swag_evaluate_torch(swag: 'TorchSwag', model, config, dataset, recalibration
     _update_bn(itertools.islice(recalibration_batches(), num_batches), sample_model, device,
                config.model.dtype)
     sample_log_probs, labels = eval_log_probs_torch(sample_model, dataset, config.eval_batch_size, device,
-                                                    config.model.dtype)
+                                                    config.model.dtype,
+                                                    config.data.get('normalization', 'cifar10'))
     log_probs.append(sample_log_probs)
   mean_log_probs = calibration.mean_log_probs(jnp.asarray(np.stack(log_probs)))
   return calibration.calibration_sums(mean_log_probs, jnp.asarray(labels), jnp.ones(labels.shape))
@@ -716,9 +723,9 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   config_lib.validate_against_run(config, steps_per_epoch)
 
   torch.manual_seed(config.seed)
-  model = create_torch_model(config.model)
+  model = create_torch_model(config.model, num_classes=dataset.num_classes)
   if config.init_from.path:
-    _finetune().load_init_from(model, config)
+    _finetune().load_init_from(model, config, dataset.num_classes)
   model = model.to(device)
   if builders.finetuning(config):
     optimizer = _finetune().create_optimizer(model, config)
@@ -774,7 +781,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
 
       if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
         _update_bn(recalibration_batches(), swa_model, device, config.model.dtype)
-        swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device, config.model.dtype)
+        swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device, config.model.dtype,
+                                   config.data.get('normalization', 'cifar10'))
         swa_record = {'swa_eval_loss': swa_evals['eval_loss'],
                       'swa_eval_accuracy': swa_evals['eval_accuracy']}
       swa_record['swa_count'] = int(swa_model.n_averaged)
@@ -782,7 +790,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
         swag_sums = swag_evaluate_torch(swag, model, config, dataset, recalibration_batches, steps_per_epoch,
                                         device)
         swa_record.update({f'swag_eval_{k}': v for k, v in calibration.summarize(swag_sums).items()})
-    evals = evaluate_torch(model, dataset, config.eval_batch_size, device, config.model.dtype)
+    evals = evaluate_torch(model, dataset, config.eval_batch_size, device, config.model.dtype,
+                           config.data.get('normalization', 'cifar10'))
     record = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch,
               'train_loss': train['train_loss'], 'train_accuracy': train['train_accuracy'],
               'eval_loss': evals['eval_loss'], 'eval_accuracy': evals['eval_accuracy'],

@@ -60,6 +60,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   parallel.initialize_distributed(config.distributed)
   compilation_cache.configure(config.compilation_cache)
+  # The data before the pretrained weights: its class count is the model's head's.
+  dataset = input_pipeline.load_dataset(config.data, config.seed)
+  logging.info('Data: %d train, %d %s examples, %d classes', dataset.num_train, dataset.num_eval,
+               dataset.eval_split, dataset.num_classes)
+  laps.lap('data')
   # Pretrained weights are read and checked before anything is written; a resumed run ignores them.
   init = None
   if config.get('init_from') is not None and config.init_from.path:
@@ -67,15 +72,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       logging.info('Resuming %s from its checkpoint; init_from.path=%s is not read.', workdir,
                    config.init_from.path)
     else:
-      init = pretrained.load(config)
+      init = pretrained.load(config, dataset.num_classes)
   os.makedirs(workdir, exist_ok=True)
   # One writer per workdir, taken before anything reads or writes its checkpoints or metrics.
   with workdir_lock.WorkdirLock(workdir, hold=jax.process_index() == 0):
-    return _train_and_evaluate(config, workdir, actions, laps, imports, init)
+    return _train_and_evaluate(config, workdir, actions, laps, imports, dataset, init)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions, laps: timing.Laps,
-                        imports: float, init=None) -> steps.TrainState:
+                        imports: float, dataset: input_pipeline.Dataset, init=None) -> steps.TrainState:
   """`train_and_evaluate` once the workdir is this run's; `init`: `pretrained.load`'s, or None."""
   par = parallel.create(config.parallelism, num_seeds=config.num_seeds, seed_devices=config.seed_devices)
   logging.info('parallelism=%s: batch %d over %d devices (%d processes)', par.mode,
@@ -84,18 +89,17 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions
     logging.info('%d seeds (%d..%d) in one vmap-ed step, mesh %s', config.num_seeds, config.seed,
                  config.seed + config.num_seeds - 1, dict(par.mesh.shape))
   laps.lap('devices')
-  dataset = input_pipeline.load_dataset(config.data, config.seed)
-  logging.info('Data: %d train, %d %s examples', dataset.num_train, dataset.num_eval, dataset.eval_split)
-  laps.lap('data')
   spe = config_lib.steps_per_epoch(config, par, dataset.num_train)
   config_lib.validate_against_run(config, spe)
 
   run_schedules = builders.create_run_schedules(config, spe)
-  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
+  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name,
+                                num_classes=dataset.num_classes)
   initial = builders.initial_state_fn(config, model, run_schedules)
   manager = checkpointing.checkpoint_manager(workdir, config)
   checkpoints = checkpointing.CheckpointWriter(manager)
   changed = checkpointing.check_resume(config, workdir, bool(manager.all_steps()))
+  checkpointing.check_num_classes(manager, workdir, dataset.num_classes)
   if changed and par.is_main_process:
     logging.warning('Resuming %s with a config that differs from the one it started with: %s',
                     workdir, '; '.join(changed))
@@ -139,7 +143,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions
       print(f'{workdir}: training already finished at step {start_step}/{num_steps}; nothing to do.')
       writer.close()
     checkpoints.close()
-    return _returned(par, state, config)
+    return _returned(par, state, config, dataset.num_classes)
   if start_step:
     logging.info('Resuming from step %d (epoch %d).', start_step, start_step // spe)
   logging.info('Convolutions: %s (model.conv=%s, model.dtype=%s); up to %d train steps per call.',
@@ -161,12 +165,14 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, actions
     checkpoints.close()
   if writer is not None:
     writer.close()
-  return _returned(par, run.state, config)
+  return _returned(par, run.state, config, dataset.num_classes)
 
 
-def _returned(par: parallel.Parallel, state: steps.TrainState, config) -> steps.TrainState:
+def _returned(par: parallel.Parallel, state: steps.TrainState, config,
+              num_classes: int) -> steps.TrainState:
   """The state without pmap's device axis, applying a model without pmap's collective axis."""
-  return par.to_checkpoint_layout(state).replace(apply_fn=builders.create_model(config.model).apply)
+  return par.to_checkpoint_layout(state).replace(
+      apply_fn=builders.create_model(config.model, num_classes=num_classes).apply)
 
 
 # Using a finished (or partial) run ---------------------------------------------------------------------
@@ -185,13 +191,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   compilation_cache.configure(config.compilation_cache)
   par = parallel.create(config.parallelism, num_seeds=config.num_seeds, seed_devices=config.seed_devices)
   dataset = input_pipeline.load_dataset(config.data, config.seed)
+  manager = checkpointing.checkpoint_manager(workdir, config, read_only=True)
+  checkpointing.check_num_classes(manager, workdir, dataset.num_classes)
   shifted = shifted_sets(config, dataset)  # before anything compiles: a bad released file stops here
   spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
-  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name)
+  model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name,
+                                num_classes=dataset.num_classes)
   state, acc = par.place_per_seed(builders.create_initial_state(
       config, model, builders.create_run_schedules(config, spe)))
   restored = checkpointing.restore_checkpoint(
-      checkpointing.checkpoint_manager(workdir, config, read_only=True), par.to_checkpoint_layout(state),
+      manager, par.to_checkpoint_layout(state),
       par.to_checkpoint_layout(acc), move_damaged=False)  # a reader: the workdir may be a live run's
   if restored is None:
     raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')

@@ -65,12 +65,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.drop_connect_rate = 0.2  # efficientnet_lite0: block i of 16 drops its branch at rate * i / 16
 
   config.data = ml_collections.ConfigDict()
-  config.data.source = 'tfds'  # tfds | npz | cifar10_python | images (scripts/gpu/gpu_bundle.py) | synthetic
+  # tfds | npz | cifar10_python | cifar100_python | images (scripts/gpu/gpu_bundle.py) | synthetic. The class
+  # count comes from the data (docs/cifar100.md): TFDS's ClassLabel, cifar-100-python's meta (100 fine
+  # labels), an npz's num_classes array (absent: 10), synthetic_num_classes; the model's head follows it
+  config.data.source = 'tfds'
+  config.data.tfds_name = 'cifar10'  # tfds: cifar10 | cifar100
   config.data.data_dir = ''  # tfds: where the dataset is prepared ('' = TFDS's default)
-  config.data.path = ''  # npz: the file; cifar10_python: the cifar-10-batches-py folder; images: the folder
+  # npz: the file; cifar10_python / cifar100_python: the cifar-10-batches-py / cifar-100-python folder;
+  # images: the folder
+  config.data.path = ''
   config.data.validation_size = 0  # > 0: hold out this many from the end of train, evaluate on them
   config.data.drop_remainder = False  # False: a final partial batch, like torch's drop_last=False
   config.data.augment = True  # random crop (pad 4) and horizontal flip
+  # The input's mean / std (input_pipeline.NORMALIZATIONS): cifar10 (the blog's constants) | cifar100 (the
+  # standard CIFAR-100 ones, its training pixels' mean and std); the CIFAR families only (a pretrained
+  # family normalises as its weights expect, model.normalization)
+  config.data.normalization = 'cifar10'
   # > 0: BiT's mixup, each training batch mixed with itself permuted at a weight ~ Beta(mixup, mixup)
   # (steps.mixup; BiT's HyperRule: 0.1 for 20k examples or more)
   config.data.mixup = 0.0
@@ -93,8 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.synthetic_train_size = 2048
   config.data.synthetic_eval_size = 512
   config.data.synthetic_seed = -1  # synthetic: the seed of the images; -1 = config.seed
-  # A folder of the released CIFAR-10-C files (<corruption>.npy, labels.npy; the corruptions of the test
-  # set) for --mode=evaluate's evaluation.shift; '' = generate them (cifar_jax/corruptions.py).
+  config.data.synthetic_num_classes = 10  # synthetic: the class count (100: a CIFAR-100-shaped run)
+  # A folder of the released CIFAR-10-C (or CIFAR-100-C) files (<corruption>.npy, labels.npy; the
+  # corruptions of the test set) for --mode=evaluate's evaluation.shift; '' = generate them from the
+  # evaluation images (cifar_jax/corruptions.py).
   config.data.corruptions_path = ''
 
   # The training loss (evaluation's NLL is always the plain cross-entropy). label_smoothing: eps in [0, 1),

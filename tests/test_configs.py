@@ -17,7 +17,8 @@ from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top,wro
 # schedules, momentum cycling, SWA); the rest run with `make test-slow`.
 FAST_CONFIGS = ('gn_ws', 'cyclic', 'one_cycle', 'swa')
 SLOW_CONFIGS = ('default', 'resnet9', 'multistep', 'cosine', 'warm_restarts', 'one_cycle_30', 'swa_20_20',
-                'ensemble', 'swag', 'multiswag', 'modern_recipe')
+                'ensemble', 'swag', 'multiswag', 'modern_recipe',
+                'cifar100_one_cycle', 'cifar100_multiswag')
 BLOG_CONFIGS = [*FAST_CONFIGS, *(pytest.param(n, marks=pytest.mark.slow) for n in SLOW_CONFIGS)]
 
 
@@ -33,6 +34,8 @@ def _tiny(name):
   config.progress_bar = False
   if config.swa.enabled:
     config.swa.start_epoch = 1
+  if config.data.get('tfds_name') == 'cifar100':  # the CIFAR-100 configs: 100 synthetic classes
+    config.data.synthetic_num_classes = 100
   return config
 
 

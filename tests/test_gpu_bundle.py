@@ -48,6 +48,14 @@ def test_made_images_round_trip_bit_exactly(tmp_path):
   assert {s['format'] for s in manifest['strips']} == {'webp'}  # lossless WebP was exact for every strip
 
 
+def test_labels_of_more_than_ten_classes_are_refused(tmp_path):
+  """The manifest holds one digit a label: a CIFAR-100 npz is refused, not written wrong."""
+  images, labels = _hard_images(40)
+  labels[3] = 57
+  with pytest.raises(SystemExit, match='labels 0..57: a bundle holds CIFAR-10'):
+    gpu_bundle.write_images(images, labels, str(tmp_path / 'data'), 10**8, {'test': True}, workers=1)
+
+
 @pytest.mark.skipif(not os.path.isfile(NPZ), reason=f'no {NPZ}')
 def test_cifar10_images_round_trip_bit_exactly(tmp_path):
   with np.load(NPZ, allow_pickle=False) as f:

@@ -92,8 +92,8 @@ def test_train_and_evaluate_torch_runs_bfloat16_under_autocast(tmp_path, monkeyp
   seen = []
   create = torch_reference.create_torch_model
 
-  def create_and_watch(model_config):  # records the dtype of every logits tensor, train and eval
-    model = create(model_config)
+  def create_and_watch(model_config, **kwargs):  # records the dtype of every logits tensor, train and eval
+    model = create(model_config, **kwargs)
     model.fc.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
     return model
 

@@ -57,13 +57,13 @@ def create_model(model_config, num_classes: int) -> PretrainedInput:
                          builders.normalization(model_config))
 
 
-def load_init_from(model: PretrainedInput, config) -> None:
+def load_init_from(model: PretrainedInput, config, num_classes: int = 10) -> None:
   """`config.init_from` into `model.model`, mapped (and checked) exactly as the JAX trainer maps it."""
   layout = config.init_from.layout
   if layout == 'cifar_jax':
     raise ConfigError('init_from.layout=cifar_jax: the torch twin reads torchvision_resnet, timm_resnet or '
                       'efficientnet_lite files')
-  loaded, zeroed = pretrained.load(config)
+  loaded, zeroed = pretrained.load(config, num_classes)
   state_dict = {}
   for (collection, path), value in loaded.items():
     state_dict[pretrained.flax_to_key(layout, collection, path)] = torch.from_numpy(

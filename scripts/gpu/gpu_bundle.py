@@ -85,6 +85,9 @@ def write_images(images: np.ndarray, labels: np.ndarray, out: str, budget_bytes:
     shutil.rmtree(out)
   os.makedirs(out)
   labels = np.asarray(labels)
+  if labels.size and (labels.min() < 0 or labels.max() > 9):  # the manifest holds one digit a label
+    sys.exit(f'gpu_bundle: labels {labels.min()}..{labels.max()}: a bundle holds CIFAR-10\'s labels 0..9 '
+             '(one digit each); copy a CIFAR-100 npz as it is and use data.source=npz')
   starts = range(0, len(images), strip)
   jobs = (images[i:i + strip] for i in starts)
   strips, used = [], 2 * STRIP_ENTRY_BYTES  # the manifest's own fields
