@@ -196,3 +196,27 @@ def test_every_row_of_a_multiswag_run(tiny_config, tmp_path, monkeypatch):
   plain = train.evaluate_checkpoint(config, workdir)
   for a, b in zip(plain['table'], out['table']):
     assert a['nll'] != b['nll'], a['model']
+
+
+def test_plot_ood_draws_the_histograms(tmp_path, capsys):
+  """scripts/plot.py's OOD figure (`ood`, and beside calibration.png) from the rows' histograms."""
+  import sys  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, os.path.join(conftest.ROOT, 'scripts'))
+  import plot  # pylint: disable=g-import-not-at-top
+
+  rng = np.random.default_rng(0)
+  draw = lambda n: uncertainty.Members(np.log(rng.dirichlet(np.ones(10), (2, n))).astype(np.float32))
+  rows, histograms = uncertainty.ood_rows({'single model': [draw(30), draw(20)]}, ['noise'], 2)
+  assert {r['model'] for r in rows} == {'single model', 'deep ensemble'}
+  table = [{'model': 'single model', 'models': 1, 'seeds': 2, 'accuracy': 0.5, 'nll': 1.0, 'ece': 0.1,
+            'brier': 0.6, 'bins': {'count': [1], 'confidence': [0.5], 'accuracy': [0.5]}}]
+  (tmp_path / 'evaluation.json').write_text(json.dumps({'table': table, 'ood': {
+      'in_distribution': 'validation (30 images)', 'rows': rows, 'histograms': histograms}}))
+  plot.main(['ood', str(tmp_path)])
+  assert (tmp_path / 'ood.png').stat().st_size > 0
+  (tmp_path / 'ood.png').unlink()
+  plot.main(['calibration', str(tmp_path)])
+  assert (tmp_path / 'ood.png').stat().st_size > 0 and (tmp_path / 'calibration.png').stat().st_size > 0
+  (tmp_path / 'evaluation.json').write_text(json.dumps({'table': table}))
+  with pytest.raises(SystemExit, match='no OOD detection'):
+    plot.main(['ood', str(tmp_path)])
