@@ -13,11 +13,13 @@ from cifar_jax import corruptions
 from cifar_jax import input_pipeline
 from cifar_jax import lr_curves
 from cifar_jax import models
+from cifar_jax import ood
 from cifar_jax import parallel
 from cifar_jax import pretrained
 from cifar_jax import schedules
 from cifar_jax import steps
 from cifar_jax import swag
+from cifar_jax import tta
 from cifar_jax.errors import ConfigError
 
 # The free space a run needs on its workdir's filesystem before it starts (checkpoints, metrics), in MB.
@@ -429,6 +431,22 @@ def _validate_evaluation(config: ml_collections.ConfigDict) -> None:
              f'data.corruptions_path={path} holds corruptions of the test set, but '
              f'data.validation_size={config.data.validation_size} evaluates held-out training images; set '
              "data.corruptions_path='' to generate them from those images")
+  _choice(ev.get('tta', 'none'), 'evaluation.tta', tta.LEVELS)
+  _require(isinstance(ev.get('temperature', False), bool),
+           f"evaluation.temperature must be True or False, got {ev.get('temperature')!r}")
+  _require(isinstance(ev.get('ood', ''), str),
+           f"evaluation.ood must be OOD sets separated by commas, got {ev.get('ood')!r}")
+  try:
+    ood_sets = ood.parse(ev.get('ood', ''))
+  except ValueError as e:
+    raise ConfigError(f'evaluation.ood: {e}') from e
+  if ev.get('temperature', False):
+    _require(config.data.validation_size > 0,
+             'evaluation.temperature fits T on a held-out split, and data.validation_size=0 holds none out; '
+             'set data.validation_size > 0 (e.g. 5000), or evaluation.temperature=False')
+  if ev.get('temperature', False) or ood_sets:
+    _require(config.parallelism == 'jit', "evaluation.temperature and evaluation.ood need each example's log "
+             f'probabilities, which parallelism={config.parallelism} does not return; set parallelism=jit')
 
 
 def validate_devices(config: ml_collections.ConfigDict, device_count: int) -> None:

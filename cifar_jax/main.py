@@ -32,6 +32,7 @@ from cifar_jax import preemption
 from cifar_jax import pretrained
 from cifar_jax import torch_reference
 from cifar_jax import train
+from cifar_jax import uncertainty
 from cifar_jax.errors import ConfigError
 from cifar_jax.errors import DataError
 from cifar_jax.errors import NonFiniteLossError
@@ -256,6 +257,10 @@ def _evaluate(config, workdir: str) -> None:
   print(train.format_table(out['table']))
   if 'shift' in out:
     print(train.format_shift_summary(out['shift'], out['table']))
+  if 'temperature' in out:
+    print(uncertainty.format_temperature(out['temperature'], out['table']))
+  if 'ood' in out:
+    print(uncertainty.format_ood(out['ood']))
   print(f'Written to {path}')
 
 

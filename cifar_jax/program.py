@@ -31,6 +31,7 @@ from cifar_jax import parallel
 from cifar_jax import steps
 from cifar_jax import swa
 from cifar_jax import swag
+from cifar_jax import tta as tta_lib
 
 # Auto `steps_per_dispatch` on the CPU (BENCHMARKS.md; scripts/bench_dispatch.py measured it: see git).
 CPU_STEPS_PER_DISPATCH = 8
@@ -57,6 +58,8 @@ ARG_KINDS = {
                              data_key=SEED, epoch=HOST, index=HOST),
     'swag_predict': dict(params=SEED, batch_stats=SEED, acc=SEED, images=SHARED, labels=SHARED,
                          mask=SHARED),
+    'swag_predict_entropy': dict(params=SEED, batch_stats=SEED, acc=SEED, entropy_acc=SEED, images=SHARED,
+                                 labels=SHARED, mask=SHARED),
 }
 
 
@@ -198,6 +201,7 @@ class Program:
   swag_sample: Any = None
   swag_recalibrate: dict[int, Any] = dataclasses.field(default_factory=dict)
   swag_predict: Any = None
+  swag_predict_entropy: Any = None
   swag_chunk: int = 0
   swag_batches: int = 0  # the batches of each SWAG sample's BatchNorm pass
   traces: collections.Counter = dataclasses.field(default_factory=collections.Counter)
@@ -210,7 +214,8 @@ class Program:
   def compile(cls, config: ml_collections.ConfigDict, model, par: parallel.Parallel,
               dataset: input_pipeline.Dataset, state: steps.TrainState, acc, data_key,
               recalibration_key, first_step: int = 0, background: bool = True,
-              training: bool = True, evaluate: bool = True, check_memory: bool = True) -> 'Program':
+              training: bool = True, evaluate: bool = True, check_memory: bool = True,
+              log_probs: bool = False, member_entropy: bool = False) -> 'Program':
     """Places the data on the devices and compiles every function of a run of `config` for `state`.
 
     `state` and `acc` may be arrays or their shapes (`Parallel.abstract_per_seed`): only their shapes,
@@ -223,6 +228,9 @@ class Program:
     `evaluate=False` (the LR range test) leaves out the eval set and the eval functions.
     `check_memory`: the first train call's memory plan is logged and, when it cannot fit the memory
     available, a ConfigError stops the run before anything else compiles (`memory.check`).
+    `log_probs`: `eval` and `swa_eval` return the eval log probabilities with one seed too (temperature
+    scaling, OOD scores: `uncertainty.py`). `member_entropy`: with SWAG, also `swag_predict_entropy`.
+    The eval functions average `evaluation.tta`'s views (`tta.py`).
     """
     # Every device holds the whole dataset (uint8) and draws the global batch; `shard_batch` splits it.
     images, labels = par.replicate(dataset.train_images), par.replicate(dataset.train_labels)
@@ -257,6 +265,8 @@ class Program:
     normalization = config.data.get('normalization', 'cifar10')  # input_pipeline.NORMALIZATIONS
     max_steps_per_call = steps_per_dispatch(config, par.num_devices)
     ensemble = par.num_seeds > 1  # the seeds' eval log probabilities, averaged by `ensemble`
+    with_log_probs = ensemble or log_probs
+    tta_views = tta_lib.level(config)
     step_fn = functools.partial(dispatch_fn(max_steps_per_call), steps_per_epoch=spe,
                                 batch_size=config.batch_size, augment=config.data.augment,
                                 axis_name=par.axis_name, shard_batch=par.shard_batch,
@@ -273,7 +283,8 @@ class Program:
                            first_perm, data_key, np.int32(1), donate=(0, 1))
                for size in sorted(set(sizes)) if training},
         eval=build('eval', functools.partial(steps.evaluate_on_device_data, axis_name=par.axis_name,
-                                             with_log_probs=ensemble, normalization=normalization),
+                                             with_log_probs=with_log_probs, tta=tta_views,
+                                             normalization=normalization),
                    state, *eval_arrays) if evaluate else None,
         permutation=permutation, traces=traces)
     swa_config = config.swa
@@ -284,7 +295,8 @@ class Program:
       if training:
         program.swa_update = build('swa_update', swa_update_fn, state, donate=0)
       program.swa_eval = build('eval', functools.partial(
-          steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name, with_log_probs=ensemble,
+          steps.evaluate_on_device_data, use_swa=True, axis_name=par.axis_name, with_log_probs=with_log_probs,
+          tta=tta_views,
           normalization=normalization),
           state, *eval_arrays)
       if jax.tree.leaves(state.batch_stats):  # a model with BatchNorm
@@ -300,7 +312,7 @@ class Program:
         program.reset_batch_stats = par.place_per_seed(swa.reset_batch_stats(jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(par.host_shape(x), x.dtype), state.batch_stats)))
     if evaluate and (ensemble or config.swag.enabled):
-      program.build_ensemble_functions(config, model, build, state, first_perm)
+      program.build_ensemble_functions(config, model, build, state, first_perm, member_entropy)
     del first_perm
     first_size = sizes[first_step % spe]
     if training:
@@ -318,13 +330,16 @@ class Program:
       program.compile_seconds = time.perf_counter() - start
     return program
 
-  def build_ensemble_functions(self, config, model, build, state, first_perm) -> None:
+  def build_ensemble_functions(self, config, model, build, state, first_perm,
+                               member_entropy: bool = False) -> None:
     """`ensemble` and `calibrate` over eval log probabilities, and with SWAG its sampling, per-sample
     BatchNorm pass and prediction, each over `swag_chunk` samples of every seed at once."""
     par, eval_arrays = self.par, self.data['eval_arrays']
     _, labels, mask = eval_arrays
     normalization = config.data.get('normalization', 'cifar10')
+    tta_views = tta_lib.level(config)
     per_seed_eval = par.seeded(functools.partial(steps.evaluate_on_device_data, with_log_probs=True,
+                                                 tta=tta_views,
                                                  normalization=normalization),
                                in_axes=(0, None, None, None))
     shape = jax.eval_shape(per_seed_eval, state, *eval_arrays)[1]
@@ -363,14 +378,26 @@ class Program:
                       first_perm, self.data['recalibration_key'], 0, 0)
           for size in sorted(set(self.sizes[:self.swag_batches]))}
 
+    def chunk_log_probs(params, batch_stats, images, labels, mask):
+      member = functools.partial(steps.evaluate_variables, state.apply_fn, with_log_probs=True, tta=tta_views)
+      return jax.vmap(member, in_axes=(0, 0, None, None, None))(params, batch_stats, images, labels, mask)[1]
+
     def predict(params, batch_stats, acc, images, labels, mask):
-      member = functools.partial(steps.evaluate_variables, state.apply_fn, with_log_probs=True,
-                                 normalization=normalization)
-      _, chunk_log_probs = jax.vmap(member, in_axes=(0, 0, None, None, None))(
-          params, batch_stats, images, labels, mask)
-      return jnp.logaddexp(acc, jax.nn.logsumexp(chunk_log_probs, axis=0))
+      return jnp.logaddexp(acc, jax.nn.logsumexp(chunk_log_probs(params, batch_stats, images, labels, mask),
+                                                 axis=0))
 
     self.swag_predict = build('swag_predict', predict, params, running, log_probs, *eval_arrays)
+    if member_entropy:  # also the sum over samples of each sample's predictive entropy (mutual information)
+      def predict_entropy(params, batch_stats, acc, entropy_acc, images, labels, mask):
+        samples = chunk_log_probs(params, batch_stats, images, labels, mask)
+        entropy = -jnp.sum(jnp.exp(samples) * samples, axis=-1)
+        return (jnp.logaddexp(acc, jax.nn.logsumexp(samples, axis=0)), entropy_acc + jnp.sum(entropy, axis=0))
+
+      entropy_shape = jax.ShapeDtypeStruct(log_probs.shape[:-1], log_probs.dtype, sharding=seed_sharding)
+      self.swag_predict_entropy = build('swag_predict_entropy', predict_entropy, params, running, log_probs,
+                                        entropy_shape, *eval_arrays)
+      self.data['swag_entropy_acc'] = jax.device_put(jnp.zeros(entropy_shape.shape, log_probs.dtype),
+                                                     seed_sharding)
     self.data['swag_acc'] = jax.device_put(
         jnp.full(log_probs.shape, -jnp.inf, log_probs.dtype), seed_sharding)
 
@@ -436,7 +463,7 @@ class Program:
     eval_arrays = self.data['eval_arrays'] if eval_arrays is None else eval_arrays
     out = (self.swa_eval if use_swa else self.eval)(state, *eval_arrays)
     if self.ensemble is None:
-      return out, None, None
+      return (out[0], None, out[1]) if isinstance(out, tuple) else (out, None, None)
     sums, log_probs = out
     return sums, self.ensemble(log_probs, *eval_arrays[1:]), log_probs
 
@@ -446,14 +473,17 @@ class Program:
     return self.swag_log_probs_sets(state, epoch, num_samples, [self.data['eval_arrays']])[0]
 
   def swag_log_probs_sets(self, state, epoch: int, num_samples: int, eval_sets: list,
-                          every_call: bool = True) -> list:
+                          every_call: bool = True, with_entropy: bool = False) -> list:
     """`swag_log_probs` of each of `eval_sets` (eval arrays of the eval set's shapes), each sample drawn
-    and recalibrated once for all of them; `every_call=False` keeps only the last entry of each list."""
+    and recalibrated once for all of them; `every_call=False` keeps only the last entry of each list.
+    `with_entropy` (`compile(member_entropy=True)`): each entry also holds the samples' mean predictive
+    entropy per example, (samples, log probabilities, mean entropy)."""
     if num_samples % self.swag_chunk:
       raise ValueError(f'{num_samples} samples in calls of {self.swag_chunk}')
     key = self.data['recalibration_key']
     perm = self.permutation(key, epoch)
     accs, outs = [self.data['swag_acc']] * len(eval_sets), [[] for _ in eval_sets]
+    entropies = [self.data.get('swag_entropy_acc')] * len(eval_sets)
     for first in range(0, num_samples, self.swag_chunk):
       params, running = self.swag_sample(state, self.data['swag_keys'], np.int32(first))
       if self.swag_recalibrate:
@@ -462,9 +492,14 @@ class Program:
                                      sizes=self.sizes[:self.swag_batches])
       done = first + self.swag_chunk
       for i, eval_arrays in enumerate(eval_sets):
-        accs[i] = self.swag_predict(params, running, accs[i], *eval_arrays)
+        if with_entropy:
+          accs[i], entropies[i] = self.swag_predict_entropy(params, running, accs[i], entropies[i],
+                                                            *eval_arrays)
+        else:
+          accs[i] = self.swag_predict(params, running, accs[i], *eval_arrays)
         if every_call or done == num_samples:
-          outs[i].append((done, accs[i] - np.float32(np.log(done))))
+          outs[i].append((done, accs[i] - np.float32(np.log(done)))
+                         + ((entropies[i] / np.float32(done),) if with_entropy else ()))
     return outs
 
   def swag_evaluate(self, state, epoch: int, num_samples: int):

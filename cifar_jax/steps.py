@@ -20,6 +20,7 @@ from cifar_jax import augmentations
 from cifar_jax import calibration
 from cifar_jax import input_pipeline
 from cifar_jax import swa
+from cifar_jax import tta as tta_lib
 
 # Folded into the data key for the SWA BatchNorm pass, so its order differs from every training epoch's.
 RECALIBRATION_SALT = 0x5BA
@@ -344,28 +345,36 @@ def eval_zeros() -> dict[str, jax.Array]:
 
 
 def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False,
-                            axis_name: str | None = None, with_log_probs: bool = False,
-                            normalization: str = 'cifar10'):
+                           axis_name: str | None = None, with_log_probs: bool = False, tta: str = 'none',
+                           normalization: str = 'cifar10'):
   """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch.
 
   Under pmap (`axis_name`) each device holds a slice of every batch and the sums are added over devices.
   `with_log_probs`: also the (num_batches, batch, classes) log probabilities (jit only), for an ensemble
-  over the seeds (`calibration.ensemble_sums`).
+  over the seeds (`calibration.ensemble_sums`). `tta`: the test-time augmentation's views (`tta.VIEWS`),
+  their probabilities averaged.
   """
   if use_swa:
     state = state.replace(params=state.swa_params, batch_stats=state.swa_batch_stats)
   return evaluate_variables(state.apply_fn, state.params, state.batch_stats, images, labels, mask,
-                            axis_name=axis_name, with_log_probs=with_log_probs, normalization=normalization)
+                            axis_name=axis_name, with_log_probs=with_log_probs, tta=tta,
+                            normalization=normalization)
 
 
 def evaluate_variables(apply_fn, params, batch_stats, images, labels, mask, *, axis_name=None,
-                       with_log_probs: bool = False, normalization: str = 'cifar10'):
+                       with_log_probs: bool = False, tta: str = 'none', normalization: str = 'cifar10'):
   """`evaluate_on_device_data` of the model `apply_fn` with `params` and `batch_stats`."""
+
+  def logits_fn(x):
+    variables = {'params': params, 'batch_stats': batch_stats}
+    return apply_fn(variables, input_pipeline.normalize(x, normalization), train=False)
 
   def body(totals, batch):
     x, y, m = batch
-    logits = apply_fn({'params': params, 'batch_stats': batch_stats},
-                      input_pipeline.normalize(x, normalization), train=False)
+    if tta == 'none':
+      logits = logits_fn(x)
+    else:  # the views' averaged log probabilities, whose log_softmax they are
+      logits = tta_lib.log_probs(logits_fn, x, tta)
     sums, log_probs = eval_sums(logits, y, m)
     return jax.tree.map(jnp.add, totals, sums), (log_probs if with_log_probs else None)
 

@@ -31,6 +31,7 @@ from cifar_jax import metrics_writer
 from cifar_jax import models
 from cifar_jax import schedules
 from cifar_jax import steps
+from cifar_jax import tta as tta_lib
 
 DATA_MODES = ('identical', 'native')
 SCHEDULES = builders.SCHEDULE_NAMES
@@ -551,16 +552,32 @@ def train_epoch(model, optimizer, batches, device, after_step=None, halt_on_nan:
           'learning_rate': lr, 'momentum': momentum, 'num_steps': steps_taken, 'num_images': count}
 
 
+def tta_log_probs_torch(model, x, tta: str):
+  """airbench's `infer` views of the normalised NCHW batch `x` (`tta.VIEWS`: F.pad(..., 'reflect') and a
+  crop, then the mirror), through `model` at once; the log of their weighted mean softmax probabilities."""
+  torch = _torch()
+  h, w = x.shape[2:]
+  padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode='reflect')
+  views, log_weights = [], []
+  for dy, dx, mirrored, weight in tta_lib.VIEWS[tta]:
+    view = x if dy == dx == 0 else padded[:, :, 1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
+    views.append(view.flip(-1) if mirrored else view)
+    log_weights.append(math.log(weight))
+  log_probs = torch.log_softmax(model(torch.cat(views)).float(), dim=1).reshape(len(views), x.shape[0], -1)
+  return torch.logsumexp(log_probs + torch.tensor(log_weights, device=x.device)[:, None, None], dim=0)
+
+
 def evaluate_torch(model, dataset, batch_size: int, device, dtype: str = 'float32',
-                   normalization: str = 'cifar10') -> dict:
-  """Mean cross-entropy and accuracy of `model` (eval mode, under `autocast(dtype)`) on the eval split."""
+                   tta: str = 'none', normalization: str = 'cifar10') -> dict:
+  """Mean cross-entropy and accuracy of `model` (eval mode, under `autocast(dtype)`) on the eval split;
+  `tta`: of the test-time augmentation's averaged views (`tta_log_probs_torch`)."""
   torch = _torch()
   model.eval()
   loss_sum, correct = 0.0, 0
   with torch.no_grad(), autocast(dtype, device):
     for x, y in torch_eval_batches(dataset, batch_size, normalization):
       x, y = x.to(device), y.to(device)
-      logits = model(x)
+      logits = model(x) if tta == 'none' else tta_log_probs_torch(model, x, tta)
       loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction='sum').item()
       correct += (logits.argmax(1) == y).sum().item()
   n = max(dataset.num_eval, 1)
@@ -648,15 +665,18 @@ class TorchSwag:
         p.copy_(sample[name])
 
 
-def eval_log_probs_torch(model, dataset, batch_size: int, device, dtype: str = 'float32',
+def eval_log_probs_torch(model, dataset, batch_size: int, device, dtype: str = 'float32', tta: str = 'none',
                          normalization: str = 'cifar10'):
-  """(log_softmax of `model`'s logits (eval mode) on the eval split, labels), as numpy float32 / int."""
+  """(log_softmax of `model`'s logits (eval mode) on the eval split, labels), as numpy float32 / int;
+  `tta`: the views' averaged log probabilities (`tta_log_probs_torch`)."""
   torch = _torch()
   model.eval()
   out, labels = [], []
   with torch.no_grad(), autocast(dtype, device):
     for x, y in torch_eval_batches(dataset, batch_size, normalization):
-      out.append(torch.log_softmax(model(x.to(device)).float(), dim=1).cpu().numpy())
+      x = x.to(device)
+      logits = model(x) if tta == 'none' else tta_log_probs_torch(model, x, tta)
+      out.append(torch.log_softmax(logits.float(), dim=1).cpu().numpy())
       labels.append(y.numpy())
   return np.concatenate(out), np.concatenate(labels)
 
@@ -683,7 +703,7 @@ def swag_evaluate_torch(swag: 'TorchSwag', model, config, dataset, recalibration
     _update_bn(itertools.islice(recalibration_batches(), num_batches), sample_model, device,
                config.model.dtype)
     sample_log_probs, labels = eval_log_probs_torch(sample_model, dataset, config.eval_batch_size, device,
-                                                    config.model.dtype,
+                                                    config.model.dtype, tta_lib.level(config),
                                                     config.data.get('normalization', 'cifar10'))
     log_probs.append(sample_log_probs)
   mean_log_probs = calibration.mean_log_probs(jnp.asarray(np.stack(log_probs)))
@@ -782,6 +802,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
       if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
         _update_bn(recalibration_batches(), swa_model, device, config.model.dtype)
         swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device, config.model.dtype,
+                                   tta_lib.level(config),
                                    config.data.get('normalization', 'cifar10'))
         swa_record = {'swa_eval_loss': swa_evals['eval_loss'],
                       'swa_eval_accuracy': swa_evals['eval_accuracy']}
@@ -791,6 +812,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
                                         device)
         swa_record.update({f'swag_eval_{k}': v for k, v in calibration.summarize(swag_sums).items()})
     evals = evaluate_torch(model, dataset, config.eval_batch_size, device, config.model.dtype,
+                           tta_lib.level(config),
                            config.data.get('normalization', 'cifar10'))
     record = {'epoch': epoch + 1, 'step': (epoch + 1) * steps_per_epoch,
               'train_loss': train['train_loss'], 'train_accuracy': train['train_accuracy'],

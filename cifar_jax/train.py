@@ -30,6 +30,7 @@ from cifar_jax import program as program_lib
 from cifar_jax import steps
 from cifar_jax import swag
 from cifar_jax import timing
+from cifar_jax import uncertainty
 from cifar_jax import workdir_lock
 from cifar_jax.errors import ConfigError
 from cifar_jax.errors import NonFiniteLossError  # noqa: F401 (public: train.NonFiniteLossError)
@@ -185,7 +186,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   (per seed with several), and `table`: one row per model (`evaluation_rows`) with accuracy, NLL, ECE,
   Brier and the reliability diagram's bins. SWAG draws `config.swag.num_samples` samples per seed (a
   --config.swag.num_samples=... given here overrides the training run's). With `config.evaluation.shift`,
-  `shift` holds every row's metrics on each corruption and severity (`evaluate_shift`).
+  `shift` holds every row's metrics on each corruption and severity (`evaluate_shift`); with
+  `evaluation.temperature`, `temperature` every row's after temperature scaling, and with `evaluation.ood`,
+  `ood` every row's OOD detection (`uncertainty.evaluate`).
   """
   config_lib.validate(config)
   compilation_cache.configure(config.compilation_cache)
@@ -194,6 +197,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   manager = checkpointing.checkpoint_manager(workdir, config, read_only=True)
   checkpointing.check_num_classes(manager, workdir, dataset.num_classes)
   shifted = shifted_sets(config, dataset)  # before anything compiles: a bad released file stops here
+  ood_sets = uncertainty.load_ood_sets(config, dataset)  # so does a bad OOD set
+  fit_temperature = uncertainty.wanted(config)[0]
   spe = input_pipeline.steps_per_epoch(dataset.num_train, config.batch_size, config.data.drop_remainder)
   model = builders.create_model(config.model, par.num_devices, par.mode, axis_name=par.axis_name,
                                 num_classes=dataset.num_classes)
@@ -206,7 +211,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     raise ConfigError(f'--workdir={workdir}: no checkpoint under {workdir}/checkpoints')
   state, acc = par.to_step_layout(restored[0]), par.to_step_layout(restored[1])
   program = program_lib.Program.compile(config, model, par, dataset, state, acc,
-                                        *builders.seed_data_keys(config), training=False)
+                                        *builders.seed_data_keys(config), training=False,
+                                        log_probs=fit_temperature or bool(ood_sets),
+                                        member_entropy=bool(ood_sets))
   k = config.num_seeds
   step = checkpointing.scalar(par.host(state.step))
   count = 0 if state.swa_count is None else checkpointing.scalar(par.host(state.swa_count))
@@ -235,6 +242,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   if shifted:
     out['shift'] = evaluate_shift(config, program, state, dataset, shifted, max(step - 1, 0) // spe,
                                   swag_on=count > 0 and config.swag.enabled, swa_on=count > 0)
+  if fit_temperature or ood_sets:
+    out.update(uncertainty.evaluate(config, program, state, dataset, ood_sets, max(step - 1, 0) // spe,
+                                    swa_on=count > 0, swag_on=count > 0 and config.swag.enabled))
   return out
 
 

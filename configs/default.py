@@ -224,6 +224,19 @@ def get_config() -> ml_collections.ConfigDict:
   # generated sets are cached as uint8 .npz keyed by the source images' hash: 'auto' =
   # ~/.cache/cifar_jax/cifar10_c (or $XDG_CACHE_HOME/cifar_jax/cifar10_c), a folder, or '' (none)
   config.evaluation.shift_cache = 'auto'
+  # Test-time augmentation (docs/uncertainty.md, cifar_jax/tta.py): airbench's views, their probabilities
+  # averaged with its weights, in every evaluation (each epoch's, --mode=evaluate's rows, under shift):
+  # 'none'; 'flip' (the image and its mirror); 'flip_translate' (those and one-pixel translations: 6 views).
+  config.evaluation.tta = 'none'
+  # --mode=evaluate: one temperature per row, fitted on the held-out split (data.validation_size > 0,
+  # which is then the evaluation set) by minimising its NLL; the rows' NLL, ECE and Brier after it.
+  config.evaluation.temperature = False
+  # --mode=evaluate: out-of-distribution detection against these sets, separated by commas (the evaluation
+  # set is the in-distribution one): 'SOURCE:PATH' (a data source's test split, e.g. 'npz:/data/svhn.npz',
+  # 'cifar10_python:/data/cifar-10-batches-py'), 'tfds:NAME' (a prepared TFDS set's test split, e.g.
+  # 'tfds:svhn_cropped'), 'noise' (uniform noise images), 'corrupted:NAME:SEVERITY' (the evaluation images
+  # under a CIFAR-10-C corruption); AUROC, AUPRC, FPR at 95 % TPR per row and score.
+  config.evaluation.ood = ''
   # The LR range test (`--mode=lr_find`, cifar_jax/lr_find.py): this config's training with the lr growing
   # exponentially from start_lr to end_lr over num_steps steps (fastai's defaults: 1e-7, 10, 100); it
   # suggests schedule.max_lr for the one-cycle configs (README, "Picking max_lr").

@@ -19,6 +19,7 @@ from bench import checkpoint
 from bench import conv_layers
 from bench import corruptions
 from bench import devices
+from bench import evaluation
 from bench import finetune
 from bench import harness
 from bench import profile
@@ -37,6 +38,7 @@ FAMILIES = {
     'checkpoint': checkpoint,    # an epoch with synchronous and asynchronous checkpoints
     'startup': startup,          # whole processes: cold and warm compilation cache, torch
     'corruptions': corruptions,  # CIFAR-10-C generation, ours and the reference's
+    'evaluation': evaluation,    # the eval at each TTA level (views), OOD scoring and the temperature fit
     'profile': profile,          # where a step's time goes: XLA's ops or oneDNN's calls
 }
 

@@ -265,6 +265,45 @@ def plot_shift(workdir: str, out: str) -> str | None:
   return out
 
 
+def plot_ood(workdir: str, out: str) -> str | None:
+  """Writes the OOD figure (per row of the table and score, the histograms of the in-distribution
+  scores and of each OOD set's, as fractions of their sets), or returns None when evaluation.json holds
+  no OOD detection."""
+  with open(os.path.join(workdir, EVALUATION_FILE)) as f:
+    result = json.load(f).get('ood')
+  if not result:
+    return None
+  histograms = result['histograms']
+  models = list(histograms)
+  scores = list(dict.fromkeys(score for sets in histograms.values() for h in sets.values() for score in h))
+  fig, axes = plt.subplots(len(models), len(scores), figsize=(4.2 * len(scores), 2.4 * len(models)),
+                           squeeze=False)
+  auroc = {(r['model'], r['set'], r['score']): r['auroc'] for r in result['rows']}
+  for i, model in enumerate(models):
+    for j, score in enumerate(scores):
+      ax = axes[i][j]
+      first = True
+      for name, per_score in histograms[model].items():
+        if score not in per_score:
+          continue
+        h = per_score[score]
+        if first:
+          ax.stairs(np.asarray(h['in']) / max(sum(h['in']), 1), h['edges'], label='in-distribution',
+                    color='black')
+          first = False
+        ax.stairs(np.asarray(h['ood']) / max(sum(h['ood']), 1), h['edges'],
+                  label=f"{name} (AUROC {auroc[model, name, score]:.3f})")
+      if first:
+        ax.set_axis_off()
+        continue
+      ax.set(xlabel=score, ylabel='fraction', title=model)
+      ax.legend(fontsize=6)
+  fig.suptitle(f"{workdir}: OOD scores (in-distribution: {result['in_distribution']})", fontsize=9)
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)
+  return out
+
 
 # lr_find -------------------------------------------------------------------------------------------------
 
@@ -293,9 +332,13 @@ def main(argv=None) -> None:
   calibration.add_argument('workdir')
   calibration.add_argument('--out', help='the PNG (default: WORKDIR/calibration.png)')
   calibration.add_argument('--shift_out', help='the shift figure (default: WORKDIR/shift.png)')
+  calibration.add_argument('--ood_out', help='the OOD figure (default: WORKDIR/ood.png)')
   shift = figures.add_parser('shift', help='accuracy, ECE and NLL under shift (CIFAR-10-C)')
   shift.add_argument('workdir')
   shift.add_argument('--out', help='the PNG (default: WORKDIR/shift.png)')
+  ood = figures.add_parser('ood', help='the OOD scores of every row: in-distribution against each OOD set')
+  ood.add_argument('workdir')
+  ood.add_argument('--out', help='the PNG (default: WORKDIR/ood.png)')
   lr = figures.add_parser('lr_find', help="the LR range test's curves and suggestions")
   lr.add_argument('workdir')
   lr.add_argument('--out', help='the PNG (default: WORKDIR/lr_find.png)')
@@ -309,11 +352,20 @@ def main(argv=None) -> None:
     shift_png = plot_shift(args.workdir, args.shift_out or os.path.join(args.workdir, 'shift.png'))
     if shift_png:
       print(shift_png)
+    ood_png = plot_ood(args.workdir, args.ood_out or os.path.join(args.workdir, 'ood.png'))
+    if ood_png:
+      print(ood_png)
   elif args.figure == 'shift':
     out = plot_shift(args.workdir, args.out or os.path.join(args.workdir, 'shift.png'))
     if not out:
       raise SystemExit(f'{os.path.join(args.workdir, EVALUATION_FILE)}: no evaluation under shift '
                        '(--config.evaluation.shift=all)')
+    print(out)
+  elif args.figure == 'ood':
+    out = plot_ood(args.workdir, args.out or os.path.join(args.workdir, 'ood.png'))
+    if not out:
+      raise SystemExit(f'{os.path.join(args.workdir, EVALUATION_FILE)}: no OOD detection '
+                       '(--config.evaluation.ood=...)')
     print(out)
   else:
     print(plot_lr_find(args.workdir, args.out or os.path.join(args.workdir, 'lr_find.png')))
