@@ -113,3 +113,15 @@ def test_configure_adds_nothing_on_a_gpu(monkeypatch):
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   assert cpu_backend.configure(_config(cpu_devices=16)) == [cpu_backend.EIGEN_CONVOLUTIONS,
                                                             f'{cpu_backend.DEVICE_COUNT_FLAG}=16']
+
+
+def test_the_sequential_scheduler_only_for_the_pretrained_families(monkeypatch):
+  monkeypatch.setattr(cpu_backend, 'backend_started', lambda: False)
+  monkeypatch.setattr(cpu_backend, 'gpu_run', lambda: False)
+  config = default.get_config()
+  for name, sequential in [('resnet18', False), ('efficientnet_lite0', True), ('torchvision_resnet50', True)]:
+    config.model.name = name
+    monkeypatch.setenv('XLA_FLAGS', '')
+    assert (cpu_backend.SEQUENTIAL_SCHEDULER in cpu_backend.configure(config)) == sequential, name
+  monkeypatch.setenv('XLA_FLAGS', f'{cpu_backend.SCHEDULER_FLAG}=true')  # the user's choice stays
+  assert cpu_backend.SEQUENTIAL_SCHEDULER not in cpu_backend.configure(config)

@@ -527,3 +527,26 @@ def test_lite0_logits_with_the_cpus_convolutions():
   expected = np.asarray(model.apply(variables, images, train=False))
   np.testing.assert_allclose(np.asarray(cpu_model.apply(variables, images, train=False)), expected,
                              rtol=0, atol=2e-5 * np.abs(expected).max())
+
+
+def test_lite0_relu6_gradient_is_torchs_and_keeps_only_its_output():
+  import torch  # pylint: disable=g-import-not-at-top
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import io  # pylint: disable=g-import-not-at-top
+
+  from jax.ad_checkpoint import print_saved_residuals  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
+  x = np.array([-1.0, 0.0, 1e-7, 3.0, 6.0 - 1e-6, 6.0, 7.5], np.float32)
+  g = np.arange(1, 8, dtype=np.float32)
+  jax_y, vjp = jax.vjp(efficientnet_lite.relu6, jnp.asarray(x))
+  xt = torch.tensor(x, requires_grad=True)
+  torch.nn.functional.relu6(xt).backward(torch.tensor(g))
+  np.testing.assert_array_equal(np.asarray(jax_y), np.clip(x, 0, 6))
+  np.testing.assert_array_equal(np.asarray(vjp(jnp.asarray(g))[0]), xt.grad.numpy())  # 0 at 0 and at 6
+  for dtype in (jnp.float32, jnp.bfloat16):  # of activation size, autodiff of max/min kept 3 values
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+      print_saved_residuals(lambda v: jnp.sum(efficientnet_lite.relu6(v * 2.0)), jnp.asarray(x, dtype))
+    saved = [line for line in out.getvalue().splitlines() if '[7]' in line]
+    assert len(saved) == 1 and '_relu6_fwd' in saved[0], out.getvalue()  # the output alone

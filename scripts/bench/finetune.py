@@ -63,14 +63,17 @@ def _config(args, dtype: str = 'float32'):
 
 
 def jax_step(args, images, labels, dtype: str = 'float32'):
-  """The trainer's jitted train step (state donated) on one fixed batch."""
+  """The trainer's jitted train step (state donated) on one fixed batch, with cifar-jax's XLA:CPU flags."""
+  from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
+
+  config = _config(args, dtype)
+  cpu_backend.configure(config)  # the XLA:CPU settings cifar-jax uses, before JAX starts
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   from cifar_jax import builders  # pylint: disable=g-import-not-at-top
   from cifar_jax import steps  # pylint: disable=g-import-not-at-top
 
-  config = _config(args, dtype)
   model = builders.create_model(config.model)
   params, batch_stats = builders.initialized(jax.random.PRNGKey(0), model)
   state = steps.TrainState.create(apply_fn=model.apply, params=params, batch_stats=batch_stats,
