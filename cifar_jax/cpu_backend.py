@@ -108,19 +108,18 @@ def uses_onednn(config) -> bool:
   return choice == 'onednn' or (choice == 'auto' and onednn_conv.missing_build_requirement() is None)
 
 
-def large_activations(config) -> bool:
-  """Whether `config` trains a pretrained family (ImageNet-sized activations, `models.PRETRAINED_FAMILIES`).
+def sequential_scheduler(config) -> bool:
+  """Whether `config` runs best under XLA:CPU's memory-minimising scheduler instead of its default,
+  concurrency-optimised one (which orders the step so that independent ops may run at once): a pretrained
+  family (ImageNet-sized activations, `models.PRETRAINED_FAMILIES`) or bfloat16 compute.
 
-  For these XLA:CPU's default, concurrency-optimised scheduler (which orders the step so independent ops may
-  run at once) plans far more memory than its memory-minimising one and gains nothing, every large op
-  using every core already: EfficientNet-Lite0 at 128 px, batch 128, plans 2.83 against 3.41 GB of
-  temporaries in float32 (1.70 against 2.28 in bfloat16) and ran 1.10x as fast, 447 MB lower at its peak.
-  The blog's ResNets keep the default: at width 0.25 the sequential order measured 0.96x in float32
-  (1.02x in bfloat16), their small ops gaining from running side by side (BENCHMARKS.md, "XLA:CPU's
-  scheduler").
+  EfficientNet-Lite0 at 128 px, batch 128 plans 2.83 against 3.41 GB of temporaries in float32 (1.70
+  against 2.28 in bfloat16) and runs faster; the blog's ResNet18 at width 0.25 ran 1.05x as fast in
+  bfloat16 but 0.96x in float32, where its small ops gain from running side by side, so float32 ResNets keep
+  the default (BENCHMARKS.md, "XLA:CPU's scheduler").
   """
   from cifar_jax import models  # pylint: disable=g-import-not-at-top
-  return config.model.name in models.PRETRAINED_FAMILIES
+  return config.model.name in models.PRETRAINED_FAMILIES or config.model.get('dtype') == 'bfloat16'
 
 
 def configure(config) -> list[str]:
@@ -137,7 +136,7 @@ def configure(config) -> list[str]:
   count = auto_device_count(config)
   if DEVICE_COUNT_FLAG not in current and count > 1:
     added.append(f'{DEVICE_COUNT_FLAG}={count}')
-  if SCHEDULER_FLAG not in current and large_activations(config):
+  if SCHEDULER_FLAG not in current and sequential_scheduler(config):
     added.append(SEQUENTIAL_SCHEDULER)
   if added:
     os.environ['XLA_FLAGS'] = ' '.join([current] + added).strip()

@@ -115,7 +115,7 @@ def test_configure_adds_nothing_on_a_gpu(monkeypatch):
                                                             f'{cpu_backend.DEVICE_COUNT_FLAG}=16']
 
 
-def test_the_sequential_scheduler_only_for_the_pretrained_families(monkeypatch):
+def test_the_sequential_scheduler_for_the_pretrained_families_and_bfloat16(monkeypatch):
   monkeypatch.setattr(cpu_backend, 'backend_started', lambda: False)
   monkeypatch.setattr(cpu_backend, 'gpu_run', lambda: False)
   config = default.get_config()
@@ -123,5 +123,8 @@ def test_the_sequential_scheduler_only_for_the_pretrained_families(monkeypatch):
     config.model.name = name
     monkeypatch.setenv('XLA_FLAGS', '')
     assert (cpu_backend.SEQUENTIAL_SCHEDULER in cpu_backend.configure(config)) == sequential, name
+  config.model.name, config.model.dtype = 'resnet18', 'bfloat16'
+  monkeypatch.setenv('XLA_FLAGS', '')
+  assert cpu_backend.SEQUENTIAL_SCHEDULER in cpu_backend.configure(config)
   monkeypatch.setenv('XLA_FLAGS', f'{cpu_backend.SCHEDULER_FLAG}=true')  # the user's choice stays
   assert cpu_backend.SEQUENTIAL_SCHEDULER not in cpu_backend.configure(config)

@@ -530,11 +530,11 @@ def test_lite0_logits_with_the_cpus_convolutions():
 
 
 def test_lite0_relu6_gradient_is_torchs_and_keeps_only_its_output():
-  import torch  # pylint: disable=g-import-not-at-top
   import contextlib  # pylint: disable=g-import-not-at-top
   import io  # pylint: disable=g-import-not-at-top
 
   from jax.ad_checkpoint import print_saved_residuals  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
 
   from cifar_jax.models import efficientnet_lite  # pylint: disable=g-import-not-at-top
   x = np.array([-1.0, 0.0, 1e-7, 3.0, 6.0 - 1e-6, 6.0, 7.5], np.float32)

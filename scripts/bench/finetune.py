@@ -27,6 +27,7 @@ one_step() runs one training step to completion and label names the row (None: t
 """
 
 import functools
+import os
 import time
 
 import numpy as np
@@ -62,11 +63,14 @@ def _config(args, dtype: str = 'float32'):
   return config
 
 
-def jax_step(args, images, labels, dtype: str = 'float32'):
+def jax_step(args, images, labels, dtype: str = 'float32', scheduler: str = ''):
   """The trainer's jitted train step (state donated) on one fixed batch, with cifar-jax's XLA:CPU flags."""
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
 
   config = _config(args, dtype)
+  if scheduler:  # XLA:CPU's scheduler: 'true' its concurrency-optimised default, 'false' the sequential one
+    flag = f'{cpu_backend.SCHEDULER_FLAG}={scheduler}'
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
   cpu_backend.configure(config)  # the XLA:CPU settings cifar-jax uses, before JAX starts
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -92,7 +96,8 @@ def jax_step(args, images, labels, dtype: str = 'float32'):
     jax.block_until_ready(metrics)
 
   micro = f', {args.micro_batches} micro-batches' if args.micro_batches > 1 else ''
-  return one, f'jax {dtype} ({model.conv_impl} convolutions{micro})'
+  sched = {'true': ", XLA's concurrent scheduler", 'false': ", XLA's sequential scheduler"}.get(scheduler, '')
+  return one, f'jax {dtype} ({model.conv_impl} convolutions{micro}{sched})'
 
 
 def torch_step(args, images, labels, channels_last: bool = False, autocast: bool = False):
@@ -126,6 +131,8 @@ def torch_step(args, images, labels, channels_last: bool = False, autocast: bool
 VARIANTS = {
     'jax': jax_step,
     'jax_bf16': functools.partial(jax_step, dtype='bfloat16'),
+    'jax_concurrent_scheduler': functools.partial(jax_step, scheduler='true'),
+    'jax_bf16_concurrent_scheduler': functools.partial(jax_step, dtype='bfloat16', scheduler='true'),
     'torch': torch_step,
     'torch_cl': functools.partial(torch_step, channels_last=True),
     'torch_autocast': functools.partial(torch_step, autocast=True),
