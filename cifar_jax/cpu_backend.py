@@ -114,9 +114,9 @@ def sequential_scheduler(config) -> bool:
   family (ImageNet-sized activations, `models.PRETRAINED_FAMILIES`) or bfloat16 compute.
 
   EfficientNet-Lite0 at 128 px, batch 128 plans 2.83 against 3.41 GB of temporaries in float32 (1.70
-  against 2.28 in bfloat16) and runs faster; the blog's ResNet18 at width 0.25 ran 1.05x as fast in
-  bfloat16 but 0.96x in float32, where its small ops gain from running side by side, so float32 ResNets keep
-  the default (BENCHMARKS.md, "XLA:CPU's scheduler").
+  against 2.28 in bfloat16), its step 0.55 GB lower at its peak at the same speed (1.01x, 0.96x); the
+  blog's ResNet18 at width 0.25 ran 1.05x as fast in bfloat16 but 0.96x in float32, where its small ops gain
+  from running side by side, so float32 ResNets keep the default (BENCHMARKS.md, "XLA:CPU's scheduler").
   """
   from cifar_jax import models  # pylint: disable=g-import-not-at-top
   return config.model.name in models.PRETRAINED_FAMILIES or config.model.get('dtype') == 'bfloat16'
