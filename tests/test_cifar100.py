@@ -359,7 +359,9 @@ def test_a_100_class_multiswag_run_every_row(tiny_config, tmp_path, monkeypatch,
   config.schedule.name = 'one_cycle'
   config.swa.update(enabled=True, start_epoch=1, lr=0.01)
   config.swag.update(enabled=True, rank=2, num_samples=2, samples_per_call=2)
-  config.evaluation.update(shift='gaussian_noise', severities=(3,), shift_cache='')
+  config.data.validation_size = 40
+  config.evaluation.update(shift='gaussian_noise', severities=(3,), shift_cache='', tta='flip',
+                           temperature=True, ood='noise')
   workdir = str(tmp_path / 'run')
   state = train.train_and_evaluate(config, workdir)
   assert state.params['fc']['bias'].shape == (2, 100)
@@ -370,6 +372,12 @@ def test_a_100_class_multiswag_run_every_row(tiny_config, tmp_path, monkeypatch,
   assert [row['model'] for row in out['shift']['rows']] == models_
   for row in out['table'] + out['shift']['rows']:
     assert 0.0 <= row['accuracy'] <= 1.0 and 0.0 < row['nll'] < 3 * np.log(100), row
+  # Every row with TTA's views, its temperature and its OOD scores against noise, over 100 classes.
+  assert [row['model'] for row in out['temperature']['rows']] == models_
+  for row, plain in zip(out['temperature']['rows'], out['table']):
+    assert row['temperature'] > 0 and row['nll'] <= plain['nll'] + 1e-6, (row, plain)
+  assert {row['model'] for row in out['ood']['rows']} == set(models_)
+  assert all(0.0 <= row['auroc'] <= 1.0 for row in out['ood']['rows'])
   json.dumps(out)
   line = _mismatch(monkeypatch, capsys, workdir, 'train', '--config.data.synthetic_train_size=128',
                    '--config.num_epochs=3', '--config.num_seeds=2', '--config.schedule.name=one_cycle',
