@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from cifar_jax import ema as ema_lib
 from cifar_jax import models
 from cifar_jax import onednn_conv
 from cifar_jax import schedules
@@ -242,14 +243,16 @@ def create_optimizer(config: ml_collections.ConfigDict, learning_rate_fn,
 
 
 def _fresh_state(key: jax.Array, *, model, tx: optax.GradientTransformation,
-                 swa_config: ml_collections.ConfigDict, swag_config: ml_collections.ConfigDict
-                 ) -> steps.TrainState:
+                 swa_config: ml_collections.ConfigDict, swag_config: ml_collections.ConfigDict,
+                 ema_on: bool = False) -> steps.TrainState:
   params, batch_stats = _variables(key, model)
   state = steps.TrainState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats=batch_stats)
   if swa_config.enabled:
     state = swa.init_swa(state)
     if swag_config.enabled:
       state = swag.init_swag(state, swag_config.rank, swag_config.diag_only)
+  if ema_on:
+    state = ema_lib.init_ema(state)
   return state
 
 
@@ -260,7 +263,8 @@ def state_initializer(config: ml_collections.ConfigDict, model, learning_rate_fn
   distinct shape's zeros would compile a program of its own)."""
   tx = create_optimizer(config, learning_rate_fn, momentum_fn)
   return jax.jit(functools.partial(_fresh_state, model=model, tx=tx, swa_config=config.swa,
-                                   swag_config=config.swag), compiler_options=INIT_COMPILER_OPTIONS)
+                                   swag_config=config.swag, ema_on=ema_lib.enabled(config)),
+                 compiler_options=INIT_COMPILER_OPTIONS)
 
 
 def create_train_state(key: jax.Array, config: ml_collections.ConfigDict, model,

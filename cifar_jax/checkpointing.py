@@ -232,7 +232,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 # Fields whose change makes a checkpoint unusable (its arrays would not fit), and fields whose change a
 # resumed run should announce (it continues, but no longer as the run that was started).
 STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.enabled', 'num_seeds',
-                     'swag.enabled', 'swag.rank', 'swag.diag_only')
+                     'swag.enabled', 'swag.rank', 'swag.diag_only', 'ema.enabled')
 # Fields added after runs were saved without them: their value then, for the comparison.
 ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
                    'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0,
@@ -243,9 +243,11 @@ ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
                    'loss.label_smoothing': 0.0, 'data.cutout.enabled': False, 'data.cutout.size': 16,
                    'data.cutout.count': 1, 'data.cutmix.enabled': False, 'data.cutmix.alpha': 1.0,
                    'data.cutmix.prob': 1.0, 'data.cutmix.switch_prob': 0.5, 'data.tfds_name': 'cifar10',
-                   'data.synthetic_num_classes': 10, 'data.normalization': 'cifar10'}
+                   'data.synthetic_num_classes': 10, 'data.normalization': 'cifar10',
+                   'ema.enabled': False, 'ema.decay': 0.999, 'ema.warmup': False, 'ema.every_steps': 1,
+                   'ema.batch_stats': 'average'}
 ANNOUNCED_PREFIXES = ('seed', 'num_epochs', 'batch_size', 'model.', 'data.', 'optimizer.', 'schedule.',
-                      'swa.', 'swag.', 'parallelism', 'loss.')
+                      'swa.', 'swag.', 'parallelism', 'loss.', 'ema.')
 
 
 def _flatten(d: dict, prefix: str = '') -> dict:

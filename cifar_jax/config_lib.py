@@ -10,6 +10,7 @@ import ml_collections
 
 from cifar_jax import builders
 from cifar_jax import corruptions
+from cifar_jax import ema as ema_lib
 from cifar_jax import input_pipeline
 from cifar_jax import lr_curves
 from cifar_jax import models
@@ -158,6 +159,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_swa(config)
   if config.get('swag') is not None and config.swag.enabled:
     _validate_swag(config)
+  if config.get('ema') is not None and config.ema.enabled:
+    _validate_ema(config.ema)
   if 'lr_find' in config:
     _validate_lr_find(config.lr_find)
   if 'evaluation' in config:
@@ -370,6 +373,14 @@ def _validate_swa(config: ml_collections.ConfigDict) -> None:
   _int_at_least(swa_config.update_every_steps, 'swa.update_every_steps', 0, ' (0 = every epoch)')
   _require(config.schedule.name != 'plateau',
            'swa.enabled does not combine with schedule.name=plateau; use another schedule.name')
+
+
+def _validate_ema(e: ml_collections.ConfigDict) -> None:
+  _require(isinstance(e.decay, (int, float)) and 0.0 <= e.decay < 1.0,
+           f'ema.decay must be in [0, 1) (timm: 0.9998; 0 = a copy of the weights), got {e.decay!r}')
+  _require(isinstance(e.warmup, bool), f'ema.warmup must be True or False, got {e.warmup!r}')
+  _int_at_least(e.every_steps, 'ema.every_steps', 1, ' (1 = after every step)')
+  _choice(e.batch_stats, 'ema.batch_stats', ema_lib.BATCH_STATS)
 
 
 def _validate_swag(config: ml_collections.ConfigDict) -> None:

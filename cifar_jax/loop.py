@@ -21,6 +21,7 @@ import numpy as np
 
 from cifar_jax import calibration
 from cifar_jax import checkpointing
+from cifar_jax import ema as ema_lib
 from cifar_jax import metrics_writer
 from cifar_jax import parallel
 from cifar_jax import preemption
@@ -206,7 +207,8 @@ class PeriodicCheckpoint(Action):
 
 
 class EndOfEpoch(Action):
-  """Evaluation (and the recalibrated SWA model's), the metrics record, ReduceLROnPlateau, a checkpoint."""
+  """Evaluation (and the EMA's, the recalibrated SWA model's), the metrics record, ReduceLROnPlateau, a
+  checkpoint."""
 
   def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
     self.config, self.steps_per_epoch = config, steps_per_epoch
@@ -233,6 +235,8 @@ class EndOfEpoch(Action):
     record['elapsed_seconds'] = time.perf_counter() - run.run_start
     if run.plateaus is not None and k > 1:
       record['learning_rate_per_seed'] = lrs
+    if ema_lib.enabled(config):
+      record.update(ema_record(run))
     if config.swa.enabled and epoch >= config.swa.start_epoch:
       record.update(self._swa_record(run, epoch))
     if epoch == run.start_step // self.steps_per_epoch:
@@ -264,6 +268,16 @@ class EndOfEpoch(Action):
       sums, ensemble, _ = run.program.swag_evaluate(run.state, epoch, self.config.swag.num_samples)
       record.update(swag_record(run.par.host(sums), ensemble, run.num_seeds))
     return record
+
+
+def ema_record(run: Run) -> dict:
+  """ema_eval_* of the weights' moving average (loss, accuracy, ece, brier; per seed with several) and,
+  with seeds, ema_ensemble_eval_* of their ensemble."""
+  sums, ensemble, _ = run.program.evaluate_members(run.state, use_ema=True)
+  ev = steps.seed_summaries(run.par.host(sums), run.num_seeds)
+  return {**steps.seed_metrics('ema_eval_loss', [e['loss'] for e in ev]),
+          **steps.seed_metrics('ema_eval_accuracy', [e['accuracy'] for e in ev]),
+          **calibration_record('ema_eval', 'ema_ensemble_eval', run.par.host(sums), ensemble, run.num_seeds)}
 
 
 def calibration_record(prefix: str, ensemble_prefix: str, sums, ensemble_sums, num_seeds: int) -> dict:

@@ -67,8 +67,9 @@ def define_flags(flag_values: flags.FlagValues = FLAGS) -> None:
                       'export: an .npz of flat "params/..." and "batch_stats/..." arrays, or a .pt torch '
                       'state_dict for cifar_jax.torch_reference (needs the torch extra).',
                       flag_values=flag_values)
-  flags.DEFINE_enum('export_model', 'auto', ['auto', 'running', 'swa'],
-                    'export: which weights; auto = the SWA model when the checkpoint has one.',
+  flags.DEFINE_enum('export_model', 'auto', ['auto', 'running', 'swa', 'ema'],
+                    'export: which weights; auto = the SWA model when the checkpoint has one; ema: the '
+                    'weights\' moving average (config.ema).',
                     flag_values=flag_values)
   config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True,
                                   flag_values=flag_values)
@@ -278,7 +279,7 @@ def _export(config, workdir: str, path: str | None, which: str) -> None:
     except ConfigError:
       variables, which = train.export_variables(config, workdir, use_swa=False), 'running'
   else:
-    variables = train.export_variables(config, workdir, use_swa=which == 'swa')
+    variables = train.export_variables(config, workdir, use_swa=which == 'swa', use_ema=which == 'ema')
   if source_layout and not path.endswith('.npz'):
     pretrained.save_state_dict(pretrained.to_state_dict(variables, source_layout), path)
   elif path.endswith('.pt'):

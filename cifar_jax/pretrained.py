@@ -26,6 +26,7 @@ import safetensors.numpy
 
 from cifar_jax import builders
 from cifar_jax import checkpointing
+from cifar_jax import ema as ema_lib
 from cifar_jax import models
 from cifar_jax.errors import ConfigError
 
@@ -235,7 +236,7 @@ def load(config: ml_collections.ConfigDict, num_classes: int = 10) -> tuple[dict
 
 def initialize(initial: tuple, init: tuple[dict, dict] | None, num_seeds: int = 1) -> tuple:
   """The initial (state, metric sums) of every seed with `load`'s arrays in place (every seed the same;
-  several seeds: stacked) and the SWA average's fields (zeros) untouched."""
+  several seeds: stacked; the EMA's copy of them too) and the SWA average's fields (zeros) untouched."""
   if init is None:
     return initial
   state, acc = initial
@@ -244,7 +245,10 @@ def initialize(initial: tuple, init: tuple[dict, dict] | None, num_seeds: int = 
     loaded = {k: np.broadcast_to(v, (num_seeds,) + v.shape) for k, v in loaded.items()}
   params, batch_stats = apply_to_variables(state.params, state.batch_stats, loaded, zeroed)
   params, batch_stats = jax.tree.map(jax.numpy.asarray, (params, batch_stats))
-  return state.replace(params=params, batch_stats=batch_stats), acc
+  state = state.replace(params=params, batch_stats=batch_stats)
+  if state.ema_params is not None:  # the weights' moving average starts from the loaded weights too
+    state = ema_lib.init_ema(state)
+  return state, acc
 
 
 def has_checkpoint(workdir: str) -> bool:

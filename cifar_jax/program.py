@@ -25,6 +25,7 @@ import numpy as np
 
 from cifar_jax import augmentations
 from cifar_jax import calibration
+from cifar_jax import ema as ema_lib
 from cifar_jax import input_pipeline
 from cifar_jax import memory
 from cifar_jax import parallel
@@ -194,6 +195,7 @@ class Program:
   permutation: Any
   swa_update: Any = None
   swa_eval: Any = None
+  ema_eval: Any = None  # the eval of the weights' moving average (config.ema; ema.py)
   recalibrate: dict[int, Any] = dataclasses.field(default_factory=dict)
   reset_batch_stats: Any = None
   ensemble: Any = None
@@ -273,7 +275,8 @@ class Program:
                                 mixup_alpha=config.data.get('mixup', 0.0),
                                 micro_batches=config.optimizer.get('micro_batches', 1),
                                 label_smoothing=augmentations.label_smoothing(config),
-                                normalization=normalization, **augmentations.batch_options(config))
+                                normalization=normalization, ema=ema_lib.from_config(config),
+                                **augmentations.batch_options(config))
     program = cls(
         par=par, steps_per_epoch=spe, sizes=sizes, full_batches=n // config.batch_size,
         max_steps_per_call=max_steps_per_call,
@@ -287,6 +290,10 @@ class Program:
                                              normalization=normalization),
                    state, *eval_arrays) if evaluate else None,
         permutation=permutation, traces=traces)
+    if evaluate and ema_lib.enabled(config):
+      program.ema_eval = build('eval', functools.partial(
+          steps.evaluate_on_device_data, use_ema=True, axis_name=par.axis_name, with_log_probs=with_log_probs,
+          tta=tta_views, normalization=normalization), state, *eval_arrays)
     swa_config = config.swa
     if swa_config.enabled:
       swa_update_fn = functools.partial(swa.update_swa, decay=swa_config.decay)
@@ -456,12 +463,13 @@ class Program:
     SWA model."""
     return self.evaluate_members(state, use_swa)[0]
 
-  def evaluate_members(self, state, use_swa: bool = False, eval_arrays=None):
+  def evaluate_members(self, state, use_swa: bool = False, eval_arrays=None, use_ema: bool = False):
     """(each seed's eval sums, the ensemble's over the seeds, each seed's eval log probabilities (seeds,
     batches, batch, classes)); the last two None with one seed. `eval_arrays`: another set of the eval
-    set's shapes (a corrupted one), else the eval set."""
+    set's shapes (a corrupted one), else the eval set. `use_swa` / `use_ema`: the SWA model / the
+    weights' moving average instead of the running model."""
     eval_arrays = self.data['eval_arrays'] if eval_arrays is None else eval_arrays
-    out = (self.swa_eval if use_swa else self.eval)(state, *eval_arrays)
+    out = (self.ema_eval if use_ema else self.swa_eval if use_swa else self.eval)(state, *eval_arrays)
     if self.ensemble is None:
       return (out[0], None, out[1]) if isinstance(out, tuple) else (out, None, None)
     sums, log_probs = out

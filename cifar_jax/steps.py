@@ -18,6 +18,7 @@ import optax
 
 from cifar_jax import augmentations
 from cifar_jax import calibration
+from cifar_jax import ema as ema_lib
 from cifar_jax import input_pipeline
 from cifar_jax import swa
 from cifar_jax import tta as tta_lib
@@ -40,6 +41,8 @@ class TrainState(train_state.TrainState):
   swa_count: Any = None  # how many snapshots the average holds
   swag_sq_mean: Any = None  # SWAG's second moment of the params (None when SWAG is off; swag.py)
   swag_deviations: Any = None  # SWAG's last K deviations, (K, ...) per parameter (None: off or diag_only)
+  ema_params: Any = None  # the exponential moving average of params (None when config.ema is off; ema.py)
+  ema_batch_stats: Any = None  # its BatchNorm statistics (averaged or copied: ema.batch_stats)
 
 
 def stack_seeds(trees):
@@ -249,12 +252,13 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
                               axis_name: str | None = None, shard_batch=whole_batch,
                               mixup_alpha: float = 0.0, micro_batches: int = 1,
                               normalization: str = 'cifar10', cutout=None, cutmix=None,
-                              label_smoothing: float = 0.0):
+                              label_smoothing: float = 0.0, ema: ema_lib.Ema | None = None):
   """The next global batch of the epoch, drawn on device from (data_key, epoch, step), then a step.
 
   `shard_batch` keeps this device's part of the global batch and `axis_name` names the pmap axis
   (parallel.Parallel supplies both); the batch drawn is the same on any number of devices and any
-  `micro_batches` (> 1: `train_step_micro_batches` splits the drawn batch).
+  `micro_batches` (> 1: `train_step_micro_batches` splits the drawn batch). `ema`: the weights' moving
+  average is updated after the step (`ema.update_ema`).
   """
   step = state.step
   epoch, index = step // steps_per_epoch, step % steps_per_epoch
@@ -268,6 +272,8 @@ def train_step_on_device_data(state: TrainState, acc, images, labels, perm, data
   else:
     state, metrics = train_step(state, shard_batch(batch), axis_name=axis_name,
                                 rngs=shake_rngs(data_key, epoch, index), label_smoothing=label_smoothing)
+  if ema is not None:
+    state = ema_lib.update_ema(state, ema)
   return state, accumulate(acc, metrics, step)
 
 
@@ -276,7 +282,7 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
                                axis_name: str | None = None, shard_batch=whole_batch,
                                mixup_alpha: float = 0.0, micro_batches: int = 1,
                                normalization: str = 'cifar10', cutout=None, cutmix=None,
-                               label_smoothing: float = 0.0):
+                               label_smoothing: float = 0.0, ema: ema_lib.Ema | None = None):
   """`num_steps` (traced: one compilation for any count) `train_step_on_device_data` steps in one call.
 
   XLA:CPU allocates a call's temporary buffers afresh on every call and the kernel zero-fills their pages
@@ -289,7 +295,7 @@ def train_steps_on_device_data(state: TrainState, acc, images, labels, perm, dat
         size=size, augment=augment, axis_name=axis_name, shard_batch=shard_batch,
         mixup_alpha=mixup_alpha, micro_batches=micro_batches, normalization=normalization,
         cutout=cutout, cutmix=cutmix,
-        label_smoothing=label_smoothing)
+        label_smoothing=label_smoothing, ema=ema)
 
   return jax.lax.fori_loop(0, num_steps, body, (state, acc))
 
@@ -346,16 +352,18 @@ def eval_zeros() -> dict[str, jax.Array]:
 
 def evaluate_on_device_data(state: TrainState, images, labels, mask, use_swa: bool = False,
                            axis_name: str | None = None, with_log_probs: bool = False, tta: str = 'none',
-                           normalization: str = 'cifar10'):
+                           normalization: str = 'cifar10', use_ema: bool = False):
   """The eval set, pre-split into (num_batches, batch, ...) on device, in one dispatch.
 
   Under pmap (`axis_name`) each device holds a slice of every batch and the sums are added over devices.
   `with_log_probs`: also the (num_batches, batch, classes) log probabilities (jit only), for an ensemble
   over the seeds (`calibration.ensemble_sums`). `tta`: the test-time augmentation's views (`tta.VIEWS`),
-  their probabilities averaged.
+  their probabilities averaged. `use_ema`: the weights' moving average (`ema.py`).
   """
   if use_swa:
     state = state.replace(params=state.swa_params, batch_stats=state.swa_batch_stats)
+  if use_ema:
+    state = state.replace(params=state.ema_params, batch_stats=state.ema_batch_stats)
   return evaluate_variables(state.apply_fn, state.params, state.batch_stats, images, labels, mask,
                             axis_name=axis_name, with_log_probs=with_log_probs, tta=tta,
                             normalization=normalization)

@@ -20,6 +20,7 @@ from cifar_jax import checkpointing
 from cifar_jax import compilation_cache
 from cifar_jax import config_lib
 from cifar_jax import corruptions
+from cifar_jax import ema as ema_lib
 from cifar_jax import input_pipeline
 from cifar_jax import loop
 from cifar_jax import metrics_writer
@@ -183,12 +184,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   """The latest checkpoint's eval metrics, and the table of every model it holds.
 
   Keys: eval_loss and eval_accuracy of the running model and, when present, swa_eval_* of the SWA model
-  (per seed with several), and `table`: one row per model (`evaluation_rows`) with accuracy, NLL, ECE,
-  Brier and the reliability diagram's bins. SWAG draws `config.swag.num_samples` samples per seed (a
-  --config.swag.num_samples=... given here overrides the training run's). With `config.evaluation.shift`,
-  `shift` holds every row's metrics on each corruption and severity (`evaluate_shift`); with
-  `evaluation.temperature`, `temperature` every row's after temperature scaling, and with `evaluation.ood`,
-  `ood` every row's OOD detection (`uncertainty.evaluate`).
+  and ema_eval_* of the weights' moving average (config.ema) (per seed with several), and `table`: one
+  row per model (`evaluation_rows`) with accuracy, NLL, ECE, Brier and the reliability diagram's bins.
+  SWAG draws `config.swag.num_samples` samples per seed (a --config.swag.num_samples=... given here
+  overrides the training run's). With `config.evaluation.shift`, `shift` holds every row's metrics on
+  each corruption and severity (`evaluate_shift`); with `evaluation.temperature`, `temperature` every
+  row's after temperature scaling, and with `evaluation.ood`, `ood` every row's OOD detection
+  (`uncertainty.evaluate`).
   """
   config_lib.validate(config)
   compilation_cache.configure(config.compilation_cache)
@@ -229,6 +231,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
     rows += evaluation_rows(names, par.host(sums), ensemble, k, 1)
     if k > 1:
       curves[names[1]] = ensemble_curve([(1, log_probs)], labels, mask, k)
+  if state.ema_params is not None:  # config.ema: the weights' moving average
+    sums, ensemble, log_probs = program.evaluate_members(state, use_ema=True)
+    ev = steps.seed_summaries(par.host(sums), k)
+    out.update(**steps.seed_metrics('ema_eval_loss', [e['loss'] for e in ev]),
+               **steps.seed_metrics('ema_eval_accuracy', [e['accuracy'] for e in ev]))
+    rows += evaluation_rows(ema_lib.NAMES, par.host(sums), ensemble, k, 1)
+    if k > 1:
+      curves[ema_lib.NAMES[1]] = ensemble_curve([(1, log_probs)], labels, mask, k)
   if count > 0:
     out['swa_count'] = count
     if config.swag.enabled:
@@ -276,11 +286,13 @@ def evaluate_shift(config: ml_collections.ConfigDict, program: program_lib.Progr
                                                             config.eval_batch_size, par.eval_batch_multiple))
             for _, _, images in sets]
   rows = [[] for _ in sets]
-  for prefix_names, use_swa in ((('single model', 'deep ensemble'), False), (('SWA', 'MultiSWA'), True)):
-    if use_swa and not swa_on:
+  for prefix_names, use_swa, use_ema in ((('single model', 'deep ensemble'), False, False),
+                                         (('SWA', 'MultiSWA'), True, False), (ema_lib.NAMES, False, True)):
+    if (use_swa and not swa_on) or (use_ema and state.ema_params is None):
       continue
     for i, eval_arrays in enumerate(arrays):
-      sums, ensemble, _ = program.evaluate_members(state, use_swa=use_swa, eval_arrays=eval_arrays)
+      sums, ensemble, _ = program.evaluate_members(state, use_swa=use_swa, eval_arrays=eval_arrays,
+                                                   use_ema=use_ema)
       rows[i] += evaluation_rows(prefix_names, par.host(sums), ensemble, k, 1)
     logging.info('Under shift: %s and %s on %d sets done.', *prefix_names, len(sets))
   if swag_on:
@@ -385,14 +397,21 @@ def format_table(rows: list) -> str:
   return '\n'.join(lines)
 
 
-def export_variables(config: ml_collections.ConfigDict, workdir: str, use_swa: bool) -> dict:
-  """{'params': ..., 'batch_stats': ...} of the latest checkpoint's running or SWA model, as numpy."""
+def export_variables(config: ml_collections.ConfigDict, workdir: str, use_swa: bool,
+                     use_ema: bool = False) -> dict:
+  """{'params': ..., 'batch_stats': ...} of the latest checkpoint's running, SWA or (`use_ema`) EMA model,
+  as numpy."""
   if config.num_seeds > 1:
     raise ConfigError(
         f'--workdir={workdir} holds num_seeds={config.num_seeds} models; export one with '
         'train.unstack_seed(train.restore_state(config, workdir, 1), i) in Python')
   state = checkpointing.restore_state(config, workdir, steps_per_epoch=1)
-  if use_swa:
+  if use_ema:
+    if state.ema_params is None:
+      raise ConfigError(f'--workdir={workdir}: no EMA model with this config (ema.enabled=False); pass the '
+                        'config the run was trained with, or --config.ema.enabled=True')
+    variables = {'params': state.ema_params, 'batch_stats': state.ema_batch_stats}
+  elif use_swa:
     if state.swa_count is None or int(state.swa_count) == 0:
       raise ConfigError(f'--workdir={workdir}: the checkpoint holds no SWA model')
     variables = {'params': state.swa_params, 'batch_stats': state.swa_batch_stats}

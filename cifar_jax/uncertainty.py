@@ -1,7 +1,7 @@
 """--mode=evaluate's temperature scaling (`evaluation.temperature`) and OOD detection (`evaluation.ood`) of
 every row of the evaluation table.
 
-Each kind of model (running, SWA, SWAG) is evaluated by the table's compiled functions on the evaluation
+Each kind of model (running, SWA, EMA, SWAG) is evaluated by the table's compiled functions on the evaluation
 set and on every OOD set (cut into calls of the evaluation set's shapes, so nothing new compiles; SWAG's
 samples drawn and recalibrated once for all the sets), and each seed's log probabilities come to the
 host: a seed's row uses them one seed at a time (mean and std over the seeds), an ensemble row averages
@@ -17,13 +17,14 @@ import ml_collections
 import numpy as np
 
 from cifar_jax import calibration
+from cifar_jax import ema as ema_lib
 from cifar_jax import input_pipeline
 from cifar_jax import ood
 from cifar_jax import program as program_lib
 from cifar_jax import temperature
 from cifar_jax.errors import ConfigError
 
-KINDS = (('single model', 'deep ensemble'), ('SWA', 'MultiSWA'), ('SWAG', 'MultiSWAG'))
+KINDS = (('single model', 'deep ensemble'), ('SWA', 'MultiSWA'), ema_lib.NAMES, ('SWAG', 'MultiSWAG'))
 METHOD = (f'golden-section search on log T in [{temperature.T_MIN}, {temperature.T_MAX}], '
           f'{temperature.GOLDEN_STEPS} steps, float64')
 
@@ -82,7 +83,7 @@ def _host(log_probs, num_seeds: int) -> np.ndarray:
 
 def predictions(program: program_lib.Program, state, sets: list, *, num_seeds: int, swa_on: bool,
                 swag_on: bool, epoch: int, num_samples: int, with_entropy: bool) -> dict[str, list[Members]]:
-  """{kind ('single model', 'SWA', 'SWAG'): [Members of each set]}; `sets`: [(eval arrays of each call,
+  """{kind ('single model', 'SWA', 'EMA', 'SWAG'): [Members of each set]}; `sets`: [(eval arrays of each call,
   number of examples)]."""
   flat = [arrays for chunks, _ in sets for arrays in chunks]
 
@@ -100,6 +101,9 @@ def predictions(program: program_lib.Program, state, sets: list, *, num_seeds: i
   for kind, use_swa in (('single model', False), ('SWA', True))[:1 + swa_on]:
     out[kind] = per_set([(_host(program.evaluate_members(state, use_swa=use_swa, eval_arrays=arrays)[2],
                                 num_seeds), None) for arrays in flat])
+  if state.ema_params is not None:  # config.ema: the weights' moving average
+    out[ema_lib.NAMES[0]] = per_set([(_host(program.evaluate_members(
+        state, eval_arrays=arrays, use_ema=True)[2], num_seeds), None) for arrays in flat])
   if swag_on:
     logging.info('SWAG for temperature scaling and OOD detection: %d samples per seed on %d calls...',
                  num_samples, len(flat))

@@ -214,6 +214,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.swag.var_clamp = 1e-30  # the diagonal variance's floor
   config.swag.bn_update_fraction = 1.0  # each sample's BatchNorm pass: this fraction of an epoch's batches
   config.swag.samples_per_call = 0  # samples recalibrated and evaluated in one vmap-ed call; 0 = auto (<= 4)
+  # An exponential moving average of the weights (timm's ModelEmaV2 / V3; cifar_jax/ema.py), updated in the
+  # compiled step after every every_steps-th optimizer step: ema = d * ema + (1 - d) * params, starting
+  # from the initial weights. Evaluated each epoch (ema_eval_*), an EMA row in --mode=evaluate (and under
+  # shift), exported with --export_model=ema. Coexists with SWA and SWAG.
+  config.ema = ml_collections.ConfigDict()
+  config.ema.enabled = False
+  config.ema.decay = 0.999  # d, in [0, 1): 0.999 averages over about the last 1000 updates
+  # True: d = min(decay, (1 + t) / (10 + t)) for update t = 0, 1, ... (TensorFlow's num_updates rule)
+  config.ema.warmup = False
+  config.ema.every_steps = 1  # update after every this many optimizer steps
+  # BatchNorm statistics: average (timm ModelEmaV2 and V3's default: the same d) | copy (the running
+  # model's at each update: ModelEmaV3's exclude_buffers=True)
+  config.ema.batch_stats = 'average'
   # --mode=evaluate under distribution shift (CIFAR-10-C; README, "Evaluating under shift"): every model
   # of the evaluation table on each corruption and severity of the evaluation images (the test set, or
   # the held-out split), from data.corruptions_path's released files or generated here.

@@ -85,12 +85,16 @@ def assert_k_seeds_train_as_singles_and_resume(config, tmp_path) -> list:
     single_config = config.copy_and_resolve_references()
     single_config.seed = i
     singles.append(train.train_and_evaluate(single_config, str(tmp_path / f'seed_{i}')))
-    got = steps.unstack_seed((k_state.params, k_state.batch_stats), i)
-    chex.assert_trees_all_close(got, (singles[i].params, singles[i].batch_stats), rtol=1e-5, atol=1e-5)
+    got = steps.unstack_seed((k_state.params, k_state.batch_stats, k_state.ema_params,
+                              k_state.ema_batch_stats), i)  # the EMA's: None (nothing) when it is off
+    chex.assert_trees_all_close(got, (singles[i].params, singles[i].batch_stats, singles[i].ema_params,
+                                      singles[i].ema_batch_stats), rtol=1e-5, atol=1e-5)
   workdir = str(tmp_path / 'crashed')
   with pytest.raises(Crash):
     train.train_and_evaluate(config, workdir, actions=[StopAfter(3)])
   resumed = train.train_and_evaluate(config, workdir)
-  chex.assert_trees_all_equal((resumed.params, resumed.batch_stats, resumed.opt_state),
-                              (singles[0].params, singles[0].batch_stats, singles[0].opt_state))
+  chex.assert_trees_all_equal(
+      (resumed.params, resumed.batch_stats, resumed.opt_state, resumed.ema_params, resumed.ema_batch_stats),
+      (singles[0].params, singles[0].batch_stats, singles[0].opt_state, singles[0].ema_params,
+       singles[0].ema_batch_stats))
   return singles

@@ -95,6 +95,17 @@ def test_swa_starting_after_the_end(cli):
                     'swa.start_epoch', '1..1', 'num_epochs=2', 'got 5')
 
 
+@pytest.mark.parametrize('override, fragments', [
+    ('--config.ema.decay=-0.1', ('ema.decay', '[0, 1)', '-0.1')),
+    ('--config.ema.decay=1.5', ('ema.decay', '[0, 1)', '1.5')),
+    ('--config.ema.decay=1', ('ema.decay', '[0, 1)', '1')),
+    ('--config.ema.every_steps=0', ('ema.every_steps', '>= 1', 'got 0')),
+    ('--config.ema.batch_stats=recalibrate', ('ema.batch_stats', "'average'", "'copy'", "'recalibrate'")),
+])
+def test_bad_ema_values(cli, override, fragments):
+  assert_user_error(cli('--config.ema.enabled=True', override), *fragments)
+
+
 def test_one_cycle_total_steps_shorter_than_the_run(cli):
   # 256 images in batches of 64: 4 steps an epoch, 8 in the run.
   line = assert_user_error(cli('--config.data.synthetic_train_size=256', '--config.schedule.name=one_cycle',
