@@ -26,6 +26,7 @@ from cifar_jax import augmentations
 from cifar_jax import builders
 from cifar_jax import calibration
 from cifar_jax import config_lib
+from cifar_jax import ema as ema_lib
 from cifar_jax import input_pipeline
 from cifar_jax import metrics_writer
 from cifar_jax import models
@@ -611,6 +612,12 @@ def _swa_step_hook(swa_model, model, steps_before: int, every: int, swag, i: int
       swag.collect(model)
 
 
+def _with_ema(hook, torch_ema: 'TorchEma', model, i: int) -> None:
+  """After the i-th optimizer step: the epoch's own hook (the scheduler's, SWA's), then the EMA's."""
+  hook(i)
+  torch_ema.after_step(model)
+
+
 def _update_bn(loader, swa_model, device, dtype: str = 'float32') -> None:
   from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
 
@@ -663,6 +670,51 @@ class TorchSwag:
     with _torch().no_grad():
       for name, p in model.named_parameters():
         p.copy_(sample[name])
+
+
+class TorchEma:
+  """timm's ModelEmaV2 / V3 by hand, as cifar_jax/ema.py runs `ema` (`ema.from_config(config)`): a copy
+  of the model taken now, and after every `every_steps`-th optimizer step (`after_step`) each parameter
+  becomes d * ema + (1 - d) * param (d: `decay`, or with `warmup` min(decay, (1 + t) / (10 + t)) for update
+  t = 0, 1, ...); BatchNorm's running statistics the same (batch_stats='average') or copied ('copy');
+  num_batches_tracked copied."""
+
+  def __init__(self, model, ema: ema_lib.Ema):
+    self.config = ema
+    self.module = copy.deepcopy(model)
+    for p in self.module.parameters():
+      p.requires_grad_(False)
+    self.steps = 0
+
+  def after_step(self, model) -> None:
+    """Counts an optimizer step of `model`; folds it into the average when one is due."""
+    torch = _torch()
+    e = self.config
+    self.steps += 1
+    if self.steps % e.every_steps:
+      return
+    d = float(ema_lib.decay_at(e, self.steps // e.every_steps - 1))
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+      for name, p in self.module.named_parameters():
+        p.mul_(d).add_(params[name], alpha=1.0 - d)
+      for name, b in self.module.named_buffers():
+        if b.is_floating_point() and e.batch_stats == 'average':
+          b.mul_(d).add_(buffers[name], alpha=1.0 - d)
+        else:
+          b.copy_(buffers[name])
+
+
+def ema_record_torch(torch_ema: TorchEma, dataset, batch_size: int, device, dtype: str = 'float32',
+                     tta: str = 'none', normalization: str = 'cifar10') -> dict:
+  """The JAX trainer's ema_eval_* keys (loss, accuracy, ece, brier) of the average."""
+  log_probs, labels = eval_log_probs_torch(torch_ema.module, dataset, batch_size, device, dtype, tta,
+                                           normalization)
+  summary = calibration.summarize(jax.device_get(calibration.calibration_sums(
+      jnp.asarray(log_probs), jnp.asarray(labels), jnp.ones(labels.shape, jnp.float32))))
+  return {'ema_eval_loss': summary['nll'], 'ema_eval_accuracy': summary['accuracy'],
+          'ema_eval_ece': summary['ece'], 'ema_eval_brier': summary['brier']}
 
 
 def eval_log_probs_torch(model, dataset, batch_size: int, device, dtype: str = 'float32', tta: str = 'none',
@@ -718,7 +770,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
       forward passes under torch.autocast(bfloat16), params and optimizer state float32). With swa.enabled,
       the SWA phase is torch.optim.swa_utils as the JAX trainer runs it: from swa.start_epoch on, lr
       swa.lr (or SWALR stepped at each SWA epoch's start), AveragedModel updated after every epoch
-      (or every swa.update_every_steps steps), update_bn before each SWA evaluation.
+      (or every swa.update_every_steps steps), update_bn before each SWA evaluation. With ema.enabled,
+      `TorchEma` (timm's formula by hand) after each optimizer step, ema_eval_* logged every epoch.
     workdir: where `metrics.jsonl` is written, one record per epoch with the JAX trainer's keys.
     data_mode: 'native' (torch shuffling and augmentation) or 'identical' (the JAX trainer's batches).
     device: a torch device; default 'cuda' when available, else 'cpu'.
@@ -756,6 +809,7 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   after_batch, after_epoch = scheduler_hooks(scheduler, config.schedule, steps_per_epoch)
   swa_config = config.swa
   swa_model = swa_scheduler = swag = None
+  torch_ema = TorchEma(model, ema_lib.from_config(config)) if ema_lib.enabled(config) else None
   os.makedirs(workdir, exist_ok=True)
   writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
   record, start_time = {}, time.perf_counter()
@@ -775,6 +829,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
                                swa_config.update_every_steps, swag)
     else:
       hook = functools.partial(after_batch, epoch)
+    if torch_ema is not None:
+      hook = functools.partial(_with_ema, hook, torch_ema, model)
     epoch_start = time.perf_counter()
     batches = torch_batches(dataset, config, epoch, data_mode, mixup_alpha=config.data.get('mixup', 0.0),
                             **augmentations.batch_options(config))
@@ -820,6 +876,9 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
               'learning_rate': train['learning_rate'], 'momentum': train['momentum'],
               'images_per_second': train['num_images'] / max(train_seconds, 1e-9),
               'elapsed_seconds': time.perf_counter() - start_time}
+    if torch_ema is not None:
+      record.update(ema_record_torch(torch_ema, dataset, config.eval_batch_size, device, config.model.dtype,
+                                     tta_lib.level(config), config.data.get('normalization', 'cifar10')))
     record.update(swa_record)
     writer.write(record)
     if not in_swa:
