@@ -124,7 +124,7 @@ def test_benchmark_writes_finite_positive_throughputs(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get('JAX_PLATFORMS', 'cpu'))
   proc = subprocess.run(
       [sys.executable, BENCHMARK, 'step', '--model=resnet9', '--width=0.125', '--batch=16', '--windows=2',
-       '--steps=2', '--torch_modes=eager', '--jax_settings=default,plain', '--end_to_end=2',
+       '--steps=2', '--torch_modes=eager', '--jax_settings=default,plain,ema', '--end_to_end=2',
        '--end_to_end_steps=4', f'--json={out}'],
       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -133,7 +133,7 @@ def test_benchmark_writes_finite_positive_throughputs(tmp_path):
   assert {'jax', 'torch', 'torch_channels_last', 'torch_compile', 'machine', 'config',
           'jax_over_torch_eager_train'} <= set(result)
   assert result['torch_channels_last'] is None and result['torch_compile'] is None  # not asked for
-  for variant in ('jax', 'jax_plain', 'torch'):
+  for variant in ('jax', 'jax_plain', 'jax_ema', 'torch'):
     r = result[variant]
     for key in ('train_images_per_second', 'eval_images_per_second', 'compile_seconds', 'peak_memory_mb'):
       assert isinstance(r[key], float) and math.isfinite(r[key]) and r[key] > 0, (variant, key, r[key])
@@ -152,7 +152,10 @@ def test_benchmark_writes_finite_positive_throughputs(tmp_path):
   assert result['machine']['cpu_count'] == os.cpu_count()
   assert result['config'] == {**result['config'], 'model': 'resnet9', 'batch': 16, 'windows': 2, 'steps': 2,
                               'torch_modes': ['eager'],
-                              'jax_settings': ['default', 'plain']}
+                              'jax_settings': ['default', 'plain', 'ema']}
+  assert set(result['step_cost_over_plain']) == {'ema'}
+  ema_ratio = result['step_cost_over_plain']['ema']
+  assert math.isfinite(ema_ratio) and ema_ratio > 0
 
 
 @pytest.mark.slow  # ~80 s on 2 cores: four workers compile
@@ -236,3 +239,39 @@ def test_profile_counts_depthwise_convolutions_apart():
   assert total[('convolution (depthwise)', 'backward_data', 'jit_dw:avx512_core')] == 2.0
   assert total[('convolution (depthwise)', 'backward_weights', 'jit:avx512_core')] == 3.0
   assert total[('convolution', 'backward_weights', 'jit:avx512_core')] == 5.0
+
+
+def test_the_ema_variant_and_its_cost_over_the_plain_step():
+  """`step --jax_settings=default,ema`: the default config with config.ema on (valid), and its cost."""
+  from bench import step  # pylint: disable=g-import-not-at-top
+  from cifar_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from cifar_jax import ema  # pylint: disable=g-import-not-at-top
+
+  config = step.regularized(_bench_config(), 'ema')
+  config_lib.validate(config)
+  assert ema.from_config(config) == ema.Ema(decay=0.999) and ema.from_config(_bench_config()) is None
+  args = argparse.Namespace(dtype='float32', torch_modes='', no_jax=False, jax_settings='default,ema')
+  assert step._variants(args)[0] == ['jax:default', 'jax:ema']
+  assert step._variant_key('jax:ema') == 'jax_ema'
+  results = {'jax': {'train_images_per_second': 100.0}, 'jax_ema': {'train_images_per_second': 80.0}}
+  assert step.step_cost_over_plain(results) == pytest.approx({'ema': 1.25})
+
+
+@pytest.mark.slow  # a compile of the trainer's Program
+def test_the_ema_variant_steps_with_the_average():
+  """The ema variant's step is the trainer's own Program with config.ema on: its step updates the
+  average."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from bench import step  # pylint: disable=g-import-not-at-top
+  from cifar_jax import parallel  # pylint: disable=g-import-not-at-top
+
+  config = step.regularized(_bench_config(), 'ema')
+  config.model.name, config.model.width_multiplier = 'resnet9', 0.125
+  assert config.ema.enabled
+  run, state, acc, _ = step.synthetic_step(config, parallel.create('jit'), 16, 16)
+  before = np.array(state.ema_params['fc']['kernel'])  # a copy: the step donates the state
+  state, acc = run(state, acc, 2)
+  params, average = jax.device_get((state.params['fc']['kernel'], state.ema_params['fc']['kernel']))
+  assert not np.allclose(average, before) and not np.allclose(average, params)  # two updates: it moved

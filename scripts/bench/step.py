@@ -18,8 +18,9 @@ Variants, each in its own subprocess:
                        and convolutions on one device, one step per call (before issue 7). The
                        regularisers' variants are the default with one switched on: jax_cutout
                        (data.cutout, 16 px), jax_cutmix (data.cutmix, alpha 1), jax_label_smoothing
-                       (loss.label_smoothing 0.1); `step_cost_over_plain` gives each one's time per step
-                       over the default's (--jax_settings=default,cutout,cutmix,label_smoothing).
+                       (loss.label_smoothing 0.1), jax_ema (config.ema, updated inside every step);
+                       `step_cost_over_plain` gives each one's time per step over the default's
+                       (--jax_settings=default,cutout,cutmix,label_smoothing,ema).
   torch                `torch_reference.create_torch_model` (same model, width, init) with
                        `create_torch_optimizer` (SGD, coupled weight decay), eager, NCHW.
   torch_channels_last  the same, model and inputs in torch.channels_last.
@@ -70,10 +71,12 @@ import time
 from bench import harness
 
 TORCH_MODES = ('eager', 'channels_last', 'compile', 'compile_channels_last')
-# The regularisers' variants: the default with these config fields changed (cifar_jax/augmentations.py).
+# The regularisers' variants (and the weights' moving average's): the default with these config fields
+# changed (cifar_jax/augmentations.py, cifar_jax/ema.py).
 REGULARIZERS = {'cutout': {'data.cutout.enabled': True},
                 'cutmix': {'data.cutmix.enabled': True},
-                'label_smoothing': {'loss.label_smoothing': 0.1}}
+                'label_smoothing': {'loss.label_smoothing': 0.1},
+                'ema': {'ema.enabled': True}}
 JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain', 'sequential_scheduler', *REGULARIZERS)
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
 DTYPES = ('float32', 'bfloat16')
