@@ -9,7 +9,8 @@ Writes WORKDIR/comparison.md (final and best eval accuracy as mean +- std per fr
 a 95 % Welch interval, wall time, images per second, device) and WORKDIR/comparison.png (eval accuracy and
 loss curves, one line per seed). With config.swag.enabled (configs/swag.py) both frameworks collect SWAG
 over the SWA phase (the torch twin with the reference's formulas, torch_reference.TorchSwag) and the table
-gains the SWAG Bayesian model average's accuracy, NLL, ECE and Brier per framework. Each run lives in
+gains the SWAG Bayesian model average's accuracy, NLL, ECE and Brier per framework; with config.ema.enabled
+the same for the moving average of the weights (the twin's torch_reference.TorchEma). Each run lives in
 WORKDIR/{jax,torch}/seed_{i}; a finished run is not retrained, so `--only=jax` and `--only=torch` can split
 a long comparison across sessions. A JAX run resumes from its checkpoint; an unfinished torch run restarts.
 With --config.model.dtype=bfloat16 the two run in mixed precision: JAX with bfloat16 compute and float32
@@ -41,6 +42,8 @@ flags.mark_flags_as_required(['config', 'workdir'])
 FRAMEWORKS = ('jax', 'torch')
 SWAG_METRICS = ('accuracy', 'nll', 'ece', 'brier')
 SWAG_HEADERS = {'accuracy': 'accuracy (%)', 'nll': 'NLL', 'ece': 'ECE (15 bins)', 'brier': 'Brier'}
+EMA_KEYS = {'accuracy': 'ema_eval_accuracy', 'nll': 'ema_eval_loss', 'ece': 'ema_eval_ece',
+            'brier': 'ema_eval_brier'}
 
 
 def run_dir(workdir: str, framework: str, seed: int) -> str:
@@ -99,6 +102,8 @@ def summarize(workdir: str, seeds: list[int], num_epochs: int) -> dict:
         'ips': [statistics.median(x['images_per_second'] for x in r) for r in runs],
         'swag': {key: [r[-1][f'swag_eval_{key}'] for r in runs if f'swag_eval_{key}' in r[-1]]
                  for key in SWAG_METRICS},
+        # the weights' moving average (config.ema): its NLL is logged as ema_eval_loss
+        'ema': {key: [r[-1][EMA_KEYS[key]] for r in runs if EMA_KEYS[key] in r[-1]] for key in SWAG_METRICS},
     }
   return out
 
@@ -109,22 +114,39 @@ def swag_lines(summary: dict, config) -> list[str]:
   if not any(summary[f]['swag']['accuracy'] for f in FRAMEWORKS):
     return []
   s = config.swag
-  lines = [f'SWAG, the final models: {s.num_samples} samples at scale {s.scale}, rank {s.rank}'
-           f'{" (diagonal only)" if s.diag_only else ""}, each with its own BatchNorm pass over '
-           f'{s.bn_update_fraction:g} of an epoch; probabilities averaged over the samples.', '',
-           '| framework | seeds | ' + ' | '.join(SWAG_HEADERS[k] for k in SWAG_METRICS) + ' |',
-           '| --- | --- | ' + ' | '.join('---' for _ in SWAG_METRICS) + ' |']
+  return metric_lines(summary, 'swag', 'SWAG', [
+      f'SWAG, the final models: {s.num_samples} samples at scale {s.scale}, rank {s.rank}'
+      f'{" (diagonal only)" if s.diag_only else ""}, each with its own BatchNorm pass over '
+      f'{s.bn_update_fraction:g} of an epoch; probabilities averaged over the samples.', ''])
+
+
+def ema_lines(summary: dict, config) -> list[str]:
+  """The EMA table (config.ema): each framework's moving average of the weights at the end, accuracy,
+  NLL, ECE and Brier, and JAX - torch per metric with a 95 % Welch interval; no lines without EMA metrics."""
+  if not any(summary[f]['ema']['accuracy'] for f in FRAMEWORKS):
+    return []
+  e = config.ema
+  return metric_lines(summary, 'ema', 'EMA', [
+      f'EMA of the weights, the final models: decay {e.decay}{" with the warm-up" if e.warmup else ""}, '
+      f'updated every {e.every_steps} step(s), BatchNorm statistics {e.batch_stats}d.', ''])
+
+
+def metric_lines(summary: dict, field: str, name: str, header: list[str]) -> list[str]:
+  """`header`, then per framework the mean ± std of summary[framework][field]'s metrics, then JAX - torch
+  per metric with a 95 % Welch interval (when both have runs)."""
+  lines = header + ['| framework | seeds | ' + ' | '.join(SWAG_HEADERS[k] for k in SWAG_METRICS) + ' |',
+                    '| --- | --- | ' + ' | '.join('---' for _ in SWAG_METRICS) + ' |']
   for framework in FRAMEWORKS:
-    swag = summary[framework]['swag']
-    lines.append(f"| {framework} | {len(swag['accuracy'])} | " + ' | '.join(
-        _mean_std(swag[k], 100 if k == 'accuracy' else 1, 2 if k == 'accuracy' else 4)
+    values = summary[framework][field]
+    lines.append(f"| {framework} | {len(values['accuracy'])} | " + ' | '.join(
+        _mean_std(values[k], 100 if k == 'accuracy' else 1, 2 if k == 'accuracy' else 4)
         for k in SWAG_METRICS) + ' |')
   lines.append('')
-  if summary['jax']['swag']['accuracy'] and summary['torch']['swag']['accuracy']:
+  if summary['jax'][field]['accuracy'] and summary['torch'][field]['accuracy']:
     for key in SWAG_METRICS:
-      diff, lo, hi = welch_interval(summary['jax']['swag'][key], summary['torch']['swag'][key])
+      diff, lo, hi = welch_interval(summary['jax'][field][key], summary['torch'][field][key])
       scale, unit = (100, ' points') if key == 'accuracy' else (1, '')
-      lines.append(f'JAX − torch, SWAG {SWAG_HEADERS[key]}: {scale * diff:+.4g}{unit}, 95 % Welch interval '
+      lines.append(f'JAX − torch, {name} {SWAG_HEADERS[key]}: {scale * diff:+.4g}{unit}, 95 % Welch interval '
                    f'[{scale * lo:+.4g}, {scale * hi:+.4g}].')
     lines.append('')
   return lines
@@ -172,6 +194,7 @@ def write_markdown(path: str, summary: dict, config, command: str, devices: dict
                    f'[{100 * lo:+.2f}, {100 * hi:+.2f}].')
     lines.append('')
   lines += swag_lines(summary, config)
+  lines += ema_lines(summary, config)
   lines.append('Mean ± sample standard deviation over seeds; an interval that contains 0 means the two '
                'frameworks are not distinguishable at this number of seeds.')
   with open(path, 'w') as f:

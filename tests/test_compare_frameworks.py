@@ -87,3 +87,36 @@ def test_swag_rows_from_each_frameworks_last_record(tmp_path):
   assert '| torch | 1 | 55.00 ± nan | 1.5000 ± nan | 0.0500 ± nan | 0.5000 ± nan |' in lines
   assert lines[0].startswith('SWAG, the final models: 30 samples at scale 0.5, rank 20')
   assert out['none'] == []
+
+
+def test_ema_rows_from_each_frameworks_last_record(tmp_path):
+  """The EMA table reads ema_eval_* of each framework's last record (its NLL is ema_eval_loss)."""
+  for framework, seed, acc, nll in (('jax', 0, 0.5, 1.25), ('jax', 1, 0.6, 1.0), ('torch', 0, 0.55, 1.5),
+                                    ('torch', 1, 0.45, 1.0)):
+    path = str(tmp_path / framework / f'seed_{seed}')
+    os.makedirs(path)
+    writer = metrics_writer.MetricsWriter(path, tensorboard=False)
+    for epoch in (1, 2):
+      writer.write({'epoch': epoch, 'eval_accuracy': acc, 'elapsed_seconds': 1.0, 'images_per_second': 2.0,
+                    'ema_eval_accuracy': acc + epoch / 100, 'ema_eval_loss': nll, 'ema_eval_ece': 0.05,
+                    'ema_eval_brier': 0.5})
+    writer.close()
+  script = (
+      'import json, sys; sys.path.insert(0, "scripts"); import compare_frameworks\n'
+      'from configs import default\n'
+      'config = default.get_config(); config.ema.enabled = True\n'
+      'summary = compare_frameworks.summarize(sys.argv[1], [0, 1], 2)\n'
+      'none = compare_frameworks.summarize(sys.argv[2], [0], 2)\n'
+      'print(json.dumps({"lines": compare_frameworks.ema_lines(summary, config),\n'
+      '                  "swag": compare_frameworks.swag_lines(summary, config),\n'
+      '                  "none": compare_frameworks.ema_lines(none, config)}))\n')
+  result = subprocess.run([sys.executable, '-c', script, str(tmp_path), str(tmp_path / 'none')], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = json.loads(result.stdout.splitlines()[-1])
+  lines = out['lines']
+  assert lines[0].startswith('EMA of the weights, the final models: decay 0.999')
+  assert '| jax | 2 | 57.00 ± 7.07 | 1.1250 ± 0.1768 | 0.0500 ± 0.0000 | 0.5000 ± 0.0000 |' in lines
+  assert '| torch | 2 | 52.00 ± 7.07 | 1.2500 ± 0.3536 | 0.0500 ± 0.0000 | 0.5000 ± 0.0000 |' in lines
+  assert any(line.startswith('JAX − torch, EMA accuracy (%): +5 points') for line in lines), lines
+  assert out['swag'] == [] and out['none'] == []
