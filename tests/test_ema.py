@@ -189,3 +189,20 @@ def test_torch_twin_ema_equals_jax_after_an_epoch(tmp_path):
   _, record = torch_reference.train_and_evaluate_torch(config, str(tmp_path / 'twin'), 'identical',
                                                         device='cpu', dataset=dataset)
   assert EMA_KEYS <= set(record) and 0.0 <= record['ema_eval_accuracy'] <= 1.0
+
+
+def test_init_from_weights_start_the_average_too():
+  """`config.init_from`'s weights replace the initial params and the EMA's copy of them, two seeds alike
+  (pretrained.initialize); the average's arrays are its own (the first step donates both)."""
+  from cifar_jax import pretrained  # pylint: disable=g-import-not-at-top
+
+  config = tiny.get_config()
+  config.ema.enabled, config.num_seeds = True, 2
+  model = builders.create_model(config.model)
+  state, acc = builders.create_initial_state(config, model, builders.create_run_schedules(config, 4))
+  kernel = np.full(np.shape(state.params['fc']['kernel'])[1:], 0.25, np.float32)
+  state, _ = pretrained.initialize((state, acc), ({('params', ('fc', 'kernel')): kernel}, {}), 2)
+  for tree in (state.params, state.ema_params):
+    np.testing.assert_array_equal(np.asarray(tree['fc']['kernel']),
+                                  np.broadcast_to(kernel, (2,) + kernel.shape))
+  assert state.ema_params['fc']['kernel'] is not state.params['fc']['kernel']

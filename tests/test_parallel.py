@@ -45,7 +45,8 @@ def make_config(parallelism: str = 'jit', num_train: int = 200, swa: bool = Fals
 
   200 images: 4 steps an epoch, the last of 8 (2 per device on 4). 202: a last batch of 10, which 4
   devices do not divide (jit runs it unsharded; pmap refuses it). With `swa`, 3 epochs whose last two
-  average, then recalibrate BatchNorm and evaluate the average.
+  average, then recalibrate BatchNorm and evaluate the average; and beside it the weights' moving average
+  (config.ema), updated every step and evaluated every epoch.
   """
   from configs import smoke  # pylint: disable=g-import-not-at-top
 
@@ -62,6 +63,7 @@ def make_config(parallelism: str = 'jit', num_train: int = 200, swa: bool = Fals
     config.num_epochs = 3
     config.swa.enabled = True
     config.swa.start_epoch = 1
+    config.ema.enabled, config.ema.decay = True, 0.8
   return config
 
 
@@ -145,7 +147,8 @@ def _run_one(run: dict) -> dict:
         for size, compiled in program.train.items()}
   result['traces'] = dict(program.traces)
   arrays = {'params': state.params, 'batch_stats': state.batch_stats, 'swa_params': state.swa_params,
-            'swa_batch_stats': state.swa_batch_stats, 'momentum': state.opt_state.inner_state[1].trace}
+            'swa_batch_stats': state.swa_batch_stats, 'momentum': state.opt_state.inner_state[1].trace,
+            'ema_params': state.ema_params, 'ema_batch_stats': state.ema_batch_stats}
   host = jax.tree.map(lambda x: np.asarray(x.addressable_shards[0].data), arrays)
   flat = {jax.tree_util.keystr(path): value for path, value in jax.tree_util.tree_leaves_with_path(host)}
   result['final'] = os.path.join(run['workdir'], f'final_{jax.process_index()}.npz')
@@ -258,16 +261,16 @@ def _metrics(result, *keys):
 
 
 def test_jit_and_pmap_on_4_devices_match_one_device(runs):
-  """Params, BatchNorm statistics, momentum, the SWA average and its recalibrated statistics."""
+  """Params, BatchNorm statistics, momentum, the SWA average and its recalibrated statistics, the EMA."""
   one = _final(runs['one'])
-  assert any('swa_batch_stats' in k for k in one)
+  assert any('swa_batch_stats' in k for k in one) and any('ema_batch_stats' in k for k in one)
   for mode in ('jit', 'pmap'):
     _assert_states_close(_final(runs[mode]), one)
     # The same images were classified right (exact counts); losses agree to float rounding.
-    accuracies = ('train_accuracy', 'eval_accuracy', 'swa_eval_accuracy')
+    accuracies = ('train_accuracy', 'eval_accuracy', 'swa_eval_accuracy', 'ema_eval_accuracy')
     assert _metrics(runs[mode], *accuracies) == _metrics(runs['one'], *accuracies)
-    for got, want in zip(_metrics(runs[mode], 'train_loss', 'eval_loss', 'swa_eval_loss'),
-                         _metrics(runs['one'], 'train_loss', 'eval_loss', 'swa_eval_loss')):
+    losses = ('train_loss', 'eval_loss', 'swa_eval_loss', 'ema_eval_loss')
+    for got, want in zip(_metrics(runs[mode], *losses), _metrics(runs['one'], *losses)):
       assert got.keys() == want.keys()
       for key in want:
         assert got[key] == pytest.approx(want[key], rel=1e-5), key
@@ -285,8 +288,8 @@ def test_jit_splits_each_batch_over_the_devices(runs):
 
 
 def _expected_traces(swa_enabled: bool) -> dict:
-  """Traced once per batch size (64 and the last), eval once (and the SWA eval), nothing more."""
-  traces = {'permutation': 1, 'train': 2, 'eval': 1 + swa_enabled}
+  """Traced once per batch size (64 and the last), eval once (and the SWA and EMA evals), nothing more."""
+  traces = {'permutation': 1, 'train': 2, 'eval': 1 + 2 * swa_enabled}
   if swa_enabled:
     traces.update(swa_update=1, recalibrate=2)
   return traces
