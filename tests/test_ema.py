@@ -122,6 +122,15 @@ def test_k_seeds_and_a_resume_average_as_the_single_run(tmp_path):
   singles = conftest.assert_k_seeds_train_as_singles_and_resume(config, tmp_path)
   assert not np.allclose(np.asarray(singles[0].ema_params['fc']['kernel']),
                          np.asarray(singles[0].params['fc']['kernel']))
+  # the k = 2 run's table: each seed's average and their ensemble
+  k_config = config.copy_and_resolve_references()
+  k_config.num_seeds, k_config.data.synthetic_train_size, k_config.data.synthetic_seed = 2, 128, 0
+  out = train.evaluate_checkpoint(k_config, str(tmp_path / 'k2'))
+  assert [row['model'] for row in out['table']] == ['single model', 'deep ensemble', 'EMA', 'EMA ensemble']
+  assert len(out['ema_eval_accuracy_per_seed']) == 2 and 'EMA ensemble' in out['nll_by_models']
+  with open(os.path.join(tmp_path / 'k2', 'metrics.jsonl')) as f:
+    last = [json.loads(line) for line in f][-1]
+  assert len(last['ema_eval_ece_per_seed']) == 2 and 'ema_ensemble_eval_nll' in last
 
 
 def test_update_ema_every_steps_and_copy():
