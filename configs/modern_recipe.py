@@ -26,8 +26,8 @@ def get_config():
   config.data.cutout.enabled = True
   config.data.cutout.size = 16
   config.data.cutout.count = 1
-  # TODO(lead, at the merge with the ema branch): the weights' EMA (config.ema), evaluated each epoch:
-  # config.ema.enabled = True
-  # config.ema.decay = 0.999  # a horizon of ~1000 steps: 2.6 of the 391-step epochs
-  # config.ema.warmup = True  # timm's decay * (1 + t) / (10 + t)
+  # The weights' EMA (config.ema), updated after every step and evaluated each epoch (ema_eval_*):
+  config.ema.enabled = True
+  config.ema.decay = 0.999  # a horizon of ~1000 steps: 2.6 of the 391-step epochs
+  config.ema.warmup = True  # min(decay, (1 + t) / (10 + t)) for update t: 0.999 from t = 8990 on
   return config

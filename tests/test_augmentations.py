@@ -200,7 +200,8 @@ def test_config_fields_reach_the_step():
   assert augmentations.label_smoothing(config) == 0.2
 
 
-def test_the_modern_recipe_is_one_cycle_30_with_smoothing_and_cutout():
+def test_the_modern_recipe_is_one_cycle_30_with_smoothing_cutout_and_ema():
+  from cifar_jax import ema  # pylint: disable=g-import-not-at-top
   from configs import modern_recipe  # pylint: disable=g-import-not-at-top
   from configs import one_cycle_30  # pylint: disable=g-import-not-at-top
 
@@ -208,7 +209,8 @@ def test_the_modern_recipe_is_one_cycle_30_with_smoothing_and_cutout():
   config_lib.validate(config)
   assert augmentations.label_smoothing(config) == 0.1
   assert augmentations.batch_options(config) == {'cutout': augmentations.Cutout(16, 1), 'cutmix': None}
-  for name in ('loss', 'data'):
+  assert ema.from_config(config) == ema.Ema(decay=0.999, warmup=True, every_steps=1, batch_stats='average')
+  for name in ('loss', 'data', 'ema'):
     config[name], base[name] = None, None
   assert config == base  # nothing else differs from the one-cycle baseline
 

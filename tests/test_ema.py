@@ -96,17 +96,21 @@ def test_trainer_ema_equals_numpy_recomputation(tmp_path, batch_stats):
 
 @pytest.mark.slow  # a trainer run and an evaluation under shift
 def test_ema_rows_under_shift_and_beside_swa(tmp_path):
-  """EMA and SWA in one run: the table has both rows, and under shift the EMA row on every set."""
+  """EMA and SWA in one run: the table has both rows, under shift the EMA row on every set, and after
+  temperature scaling an EMA row too."""
   config = tiny.get_config()
   config.num_epochs = 2
   config.ema.enabled = True
   config.swa.enabled, config.swa.start_epoch = True, 1
+  config.data.validation_size = 40  # temperature scaling fits T on a held-out split
   workdir = str(tmp_path / 'run')
   state = train.train_and_evaluate(config, workdir)
   assert int(state.swa_count) == 1 and state.ema_params is not None
   config.evaluation.shift, config.evaluation.severities, config.evaluation.shift_cache = 'fog', (1,), ''
+  config.evaluation.temperature = True
   out = train.evaluate_checkpoint(config, workdir)
   assert [row['model'] for row in out['table']] == ['single model', 'SWA', 'EMA']
+  assert [row['model'] for row in out['temperature']['rows']] == ['single model', 'SWA', 'EMA']
   assert [(row['model'], row['corruption']) for row in out['shift']['rows']] == [
       ('single model', 'fog'), ('SWA', 'fog'), ('EMA', 'fog')]
   assert {row['model'] for row in out['shift']['summary']} == {'single model', 'SWA', 'EMA'}
@@ -215,3 +219,17 @@ def test_init_from_weights_start_the_average_too():
     np.testing.assert_array_equal(np.asarray(tree['fc']['kernel']),
                                   np.broadcast_to(kernel, (2,) + kernel.shape))
   assert state.ema_params['fc']['kernel'] is not state.params['fc']['kernel']
+
+
+def test_a_run_saved_before_the_ema_fields_resumes_quietly():
+  """config.json of a run from before config.ema: nothing announced; turning the average on is refused (the
+  checkpoint has no average to resume)."""
+  from cifar_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
+  config = tiny.get_config()
+  saved = json.loads(config.to_json_best_effort())
+  del saved['ema']
+  assert checkpointing.compare_with_saved(config, saved) == ([], [])
+  config.ema.enabled, config.ema.decay = True, 0.9
+  assert checkpointing.compare_with_saved(config, saved) == (
+      ['ema.enabled: False -> True'], ['ema.decay: 0.999 -> 0.9'])
