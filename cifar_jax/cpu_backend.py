@@ -22,6 +22,7 @@ import subprocess
 
 from absl import logging
 
+from cifar_jax import models
 from cifar_jax import onednn_conv
 
 try:
@@ -118,7 +119,6 @@ def sequential_scheduler(config) -> bool:
   blog's ResNet18 at width 0.25 ran 1.05x as fast in bfloat16 but 0.96x in float32, where its small ops gain
   from running side by side, so float32 ResNets keep the default (BENCHMARKS.md, "XLA:CPU's scheduler").
   """
-  from cifar_jax import models  # pylint: disable=g-import-not-at-top
   return config.model.name in models.PRETRAINED_FAMILIES or config.model.get('dtype') == 'bfloat16'
 
 
