@@ -62,6 +62,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_lib.validate(config)
   parallel.initialize_distributed(config.distributed)
   compilation_cache.configure(config.compilation_cache)
+  if jax.process_index() == 0:  # a held workdir stops the run before its data is read
+    workdir_lock.check_free(workdir)
   # The data before the pretrained weights: its class count is the model's head's.
   dataset = input_pipeline.load_dataset(config.data, config.seed)
   logging.info('Data: %d train, %d %s examples, %d classes', dataset.num_train, dataset.num_eval,

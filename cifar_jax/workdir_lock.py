@@ -35,6 +35,34 @@ def _read(fd: int) -> str:
   return os.pread(fd, 4096, 0).decode('utf-8', 'replace').strip()
 
 
+def _in_use(workdir: str, holder: str) -> ConfigError:
+  return ConfigError(
+      f'--workdir={workdir} is in use by another run ({holder}); wait for it to end or stop it, '
+      'or give another --workdir')
+
+
+def check_free(workdir: str) -> None:
+  """Raises `WorkdirLock`'s ConfigError at once when a live run holds `workdir`; writes nothing.
+
+  For the start of a run, before its data and weights are read: the lock itself is taken later (by
+  `WorkdirLock`), so a run that starts in between is still refused there.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  try:
+    fd = os.open(path, os.O_RDWR)
+  except OSError:  # no lock file yet (or not ours to open): nothing holds it
+    return
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+  except BlockingIOError:
+    raise _in_use(workdir, _describe(_read(fd))) from None
+  except OSError:
+    pass  # a file system without locks: WorkdirLock says so
+  finally:
+    os.close(fd)
+
+
 class WorkdirLock:
   """`with WorkdirLock(workdir):` holds the workdir's lock (when `hold`), or raises ConfigError naming the
   live run that holds it."""
@@ -53,9 +81,7 @@ class WorkdirLock:
     except BlockingIOError:
       holder = _describe(_read(fd))
       os.close(fd)
-      raise ConfigError(
-          f'--workdir={self.workdir} is in use by another run ({holder}); wait for it to end or stop it, '
-          'or give another --workdir') from None
+      raise _in_use(self.workdir, holder) from None
     except OSError as e:  # a file system without locks (some network mounts): run unguarded
       if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
         os.close(fd)
