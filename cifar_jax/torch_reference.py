@@ -762,7 +762,8 @@ def swag_evaluate_torch(swag: 'TorchSwag', model, config, dataset, recalibration
   return calibration.calibration_sums(mean_log_probs, jnp.asarray(labels), jnp.ones(labels.shape))
 
 
-def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', device=None, dataset=None):
+def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', device=None, dataset=None,
+                             resume: bool = False):
   """Trains the blog's torch model with `config`, evaluating every epoch.
 
   Args:
@@ -776,6 +777,10 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
     data_mode: 'native' (torch shuffling and augmentation) or 'identical' (the JAX trainer's batches).
     device: a torch device; default 'cuda' when available, else 'cpu'.
     dataset: an `input_pipeline.Dataset`; default `load_dataset(config.data, config.seed)`.
+    resume: save `workdir/torch_checkpoint.pt` after each epoch (model, optimizer, schedulers, SWA,
+      SWAG, EMA, torch's RNG) and continue from it when it is there: the resumed run's weights and
+      records equal an uninterrupted run's (bitwise on the CPU). A checkpoint of another config or data
+      mode is refused. Off: every run starts afresh and `metrics.jsonl` is rewritten.
 
   Returns:
     (the trained model, the last epoch's record).
@@ -811,16 +816,26 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
   swa_model = swa_scheduler = swag = None
   torch_ema = TorchEma(model, ema_lib.from_config(config)) if ema_lib.enabled(config) else None
   os.makedirs(workdir, exist_ok=True)
-  writer = metrics_writer.MetricsWriter(workdir, tensorboard=False)
-  record, start_time = {}, time.perf_counter()
+  saved = _read_checkpoint(workdir, config, data_mode) if resume else None
+  start_epoch, elapsed_before, record = 0, 0.0, {}
+  if saved is not None:
+    start_epoch, elapsed_before, record = saved['epoch'], saved['elapsed_seconds'], saved['record']
+  writer = metrics_writer.MetricsWriter(workdir, truncate_after_step=start_epoch * steps_per_epoch,
+                                        tensorboard=False)
+  start_time = time.perf_counter() - elapsed_before
   for epoch in range(config.num_epochs):
     in_swa = swa_config.enabled and epoch >= swa_config.start_epoch
+    if saved is not None and epoch == start_epoch:  # every state as the checkpoint holds it
+      _restore(saved, model, optimizer, scheduler, swa_model, swa_scheduler, swag, torch_ema)
+      saved = None
     if in_swa and swa_model is None:
       from torch.optim import swa_utils  # pylint: disable=g-import-not-at-top
       swa_model = swa_utils.AveragedModel(model)
       swa_scheduler = _start_swa_lr(optimizer, config)
       if config.swag.enabled:
         swag = TorchSwag(model, config.swag.rank, config.swag.var_clamp)
+    if epoch < start_epoch:
+      continue  # done before the checkpoint: only the objects it holds are built, as the run built them
     if swa_scheduler is not None:
       swa_scheduler.step()
     if in_swa:
@@ -883,5 +898,75 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
     writer.write(record)
     if not in_swa:
       after_epoch(evals['eval_loss'])
+    if resume:
+      _write_checkpoint(workdir, config, data_mode, epoch + 1, time.perf_counter() - start_time, record,
+                        model, optimizer, scheduler, swa_model, swa_scheduler, swag, torch_ema)
   writer.close()
+  if start_epoch == config.num_epochs:
+    print(f'{workdir}: the torch run had finished at epoch {start_epoch}; nothing to do.')
   return model, record
+
+
+# Resuming the twin: one file, written after each epoch's record ------------------------------------------
+
+CHECKPOINT_FILE = 'torch_checkpoint.pt'
+
+
+def _state(obj):
+  return None if obj is None else obj.state_dict()
+
+
+def _write_checkpoint(workdir, config, data_mode, epoch, elapsed, record, model, optimizer, scheduler,
+                      swa_model, swa_scheduler, swag, torch_ema) -> None:
+  """Saves everything the next epoch reads (atomically: a kill leaves the previous file)."""
+  torch = _torch()
+  state = {
+      'epoch': epoch, 'elapsed_seconds': elapsed, 'record': record,
+      'config': config.to_json_best_effort(sort_keys=True), 'data_mode': data_mode,
+      'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': _state(scheduler),
+      'swa_model': _state(swa_model), 'swa_scheduler': _state(swa_scheduler),
+      'swag': None if swag is None else {'n': swag.n, 'mean': swag.mean, 'sq_mean': swag.sq_mean,
+                                         'deviations': swag.deviations},
+      'ema': None if torch_ema is None else {'module': torch_ema.module.state_dict(),
+                                             'steps': torch_ema.steps},
+      'rng': torch.get_rng_state(),
+      'cuda_rng': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+  }
+  path = os.path.join(workdir, CHECKPOINT_FILE)
+  torch.save(state, path + '.tmp')
+  os.replace(path + '.tmp', path)
+
+
+def _read_checkpoint(workdir, config, data_mode):
+  """The saved state of an unfinished run in `workdir`, or None; a run of another config is refused."""
+  path = os.path.join(workdir, CHECKPOINT_FILE)
+  if not os.path.exists(path):
+    return None
+  saved = _torch().load(path, map_location='cpu', weights_only=False)
+  if saved['config'] != config.to_json_best_effort(sort_keys=True) or saved['data_mode'] != data_mode:
+    raise config_lib.ConfigError(
+        f'{path} holds a torch run of another config or data mode; give another workdir, or delete the file '
+        'to start again')
+  print(f'{workdir}: resuming the torch run after epoch {saved["epoch"]}', flush=True)
+  return saved
+
+
+def _restore(saved, model, optimizer, scheduler, swa_model, swa_scheduler, swag, torch_ema) -> None:
+  torch = _torch()
+  model.load_state_dict(saved['model'])
+  optimizer.load_state_dict(saved['optimizer'])
+  if scheduler is not None:
+    scheduler.load_state_dict(saved['scheduler'])
+  if swa_model is not None:
+    swa_model.load_state_dict(saved['swa_model'])
+  if swa_scheduler is not None:
+    swa_scheduler.load_state_dict(saved['swa_scheduler'])
+  if swag is not None:
+    swag.n, swag.mean, swag.sq_mean = saved['swag']['n'], saved['swag']['mean'], saved['swag']['sq_mean']
+    swag.deviations = saved['swag']['deviations']
+  if torch_ema is not None:
+    torch_ema.module.load_state_dict(saved['ema']['module'])
+    torch_ema.steps = saved['ema']['steps']
+  torch.set_rng_state(saved['rng'])
+  if saved['cuda_rng'] is not None and torch.cuda.is_available():
+    torch.cuda.set_rng_state_all(saved['cuda_rng'])

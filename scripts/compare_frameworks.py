@@ -12,7 +12,8 @@ over the SWA phase (the torch twin with the reference's formulas, torch_referenc
 gains the SWAG Bayesian model average's accuracy, NLL, ECE and Brier per framework; with config.ema.enabled
 the same for the moving average of the weights (the twin's torch_reference.TorchEma). Each run lives in
 WORKDIR/{jax,torch}/seed_{i}; a finished run is not retrained, so `--only=jax` and `--only=torch` can split
-a long comparison across sessions. A JAX run resumes from its checkpoint; an unfinished torch run restarts.
+a long comparison across sessions. Both resume an unfinished run: JAX from its checkpoint, the torch twin
+after its last finished epoch (WORKDIR/torch/seed_{i}/torch_checkpoint.pt).
 With --config.model.dtype=bfloat16 the two run in mixed precision: JAX with bfloat16 compute and float32
 state (docs/architecture.md, "Mixed precision"), torch under torch.autocast(device, dtype=torch.bfloat16).
 """
@@ -66,11 +67,10 @@ def train_one(framework: str, config, path: str, data_mode: str, torch_device) -
     from cifar_jax import train  # pylint: disable=g-import-not-at-top
     train.train_and_evaluate(config, path)
   else:
-    from cifar_jax import metrics_writer  # pylint: disable=g-import-not-at-top
     from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top
-    if os.path.exists(os.path.join(path, metrics_writer.METRICS_FILE)):
-      os.remove(os.path.join(path, metrics_writer.METRICS_FILE))  # restart an unfinished torch run
-    torch_reference.train_and_evaluate_torch(config, path, data_mode=data_mode, device=torch_device)
+    # An unfinished torch run continues after its last epoch, as the JAX trainer resumes from its checkpoint.
+    torch_reference.train_and_evaluate_torch(config, path, data_mode=data_mode, device=torch_device,
+                                             resume=True)
 
 
 def device_name(framework: str, torch_device) -> str:
