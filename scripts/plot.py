@@ -55,6 +55,8 @@ STEPS_PER_EPOCH = -(-TRAIN_SIZE // BATCH_SIZE)  # 391: the last, partial batch i
 DPI = 120
 LR_COLOR = 'tab:blue'
 MOMENTUM_COLOR = 'tab:orange'
+OOD_SCORE_LABELS = {'msp': '1 - max probability (msp score)', 'entropy': 'predictive entropy',
+                    'mutual_information': 'mutual information'}  # cifar_jax/ood.py's scores
 
 # CyclicLR: the blog gives no parameters, so this follows Smith (2017): half-cycles of 2-10
 # epochs, base_lr well below max_lr. 'triangular2' with 4-epoch half-cycles over 40 epochs gives 5
@@ -296,7 +298,7 @@ def plot_ood(workdir: str, out: str) -> str | None:
       if first:
         ax.set_axis_off()
         continue
-      ax.set(xlabel=score, ylabel='fraction', title=model)
+      ax.set(xlabel=OOD_SCORE_LABELS.get(score, score), ylabel='fraction', title=model)
       ax.legend(fontsize=6)
   fig.suptitle(f"{workdir}: OOD scores (in-distribution: {result['in_distribution']})", fontsize=9)
   fig.tight_layout()
