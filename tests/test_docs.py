@@ -1,16 +1,16 @@
 """Every command the docs show runs as written, and every relative link in them resolves.
 
-The commands come from the code blocks (fenced or indented) of README.md and docs/*.md, and from the inline
-code of their tables' cells: `cifar-jax ...`, `python -m cifar_jax.main ...`, `python scripts/...`
-(`.venv/bin/...` variants and `bash scripts/*.sh` too) and `make ...`, after the `VAR=value` prefixes and
-wrappers (`flock FILE`, `nice -n N`, `/usr/bin/time -v`, ...) before them; a shell variable that the same
-document sets earlier (`FLAGS="..."`, then `cifar-jax $FLAGS`) is expanded. Without training anything, each is
-checked as its parser would check it: the config file exists, every `--config.FIELD=VALUE` names a field, the
-overridden config passes `config_lib.validate` (the check `main.main` makes before anything compiles),
-`--mode` and the other flags are the command line's; a script's subcommand and flags exist (read with `ast`
-from the script and the modules it imports from scripts/, so no script is imported); a make target is the
-Makefile's. The links of every markdown file (README.md, RESULTS.md, BENCHMARKS.md, docs/**) are resolved,
-headings' anchors included.
+The commands come from the code blocks (fenced or indented) of README.md, RESULTS.md, BENCHMARKS.md and
+docs/*.md, and from the inline code of their tables' cells: `cifar-jax ...`, `python -m cifar_jax.main ...`,
+`python scripts/...` (`.venv/bin/...` variants and `bash scripts/*.sh` too) and `make ...`, after the
+`VAR=value` prefixes and wrappers (`flock FILE`, `nice -n N`, `/usr/bin/time -v`, ...) before them; a shell
+variable that the same document sets earlier (`FLAGS="..."`, then `cifar-jax $FLAGS`) is expanded. Without
+training anything, each is checked as its parser would check it: the config file exists, every
+`--config.FIELD=VALUE` names a field, the overridden config passes `config_lib.validate` (the check
+`main.main` makes before anything compiles), `--mode` and the other flags are the command line's; a script's
+subcommand and flags exist (read with `ast` from the script and the modules it imports from scripts/, so no
+script is imported); a make target is the Makefile's. The links of every markdown file (README.md, RESULTS.md,
+BENCHMARKS.md, docs/**) are resolved, headings' anchors included.
 """
 
 import ast
@@ -28,7 +28,10 @@ from cifar_jax import config_lib
 from cifar_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMAND_DOCS = ['README.md'] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(f'{ROOT}/docs/*.md'))
+# RESULTS.md and BENCHMARKS.md give each measurement's command as it runs today (the script it ran under, when
+# another, in a note beside it).
+COMMAND_DOCS = ['README.md', 'RESULTS.md', 'BENCHMARKS.md'] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(f'{ROOT}/docs/*.md'))
 # Fenced blocks whose language is one of these hold commands (an empty language too).
 SHELL_LANGUAGES = ('', 'sh', 'bash', 'shell', 'console')
 # Words that run the command after them, with how many operands they take (`flock -s FILE cmd`, `taskset -c 1
@@ -430,6 +433,8 @@ COMMANDS = documented_commands()
 def test_the_docs_show_commands():
   kinds = {c[0] for _, c in COMMANDS}
   assert {'cifar-jax', 'script', 'make'} <= kinds, kinds
+  docs = {where.rsplit(':', 1)[0] for where, _ in COMMANDS}
+  assert {'README.md', 'RESULTS.md', 'BENCHMARKS.md'} <= docs, docs
 
 
 @pytest.mark.parametrize('where,command', COMMANDS, ids=[w for w, _ in COMMANDS])
