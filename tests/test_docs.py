@@ -1,14 +1,16 @@
 """Every command the docs show runs as written, and every relative link in them resolves.
 
-The commands come from the fenced code blocks of README.md and docs/*.md, and from the inline code of their
-tables' cells: `cifar-jax ...`, `python -m cifar_jax.main ...`, `python scripts/...` (`.venv/bin/...`
-variants and `bash scripts/*.sh` too) and `make ...`. Without training anything, each is checked as its
-parser would check it: the config file exists, every `--config.FIELD=VALUE` names a field, the overridden
-config passes `config_lib.validate` (the check `main.main` makes before anything compiles), `--mode` and the
-other flags are the command line's; a script's subcommand and flags exist (read with `ast` from the script
-and the modules it imports from scripts/, so no script is imported); a make target is the Makefile's. The
-links of every markdown file (README.md, RESULTS.md, BENCHMARKS.md, docs/**) are resolved, headings'
-anchors included.
+The commands come from the code blocks (fenced or indented) of README.md, RESULTS.md, BENCHMARKS.md and
+docs/*.md, and from the inline code of their tables' cells: `cifar-jax ...`, `python -m cifar_jax.main ...`,
+`python scripts/...` (`.venv/bin/...` variants and `bash scripts/*.sh` too) and `make ...`, after the
+`VAR=value` prefixes and wrappers (`flock FILE`, `nice -n N`, `/usr/bin/time -v`, ...) before them; a shell
+variable that the same document sets earlier (`FLAGS="..."`, then `cifar-jax $FLAGS`) is expanded. Without
+training anything, each is checked as its parser would check it: the config file exists, every
+`--config.FIELD=VALUE` names a field, the overridden config passes `config_lib.validate` (the check
+`main.main` makes before anything compiles), `--mode` and the other flags are the command line's; a script's
+subcommand and flags exist (read with `ast` from the script and the modules it imports from scripts/, so no
+script is imported); a make target is the Makefile's. The links of every markdown file (README.md, RESULTS.md,
+BENCHMARKS.md, docs/**) are resolved, headings' anchors included.
 """
 
 import ast
@@ -26,7 +28,10 @@ from cifar_jax import config_lib
 from cifar_jax import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMAND_DOCS = ['README.md'] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(f'{ROOT}/docs/*.md'))
+# RESULTS.md and BENCHMARKS.md give each measurement's command as it runs today (the script it ran under, when
+# another, in a note beside it).
+COMMAND_DOCS = ['README.md', 'RESULTS.md', 'BENCHMARKS.md'] + sorted(
+    os.path.relpath(p, ROOT) for p in glob.glob(f'{ROOT}/docs/*.md'))
 # Fenced blocks whose language is one of these hold commands (an empty language too).
 SHELL_LANGUAGES = ('', 'sh', 'bash', 'shell', 'console')
 # Words that run the command after them, with how many operands they take (`flock -s FILE cmd`, `taskset -c 1
@@ -48,12 +53,21 @@ DEFAULT_CONFIG = 'configs/default.py'
 
 
 def code_blocks(text: str):
-  """(language, first line number, lines) of each fenced code block of a markdown text."""
+  """(language, first line number, lines) of each code block of a markdown text: fenced ones with their
+  language, indented ones (4 spaces, after a blank line, not inside a list item) with ''."""
   lines = text.split('\n')
   i = 0
   while i < len(lines):
     m = re.match(r'^\s*(```|~~~)\s*([\w+-]*)', lines[i])
     if not m:
+      if _starts_indented_block(lines, i):
+        start, body = i + 1, []
+        while i < len(lines) and (_indented(lines[i]) or not lines[i].strip() and i + 1 < len(lines) and
+                                  _indented(lines[i + 1])):
+          body.append(lines[i][4:] if lines[i].startswith('    ') else lines[i].lstrip('\t'))
+          i += 1
+        yield '', start, body
+        continue
       i += 1
       continue
     fence, language, start = m.group(1), m.group(2).lower(), i + 1
@@ -66,10 +80,25 @@ def code_blocks(text: str):
     yield language, start + 1, body
 
 
+def _indented(line: str) -> bool:
+  return bool(line.strip()) and (line.startswith('    ') or line.startswith('\t'))
+
+
+def _starts_indented_block(lines, i: int) -> bool:
+  """Whether lines[i] opens an indented code block: indented, after a blank line (or at the start), and the
+  text before that blank line is neither a list item nor indented (a list item's continuation)."""
+  if not _indented(lines[i]) or i > 0 and lines[i - 1].strip():
+    return False
+  before = next((line for line in reversed(lines[:i]) if line.strip()), '')
+  return not before[:1].isspace() and not re.match(r'^([-*+]|\d+[.)])\s', before)
+
+
 def shell_commands(text: str):
   """(line number, argv) of every simple command in the shell blocks of a markdown text: continuation
   lines joined, comments dropped, `;`, `&&`, `|` and `&` split, `VAR=value` prefixes and wrappers
-  (`flock`, `taskset`, `do`, ...) removed."""
+  (`flock`, `taskset`, `do`, ...) removed, and `$VAR` (a word of its own) replaced by the words of the value
+  that a line `VAR=value` of an earlier shell block, or earlier in the same block, gave it."""
+  variables = {}
   for language, start, body in code_blocks(text):
     if language not in SHELL_LANGUAGES:
       continue
@@ -80,13 +109,13 @@ def shell_commands(text: str):
         logical += line.rstrip()[:-1] + ' '
         continue
       logical += line
-      yield from _simple_commands(first, logical)
+      yield from _simple_commands(first, logical, variables)
       logical, first = '', None
     if logical:
-      yield from _simple_commands(first, logical)
+      yield from _simple_commands(first, logical, variables)
 
 
-def _simple_commands(line_number: int, logical_line: str):
+def _simple_commands(line_number: int, logical_line: str, variables: dict):
   lexer = shlex.shlex(logical_line, posix=True, punctuation_chars=';&|()')
   lexer.whitespace_split = True
   lexer.commenters = '#'
@@ -94,11 +123,15 @@ def _simple_commands(line_number: int, logical_line: str):
   command = []
   for token in tokens + [';']:
     if token in SHELL_OPERATORS or set(token) <= set(';&|()'):
-      if command:
+      if command and all(re.match(r'^[A-Za-z_]\w*=', t) for t in command):  # `FLAGS="..."` alone
+        variables.update(t.split('=', 1) for t in command)
+      elif command:
         yield line_number, _unwrap(command)
       command = []
     else:
-      command.append(token)
+      m = re.match(r'^\$(?:([A-Za-z_]\w*)|\{([A-Za-z_]\w*)\})$', token)
+      name = m and (m.group(1) or m.group(2))
+      command.extend(shlex.split(variables[name]) if name in variables else [token])
 
 
 def _unwrap(argv):
@@ -107,8 +140,8 @@ def _unwrap(argv):
   while argv:
     if re.match(r'^[A-Za-z_]\w*=', argv[0]):
       argv.pop(0)
-    elif argv[0] in WRAPPERS:
-      wrapper = argv.pop(0)
+    elif os.path.basename(argv[0]) in WRAPPERS:
+      wrapper = os.path.basename(argv.pop(0))
       operands = WRAPPERS[wrapper]
       while argv and argv[0].startswith('-'):
         option = argv.pop(0)
@@ -153,8 +186,12 @@ def table_commands(text: str):
   for number, line in enumerate(outside.split('\n'), start=1):
     if line.lstrip().startswith('|'):
       for span in re.findall(r'`([^`]+)`', line):
-        if re.match(r'^(cifar-jax|python|\.venv/bin/|make|bash scripts/) ', span):
-          yield number, _unwrap(shlex.split(span))
+        try:
+          argv = _unwrap(shlex.split(span))
+        except ValueError:
+          continue
+        if len(argv) > 1 and re.match(r'^(cifar-jax|python[\d.]*|\.venv/bin/\S+|make|bash)$', argv[0]):
+          yield number, argv
 
 
 def documented_commands():
@@ -396,6 +433,8 @@ COMMANDS = documented_commands()
 def test_the_docs_show_commands():
   kinds = {c[0] for _, c in COMMANDS}
   assert {'cifar-jax', 'script', 'make'} <= kinds, kinds
+  docs = {where.rsplit(':', 1)[0] for where, _ in COMMANDS}
+  assert {'README.md', 'RESULTS.md', 'BENCHMARKS.md'} <= docs, docs
 
 
 @pytest.mark.parametrize('where,command', COMMANDS, ids=[w for w, _ in COMMANDS])
@@ -415,6 +454,11 @@ def test_documented_command(where, command):
     ('python scripts/compare_frameworks.py --config=configs/one_cycle.py --seedz=2', 'no flag --seedz'),
     ('python scripts/sweep.py --set=model.widht=0.25', 'model.widht'),
     ('make tests', 'no target'),
+    ('python scripts/benchmark.py --width=1', 'needs a subcommand'),
+    ('python scripts/benchmark.py seeds --roundz=3', 'no flag --roundz'),
+    ('python scripts/benchmark.py profile --mode=onednn --channel_last', 'no flag --channel_last'),
+    ('python scripts/bench_seeds.py --seeds=1,2,4', 'no such script'),
+    ('python scripts/plot.py calibrate runs/x', 'no such subcommand'),
     ('make train ARGS="--config.num_epoch=5"', 'num_epoch'),
 ])
 def test_the_check_finds_mistakes(command, message):
@@ -435,6 +479,29 @@ def test_commands_are_read_as_the_shell_reads_them():
   assert ['make', 'test'] in commands
   assert ['cifar-jax', '--config=d.py'] in commands
   assert not any('--not=a_command' in argv for argv in commands)
+
+
+def test_shell_variables_indented_blocks_and_table_cells():
+  """`$FLAGS` takes the words an earlier `FLAGS=...` line of the document gave it (an unknown one stays as it
+  is); an indented block holds commands unless it continues a list item; a table cell's command may start
+  with `VAR=value` and wrappers."""
+  text = ('Before:\n\n    JAX_PLATFORMS=cpu /usr/bin/time -v python scripts/benchmark.py seeds --rounds=3\n\n'
+          '```sh\nFLAGS="--config=configs/default.py \\\n  --workdir=w"\n'
+          'cifar-jax $FLAGS --mode=evaluate\n```\n'
+          'Text.\n\n```sh\nnice -n 5 cifar-jax ${FLAGS} --config.num_epochs=1 $UNSET\n```\n'
+          '- a list item\n\n    python scripts/not_code.py\n')
+  commands = [argv for _, argv in shell_commands(text)]
+  flags = ['--config=configs/default.py', '--workdir=w']
+  assert commands == [['python', 'scripts/benchmark.py', 'seeds', '--rounds=3'],
+                      ['cifar-jax', *flags, '--mode=evaluate'],
+                      ['cifar-jax', *flags, '--config.num_epochs=1', '$UNSET']]
+  table = ('| a | b |\n| --- | --- |\n'
+           '| `JAX_PLATFORMS=cpu .venv/bin/python scripts/benchmark.py step --width=1` '
+           '| `GPU_CHECK_SMOKE=1 bash scripts/gpu/gpu_check.sh --smoke`, `GPU_CHECK_SMOKE=1`, '
+           '`scripts/x.py` |\n')
+  assert [argv for _, argv in table_commands(table)] == [
+      ['.venv/bin/python', 'scripts/benchmark.py', 'step', '--width=1'],
+      ['bash', 'scripts/gpu/gpu_check.sh', '--smoke']]
 
 
 # Links ---------------------------------------------------------------------------------------------------
