@@ -63,9 +63,28 @@ def _config(args, dtype: str = 'float32'):
   return config
 
 
-def jax_step(args, images, labels, dtype: str = 'float32', scheduler: str = ''):
+def _pointwise_as_dots() -> None:
+  """Routes 1x1 stride-1 ungrouped convolutions to XLA's dot (`lax.dot_general`) instead of oneDNN, in
+  this worker only: the measurement behind keeping them in oneDNN (BENCHMARKS.md, Lite0's section)."""
+  from jax import lax  # pylint: disable=g-import-not-at-top
+
+  from cifar_jax import onednn_conv  # pylint: disable=g-import-not-at-top
+  inner = onednn_conv.conv_general_dilated
+
+  def conv(lhs, rhs, window_strides, padding, *args, feature_group_count=1, **kwargs):
+    unpadded = isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding)
+    if rhs.shape[:2] == (1, 1) and tuple(window_strides) == (1, 1) and feature_group_count == 1 and unpadded:
+      return lax.dot_general(lhs, rhs[0, 0], (((3,), (0,)), ((), ())))
+    return inner(lhs, rhs, window_strides, padding, *args, feature_group_count=feature_group_count, **kwargs)
+
+  onednn_conv.conv_general_dilated = conv
+
+
+def jax_step(args, images, labels, dtype: str = 'float32', scheduler: str = '', pointwise_dots: bool = False):
   """The trainer's jitted train step (state donated) on one fixed batch, with cifar-jax's XLA:CPU flags."""
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
+  if pointwise_dots:
+    _pointwise_as_dots()
 
   config = _config(args, dtype)
   if scheduler:  # XLA:CPU's scheduler: 'true' its concurrency-optimised default, 'false' the sequential one
@@ -97,7 +116,8 @@ def jax_step(args, images, labels, dtype: str = 'float32', scheduler: str = ''):
 
   micro = f', {args.micro_batches} micro-batches' if args.micro_batches > 1 else ''
   sched = {'true': ", XLA's concurrent scheduler", 'false': ", XLA's sequential scheduler"}.get(scheduler, '')
-  return one, f'jax {dtype} ({model.conv_impl} convolutions{micro}{sched})'
+  dots = ', 1x1 as XLA dots' if pointwise_dots else ''
+  return one, f'jax {dtype} ({model.conv_impl} convolutions{dots}{micro}{sched})'
 
 
 def torch_step(args, images, labels, channels_last: bool = False, autocast: bool = False):
@@ -131,6 +151,8 @@ def torch_step(args, images, labels, channels_last: bool = False, autocast: bool
 VARIANTS = {
     'jax': jax_step,
     'jax_bf16': functools.partial(jax_step, dtype='bfloat16'),
+    'jax_pointwise_dots': functools.partial(jax_step, pointwise_dots=True),
+    'jax_bf16_pointwise_dots': functools.partial(jax_step, dtype='bfloat16', pointwise_dots=True),
     'jax_concurrent_scheduler': functools.partial(jax_step, scheduler='true'),
     'jax_bf16_concurrent_scheduler': functools.partial(jax_step, dtype='bfloat16', scheduler='true'),
     'torch': torch_step,
