@@ -290,9 +290,10 @@ def _closure(paths, stop=()):
   return seen
 
 
-def _options(path: str):
+def _options(path: str, absl: bool = True):
   """The option strings a Python module defines: argparse's `add_argument('--x', '-x')`, absl's
-  `DEFINE_*('x')` (and `--nox` for booleans), config_flags' `--config` (then `--config.FIELD`)."""
+  `DEFINE_*('x')` (and `--nox` for booleans), config_flags' `--config` (then `--config.FIELD`). With
+  `absl=False` only argparse's: absl flags that an argparse program imports are never parsed."""
   options, config_flags_names = set(), set()
   for node in ast.walk(_module_tree(path)[0]):
     if not isinstance(node, ast.Call):
@@ -303,13 +304,19 @@ def _options(path: str):
                  if k.arg == 'name' and isinstance(k.value, ast.Constant) and isinstance(k.value.value, str)]
     if func == 'add_argument':
       options.update(a for a in literals if a.startswith('-'))
-    elif func.startswith('DEFINE') and literals:
+    elif absl and func.startswith('DEFINE') and literals:
       options.add('--' + literals[0])
       if func in ('DEFINE_bool', 'DEFINE_boolean'):
         options.add('--no' + literals[0])
       if func == 'DEFINE_config_file':
         config_flags_names.add(literals[0])
   return options, config_flags_names
+
+
+def _uses_argparse(path: str) -> bool:
+  """Whether a script parses its command line with argparse (then only argparse's options count)."""
+  tree = _module_tree(path)[0]
+  return any(isinstance(n, ast.Attribute) and n.attr == 'ArgumentParser' for n in ast.walk(tree))
 
 
 def _subcommands(path: str):
@@ -363,8 +370,9 @@ def check_script(script: str, args):
           modules += _closure([subcommands[args[0]]])
         args = args[1:]
     known, config_names = set(ARGPARSE_FLAGS | ABSL_FLAGS), set()
+    argparse_entry = _uses_argparse(path)
     for module in modules:
-      options, configs = _options(module)
+      options, configs = _options(module, absl=not argparse_entry or module == os.path.realpath(path))
       known |= options
       config_names |= configs
   own = []
@@ -457,6 +465,8 @@ def test_documented_command(where, command):
     ('python scripts/benchmark.py --width=1', 'needs a subcommand'),
     ('python scripts/benchmark.py seeds --roundz=3', 'no flag --roundz'),
     ('python scripts/benchmark.py profile --mode=onednn --channel_last', 'no flag --channel_last'),
+    # sweep.py's absl flags are imported by the seeds subcommand, never parsed by its argparse:
+    ('python scripts/benchmark.py seeds --executor=local', 'no flag --executor'),
     ('python scripts/bench_seeds.py --seeds=1,2,4', 'no such script'),
     ('python scripts/plot.py calibrate runs/x', 'no such subcommand'),
     ('make train ARGS="--config.num_epoch=5"', 'num_epoch'),
