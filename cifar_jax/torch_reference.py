@@ -762,6 +762,37 @@ def swag_evaluate_torch(swag: 'TorchSwag', model, config, dataset, recalibration
   return calibration.calibration_sums(mean_log_probs, jnp.asarray(labels), jnp.ones(labels.shape))
 
 
+def _swa_epoch_record(config, dataset, data_mode: str, epoch: int, model, swa_model, swag, device,
+                      steps_per_epoch: int) -> dict:
+  """The end of an SWA epoch: the epoch's average (and SWAG snapshot) unless taken per step, then the SWA
+  model's evaluation after update_bn (swa.eval_every_epoch, or the last epoch) and SWAG's on the last."""
+  swa_config = config.swa
+  if not swa_config.update_every_steps:
+    swa_model.update_parameters(model)
+    if swag is not None:
+      swag.collect(model)
+  recal_config = config.copy_and_resolve_references()
+  recal_config.data.augment = swa_config.recalibration_augment
+  recal_key = jax.random.fold_in(jax_data_key(config.seed), steps.RECALIBRATION_SALT)
+
+  def recalibration_batches():
+    return torch_batches(dataset, recal_config, epoch if data_mode == 'identical' else
+                         config.num_epochs + epoch, data_mode, data_key=recal_key)
+
+  record = {}
+  if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
+    _update_bn(recalibration_batches(), swa_model, device, config.model.dtype)
+    swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device, config.model.dtype,
+                               tta_lib.level(config), config.data.get('normalization', 'cifar10'))
+    record = {'swa_eval_loss': swa_evals['eval_loss'], 'swa_eval_accuracy': swa_evals['eval_accuracy']}
+  record['swa_count'] = int(swa_model.n_averaged)
+  if swag is not None and epoch + 1 == config.num_epochs:
+    swag_sums = swag_evaluate_torch(swag, model, config, dataset, recalibration_batches, steps_per_epoch,
+                                    device)
+    record.update({f'swag_eval_{k}': v for k, v in calibration.summarize(swag_sums).items()})
+  return record
+
+
 def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', device=None, dataset=None,
                              resume: bool = False):
   """Trains the blog's torch model with `config`, evaluating every epoch.
@@ -856,32 +887,8 @@ def train_and_evaluate_torch(config, workdir: str, data_mode: str = 'native', de
     if device.type == 'cuda':
       torch.cuda.synchronize(device)
     train_seconds = time.perf_counter() - epoch_start
-    swa_record = {}
-    if in_swa:
-      if not swa_config.update_every_steps:
-        swa_model.update_parameters(model)
-        if swag is not None:
-          swag.collect(model)
-      recal_config = config.copy_and_resolve_references()
-      recal_config.data.augment = swa_config.recalibration_augment
-      recal_key = jax.random.fold_in(jax_data_key(config.seed), steps.RECALIBRATION_SALT)
-
-      def recalibration_batches(epoch=epoch, recal_config=recal_config, recal_key=recal_key):
-        return torch_batches(dataset, recal_config, epoch if data_mode == 'identical' else
-                             config.num_epochs + epoch, data_mode, data_key=recal_key)
-
-      if swa_config.eval_every_epoch or epoch + 1 == config.num_epochs:
-        _update_bn(recalibration_batches(), swa_model, device, config.model.dtype)
-        swa_evals = evaluate_torch(swa_model, dataset, config.eval_batch_size, device, config.model.dtype,
-                                   tta_lib.level(config),
-                                   config.data.get('normalization', 'cifar10'))
-        swa_record = {'swa_eval_loss': swa_evals['eval_loss'],
-                      'swa_eval_accuracy': swa_evals['eval_accuracy']}
-      swa_record['swa_count'] = int(swa_model.n_averaged)
-      if swag is not None and epoch + 1 == config.num_epochs:
-        swag_sums = swag_evaluate_torch(swag, model, config, dataset, recalibration_batches, steps_per_epoch,
-                                        device)
-        swa_record.update({f'swag_eval_{k}': v for k, v in calibration.summarize(swag_sums).items()})
+    swa_record = (_swa_epoch_record(config, dataset, data_mode, epoch, model, swa_model, swag, device,
+                                    steps_per_epoch) if in_swa else {})
     evals = evaluate_torch(model, dataset, config.eval_batch_size, device, config.model.dtype,
                            tta_lib.level(config),
                            config.data.get('normalization', 'cifar10'))
