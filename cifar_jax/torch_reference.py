@@ -13,6 +13,7 @@ import copy
 import functools
 import importlib
 import itertools
+import json
 import math
 import os
 import time
@@ -929,8 +930,8 @@ def _write_checkpoint(workdir, config, data_mode, epoch, elapsed, record, model,
   torch = _torch()
   state = {
       'epoch': epoch, 'elapsed_seconds': elapsed, 'record': record,
-      'config': config.to_json_best_effort(sort_keys=True), 'data_mode': data_mode,
-      'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': _state(scheduler),
+      'config': json.loads(config.to_json_best_effort()), 'data_mode': data_mode,
+      'model': model.state_dict(), 'optimizer': optimizer.state_dict(), 'scheduler': scheduler.state_dict(),
       'swa_model': _state(swa_model), 'swa_scheduler': _state(swa_scheduler),
       'swag': None if swag is None else {'n': swag.n, 'mean': swag.mean, 'sq_mean': swag.sq_mean,
                                          'deviations': swag.deviations},
@@ -945,15 +946,21 @@ def _write_checkpoint(workdir, config, data_mode, epoch, elapsed, record, model,
 
 
 def _read_checkpoint(workdir, config, data_mode):
-  """The saved state of an unfinished run in `workdir`, or None; a run of another config is refused."""
+  """The saved state of an unfinished run in `workdir`, or None. A run is a comparison's: any change the
+  JAX trainer would refuse or announce on its resume (`checkpointing.compare_with_saved`) is refused."""
+  from cifar_jax import checkpointing  # pylint: disable=g-import-not-at-top
+
   path = os.path.join(workdir, CHECKPOINT_FILE)
   if not os.path.exists(path):
     return None
   saved = _torch().load(path, map_location='cpu', weights_only=False)
-  if saved['config'] != config.to_json_best_effort(sort_keys=True) or saved['data_mode'] != data_mode:
+  structural, announced = checkpointing.compare_with_saved(config, saved['config'])
+  changed = structural + announced + ([f'data mode: {saved["data_mode"]!r} -> {data_mode!r}']
+                                      if saved['data_mode'] != data_mode else [])
+  if changed:
     raise config_lib.ConfigError(
-        f'{path} holds a torch run of another config or data mode; give another workdir, or delete the file '
-        'to start again')
+        f'{path} holds a torch run of another config ({"; ".join(changed)}); give another workdir, or delete '
+        'the file to start again')
   print(f'{workdir}: resuming the torch run after epoch {saved["epoch"]}', flush=True)
   return saved
 
@@ -962,8 +969,7 @@ def _restore(saved, model, optimizer, scheduler, swa_model, swa_scheduler, swag,
   torch = _torch()
   model.load_state_dict(saved['model'])
   optimizer.load_state_dict(saved['optimizer'])
-  if scheduler is not None:
-    scheduler.load_state_dict(saved['scheduler'])
+  scheduler.load_state_dict(saved['scheduler'])
   if swa_model is not None:
     swa_model.load_state_dict(saved['swa_model'])
   if swa_scheduler is not None:

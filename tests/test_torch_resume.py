@@ -76,5 +76,6 @@ def test_a_checkpoint_of_another_config_is_refused(tiny_config, tmp_path):
   config.num_epochs = 1
   torch_reference.train_and_evaluate_torch(config, str(tmp_path), 'native', 'cpu', resume=True)
   config.optimizer.lr = config.optimizer.lr * 2
-  with pytest.raises(config_lib.ConfigError, match='torch_checkpoint.pt holds a torch run of another config'):
+  changed = r'torch_checkpoint.pt holds a torch run of another config \(optimizer.lr: 0.1 -> 0.2\)'
+  with pytest.raises(config_lib.ConfigError, match=changed):
     torch_reference.train_and_evaluate_torch(config, str(tmp_path), 'native', 'cpu', resume=True)
