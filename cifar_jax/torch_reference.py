@@ -26,6 +26,7 @@ import numpy as np
 from cifar_jax import augmentations
 from cifar_jax import builders
 from cifar_jax import calibration
+from cifar_jax import checkpointing
 from cifar_jax import config_lib
 from cifar_jax import ema as ema_lib
 from cifar_jax import input_pipeline
@@ -948,8 +949,6 @@ def _write_checkpoint(workdir, config, data_mode, epoch, elapsed, record, model,
 def _read_checkpoint(workdir, config, data_mode):
   """The saved state of an unfinished run in `workdir`, or None. A run is a comparison's: any change the
   JAX trainer would refuse or announce on its resume (`checkpointing.compare_with_saved`) is refused."""
-  from cifar_jax import checkpointing  # pylint: disable=g-import-not-at-top
-
   path = os.path.join(workdir, CHECKPOINT_FILE)
   if not os.path.exists(path):
     return None
