@@ -29,7 +29,7 @@ train: $(VENV)/.train-installed
 	$(BIN)/cifar-jax --config=$(CONFIG) --workdir=$(WORKDIR) $(ARGS)
 
 test: $(VENV)/.test-installed
-	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 test-slow: $(VENV)/.test-installed
 	JAX_PLATFORMS=cpu $(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

@@ -232,8 +232,10 @@ def main(argv):
   frameworks = [FLAGS.only] if FLAGS.only else list(FRAMEWORKS)
   for framework in frameworks:
     os.makedirs(os.path.join(FLAGS.workdir, framework), exist_ok=True)
-    with open(os.path.join(FLAGS.workdir, framework, 'device.txt'), 'w') as f:
-      f.write(device_name(framework, FLAGS.torch_device))
+    if not all(finished(run_dir(FLAGS.workdir, framework, seed), config.num_epochs) for seed in seeds):
+      # The device of the process that trains; a call that only tabulates finished runs keeps the record.
+      with open(os.path.join(FLAGS.workdir, framework, 'device.txt'), 'w') as f:
+        f.write(device_name(framework, FLAGS.torch_device))
     for seed in seeds:
       seeded = config.copy_and_resolve_references()
       with seeded.unlocked():

@@ -51,10 +51,13 @@ def test_compare_frameworks_end_to_end(tmp_path):
   assert '| jax | 2 |' in table and '| torch | 2 |' in table and 'Welch' in table
   assert table.count('Mean ± sample standard deviation') == 1
   assert (tmp_path / 'comparison.png').stat().st_size > 0
-  # A second call keeps the finished runs.
+  # A second call keeps the finished runs, and the device their training process recorded.
+  (tmp_path / 'torch' / 'device.txt').write_text('torch, as the training process recorded it')
   result = subprocess.run(cmd + ['--only=torch'], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=600)
   assert result.returncode == 0 and result.stdout.count('finished, kept') == 2
+  assert (tmp_path / 'torch' / 'device.txt').read_text() == 'torch, as the training process recorded it'
+  assert 'torch, as the training process recorded it' in (tmp_path / 'comparison.md').read_text()
 
 
 def test_swag_rows_from_each_frameworks_last_record(tmp_path):
