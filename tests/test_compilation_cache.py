@@ -42,6 +42,7 @@ def _run(workdir: str, cache: str, width: float = 0.125) -> dict:
           'bits': {k: v for k, v in record.items() if k not in metrics_writer.TIMING_KEYS}}
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_second_run_loads_every_program_from_the_cache(tmp_path):
   cache = str(tmp_path / 'cache')
   cold = _run(str(tmp_path / 'cold'), cache)

@@ -152,6 +152,7 @@ def test_changed_field_is_announced(tiny_config, tmp_path, caplog):
   assert 'num_epochs: 1 -> 2' in caplog.text
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_damaged_checkpoint_falls_back_to_the_previous_one(tiny_config, tmp_path):
   tiny_config.num_epochs = 2
   straight = train.train_and_evaluate(tiny_config, str(tmp_path / 'straight'))
@@ -341,6 +342,7 @@ def _bytes_under(path):
   return sum(os.path.getsize(os.path.join(root, name)) for root, _, files in os.walk(path) for name in files)
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_a_full_disk_mid_checkpoint_stops_with_status_4_then_resumes_bitwise(uninterrupted, tmp_path):
   """A real full disk (a 110 MB tmpfs; the trainer wants 100 MB free to start): once the first checkpoint
   is committed the run is paused, the disk filled to half a checkpoint's size, and the run continued.
@@ -395,6 +397,7 @@ class FailCheckpointWrite(loop.Action):
     return False
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_a_failed_checkpoint_write_stops_and_resumes_bitwise(tiny_config, tmp_path):
   tiny_config.num_epochs = 3
   tiny_config.checkpoint_every_steps = 2  # 4 steps an epoch: saves after steps 2, 4, 6, ...
@@ -478,6 +481,7 @@ def test_sigkill_during_a_background_save_then_same_command_is_bitwise_equal(uni
 # A metrics line cut by a kill ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_a_cut_metrics_line_is_dropped_on_resume_and_readers_cope(tiny_config, tmp_path, caplog):
   """A kill in the middle of a metrics write leaves a partial last line: the readers (the trainer,
   plot.py history, sweep.py, compare_frameworks.py: all through metrics_writer.read_metrics) leave it

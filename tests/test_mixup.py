@@ -81,6 +81,7 @@ def test_a_mixup_run_trains_and_differs_from_a_plain_one(tmp_path):
                  for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(mixed.params)))
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_k_seeds_and_a_resume_mix_as_the_single_run(tmp_path):
   """Seed i of a k = 2 run trains as the single run of seed + i (the mixup draws come from each seed's
   data key), within float32 rounding; a run killed mid-epoch resumes bitwise."""

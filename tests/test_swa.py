@@ -184,6 +184,7 @@ def _swa_config(tiny_config):
   return tiny_config
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_swa_run_resumes_mid_swa_exactly(tiny_config, tmp_path):
   config = _swa_config(tiny_config)
   config.checkpoint_every_steps = 3

@@ -30,6 +30,7 @@ def _sweep(tmp_path, *extra):
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # default suite under 15 minutes: `make test-slow`
 def test_sweep_tables_two_configs_and_resumes(tmp_path):
   (tmp_path / 'cosine.py').write_text(COSINE)
   result = _sweep(tmp_path)
