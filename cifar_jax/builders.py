@@ -22,6 +22,7 @@ from cifar_jax import steps
 from cifar_jax import swa
 from cifar_jax import swag
 from cifar_jax.errors import ConfigError
+from cifar_jax.models import layers
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
@@ -66,6 +67,29 @@ def conv_impl(model_config: ml_collections.ConfigDict, num_devices: int = 1, mod
   return 'onednn' if num_devices == 1 and onednn_conv.available() else 'xla'
 
 
+def bn_impl(model_config: ml_collections.ConfigDict, conv: str) -> str:
+  """The training-mode BatchNorm `model_config.batch_norm` asks for, 'xla' or 'onednn', beside `conv`
+  (`conv_impl`'s choice).
+
+  'auto' takes oneDNN's batch normalisation (`onednn_conv.batch_norm_train`: 2-10x faster than XLA's ops on
+  the CPU, BENCHMARKS.md, "BatchNorm through oneDNN") wherever the convolutions are oneDNN's (one CPU
+  device, the library built), XLA's elsewhere; 'xla' keeps XLA's (the bits of runs before 2026-12-07);
+  'onednn' insists, on one device. Layers whose statistics are shared over devices or whose dtype oneDNN
+  does not take here stay XLA's either way (`layers.TorchBatchNorm`).
+  """
+  choice = model_config.get('batch_norm', 'auto')
+  if choice not in ('auto',) + layers.BATCH_NORM_IMPLS:
+    raise ConfigError(f"model.batch_norm must be 'auto', 'xla' or 'onednn', got {choice!r}")
+  if choice == 'xla':
+    return 'xla'
+  if choice == 'onednn':
+    if conv != 'onednn':
+      raise ConfigError("model.batch_norm='onednn' needs oneDNN's convolutions' conditions (one CPU "
+                        "device, the library built); use model.batch_norm='auto' or 'xla'")
+    return 'onednn'
+  return 'onednn' if conv == 'onednn' else 'xla'
+
+
 def model_attributes(model_config: ml_collections.ConfigDict) -> dict:
   """The attributes of `models.MODELS[model_config.name]` that `config.model` sets (its family's fields)."""
   m = model_config
@@ -97,9 +121,10 @@ def normalization(model_config: ml_collections.ConfigDict) -> str:
 def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, mode: str = 'jit',
                  **kwargs):
   """The model that `config.model` describes, for a run over `num_devices` (see `conv_impl`)."""
+  conv = conv_impl(model_config, num_devices, mode)
   return models.create_model(model_config.name, **model_attributes(model_config),
-                             dtype=DTYPES[model_config.dtype],
-                             conv_impl=conv_impl(model_config, num_devices, mode), **kwargs)
+                             dtype=DTYPES[model_config.dtype], conv_impl=conv,
+                             bn_impl=bn_impl(model_config, conv), **kwargs)
 
 
 def parameter_count(params) -> int:

@@ -235,7 +235,7 @@ STRUCTURAL_FIELDS = ('model.name', 'model.norm', 'model.width_multiplier', 'swa.
                      'swag.enabled', 'swag.rank', 'swag.diag_only', 'ema.enabled')
 # Fields added after runs were saved without them: their value then, for the comparison.
 ABSENT_DEFAULTS = {'num_seeds': 1, 'seed_devices': 0, 'data.synthetic_seed': -1,
-                   'cpu_devices': 0, 'model.conv': 'auto', 'steps_per_dispatch': 0,
+                   'cpu_devices': 0, 'model.conv': 'auto', 'model.batch_norm': 'xla', 'steps_per_dispatch': 0,
                    'compilation_cache': 'auto', 'swag.enabled': False, 'swag.rank': 20, 'swag.scale': 0.5,
                    'swag.num_samples': 30, 'swag.diag_only': False, 'swag.var_clamp': 1e-30,
                    'swag.bn_update_fraction': 1.0, 'swag.samples_per_call': 0, 'data.corruptions_path': '',

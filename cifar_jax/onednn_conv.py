@@ -40,6 +40,8 @@ TARGETS = {
     'forward': 'OnednnConvForward',
     'backward_data': 'OnednnConvBackwardData',
     'backward_weights': 'OnednnConvBackwardWeights',
+    'batch_norm_forward': 'OnednnBatchNormForward',
+    'batch_norm_backward': 'OnednnBatchNormBackward',
 }
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # /proc/cpuinfo flags of the CPUs on which oneDNN runs bfloat16 convolutions natively (AVX512-BF16 on
@@ -48,7 +50,7 @@ BFLOAT16_FLAGS = ('amx_bf16', 'avx512_bf16')
 CPUINFO = '/proc/cpuinfo'
 
 _lock = threading.Lock()
-_state = {'loaded': None, 'error': None}
+_state = {'loaded': None, 'error': None, 'library': None}
 
 
 def _prefix() -> str:
@@ -141,6 +143,7 @@ def load() -> None:
       _state['error'] = str(e)
       raise RuntimeError(str(e)) from e
     _state['loaded'] = path
+    _state['library'] = library
 
 
 def _target_name(target: str, library_path: str) -> str:
@@ -262,3 +265,61 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None, r
     padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
   padding = tuple((int(lo), int(hi)) for lo, hi in padding)
   return conv_nhwc(lhs, rhs, tuple(int(s) for s in window_strides), padding, int(feature_group_count))
+
+
+
+@functools.cache
+def _workspace_bytes(n: int, rows: int, channels: int, bfloat16: bool, epsilon: float) -> int:
+  """The bytes of the mask oneDNN's ReLU-fused batch normalisation keeps for its backward pass."""
+  load()
+  function = _state['library'].onednn_batch_norm_workspace_bytes
+  function.restype = ctypes.c_int64
+  function.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
+  size = function(n, rows, channels, int(bfloat16), epsilon)
+  if size < 0:
+    raise RuntimeError('oneDNN has no ReLU-fused batch normalisation for this shape')
+  return size
+
+
+def _norm_call(target: str, results, *operands, rank: int, epsilon: float, relu: bool):
+  # 'broadcast_all': under vmap every operand arrives with the same leading dimensions, which the handler
+  # loops over (csrc/onednn_conv.cc, `NormRun`).
+  load()
+  return jax.ffi.ffi_call(_target_name(target, _state['loaded']), results,
+                          vmap_method='broadcast_all')(*operands, rank=np.int64(rank),
+                                                       epsilon=np.float32(epsilon), relu=relu)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def batch_norm_train(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, relu: bool = False):
+  """Training-mode BatchNorm over every axis but the last, through oneDNN's batch normalisation
+  primitives: (y, batch mean, biased batch variance), y in x's dtype (float32, or bfloat16 where
+  `dtypes()` has it), the statistics float32 (oneDNN accumulates in float32 and computes the variance in
+  two passes, as torch does). `scale` and `bias` are float32 (C,). `relu`: y is ReLU(BatchNorm(x)), fused
+  into the same passes (oneDNN's fuse_norm_relu; its backward pass reads a bit mask kept from the forward)."""
+  return _batch_norm_fwd(x, scale, bias, epsilon, relu)[0]
+
+
+def _batch_norm_fwd(x, scale, bias, epsilon, relu):
+  channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+  rows = int(np.prod(x.shape[:-1]))
+  workspace = jax.ShapeDtypeStruct(
+      (_workspace_bytes(x.shape[0], rows, x.shape[-1], x.dtype == jnp.bfloat16, epsilon) if relu else 1,),
+      jnp.uint8)
+  y, mean, var, mask = _norm_call('batch_norm_forward',
+                                  (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels, workspace),
+                                  x, scale, bias, rank=x.ndim, epsilon=epsilon, relu=relu)
+  return (y, mean, var), (x, mean, var, scale, mask)
+
+
+def _batch_norm_bwd(epsilon, relu, residuals, cotangents):
+  x, mean, var, scale, mask = residuals
+  dy = cotangents[0].astype(x.dtype)
+  channels = jax.ShapeDtypeStruct(x.shape[-1:], jnp.float32)
+  dx, dscale, dbias = _norm_call('batch_norm_backward',
+                                 (jax.ShapeDtypeStruct(x.shape, x.dtype), channels, channels),
+                                 x, dy, mean, var, scale, mask, rank=x.ndim, epsilon=epsilon, relu=relu)
+  return dx, dscale, dbias
+
+
+batch_norm_train.defvjp(_batch_norm_fwd, _batch_norm_bwd)

@@ -3,6 +3,8 @@
 docs/architecture.md ("Mixed precision") has the table of which op runs in which dtype.
 """
 
+import re
+
 import chex
 import conftest
 import jax
@@ -46,7 +48,11 @@ def test_bfloat16_train_step_computes_in_bfloat16_and_keeps_float32_state(tiny_c
   assert not np.allclose(state.batch_stats['bn1']['mean'], new_state.batch_stats['bn1']['mean'])
   # The convolutions run in bfloat16: oneDNN's where the CPU has bfloat16 instructions, XLA's elsewhere.
   if builders.conv_impl(tiny_config.model) == 'onednn' and onednn_conv.bfloat16_flag():
-    convolutions = [line for line in hlo.splitlines() if 'cifar_jax_onednn_conv_' in line]
+    calls = [line for line in hlo.splitlines() if 'cifar_jax_onednn_conv_' in line]
+    convolutions = [line for line in calls if '_batch_norm_' not in line]
+    # oneDNN's BatchNorm reads and writes the bfloat16 activation (float32 statistics beside it).
+    norms = [line for line in calls if '_batch_norm_forward' in line]
+    assert norms and all(re.search(r'-> \(tensor<[0-9x]+xbf16>, tensor<[0-9]+xf32>', line) for line in norms)
   else:
     convolutions = [line for line in hlo.splitlines() if 'stablehlo.convolution' in line]
   assert convolutions and all('xbf16>' in line and 'xf32>' not in line for line in convolutions)

@@ -159,6 +159,7 @@ class EfficientNetLite0(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   conv_impl: str = 'xla'
+  bn_impl: str = 'xla'
   frozen_bn: bool = False
   image_size: int = 0
   resize_size: int = 0
@@ -171,7 +172,7 @@ class EfficientNetLite0(nn.Module):
     conv = layers.conv_module(self.conv_impl, self.dtype)
     depthwise = functools.partial(DepthwiseConv, conv_impl=self.conv_impl, dtype=self.dtype)
     norm = functools.partial(layers.batch_norm(train and not self.frozen_bn, self.dtype, BN_MOMENTUM,
-                                               self.axis_name), epsilon=BN_EPSILON)
+                                               self.axis_name, self.bn_impl), epsilon=BN_EPSILON)
     x = layers.pretrained_input(x, train=train, image_size=self.image_size, resize_size=self.resize_size,
                                 normalization=self.normalization,
                                 crop_key=functools.partial(self.make_rng, 'shake'))

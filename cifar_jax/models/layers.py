@@ -16,6 +16,7 @@ BN_MOMENTUM = 0.1  # torch convention: running = (1 - m) * running + m * batch_s
 NORM_EPSILON = 1e-5  # torch's default for BatchNorm and GroupNorm.
 WS_EPSILON = 1e-5  # added to the unbiased std, as in the blog's (and Qiao's) weight standardisation.
 GROUP_SIZE = 4  # nn.GroupNorm(C // 4, C): four channels per group.
+BATCH_NORM_IMPLS = ('xla', 'onednn')
 
 ModuleDef = Any
 
@@ -41,6 +42,12 @@ class TorchBatchNorm(nn.Module):
   `flax.linen.BatchNorm` feeds the biased batch variance to its running average; torch feeds the unbiased
   one (n / (n - 1)). Normalisation uses the biased variance in both. Statistics are computed in float32.
   With `momentum=1.0` the running statistics become the batch's own (used to recalibrate SWA models).
+
+  `impl` picks the training-mode pass: 'xla' (`batch_norm_train`, XLA's ops) or 'onednn' (oneDNN's batch
+  normalisation primitives, `onednn_conv.batch_norm_train`), the same math to float32 rounding. oneDNN's
+  reads a bfloat16 activation without widening it to float32 first and is 2-10x faster on the CPU
+  (BENCHMARKS.md, "BatchNorm through oneDNN"); XLA's is kept where oneDNN's cannot run: statistics shared
+  over devices (`axis_name`), an output dtype other than the input's, or a dtype `onednn_conv.dtypes()` lacks.
   """
 
   use_running_average: bool | None = None
@@ -49,6 +56,8 @@ class TorchBatchNorm(nn.Module):
   dtype: Any = jnp.float32
   scale_init: Callable = nn.initializers.ones
   axis_name: str | None = None
+  impl: str = 'xla'
+  relu: bool = False  # ReLU(BatchNorm(x)): one layer, fused into oneDNN's passes where impl='onednn'
 
   @nn.compact
   def __call__(self, x, use_running_average: bool | None = None):
@@ -64,8 +73,16 @@ class TorchBatchNorm(nn.Module):
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value
       y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
-      return y.astype(self.dtype)
-    y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+      return self._activation(y.astype(self.dtype))
+    if self.impl not in BATCH_NORM_IMPLS:
+      raise ValueError(f"impl must be one of {BATCH_NORM_IMPLS}, got {self.impl!r}")
+    if (self.impl == 'onednn' and self.axis_name is None and jnp.dtype(x.dtype) == jnp.dtype(self.dtype)
+        and jnp.dtype(x.dtype) in onednn_conv.dtypes()):
+      y, mean, var = onednn_conv.batch_norm_train(x, scale, bias, self.epsilon, self.relu)
+      mean, var = jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var)
+    else:
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, self.axis_name)
+      y = self._activation(y.astype(self.dtype))
     if not self.is_initializing():
       count = x.size // features
       if self.axis_name is not None:
@@ -73,7 +90,10 @@ class TorchBatchNorm(nn.Module):
       unbiased = var * (count / max(count - 1, 1))
       ra_mean.value = (1.0 - self.momentum) * ra_mean.value + self.momentum * mean
       ra_var.value = (1.0 - self.momentum) * ra_var.value + self.momentum * unbiased
-    return y.astype(self.dtype)
+    return y
+
+  def _activation(self, y):
+    return nn.relu(y) if self.relu else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -130,6 +150,13 @@ def _batch_norm_train_bwd(epsilon, axis_name, residuals, cotangents):
 batch_norm_train.defvjp(_batch_norm_train_fwd, _batch_norm_train_bwd)
 
 
+def with_relu(norm: ModuleDef, relu: bool = False, **kwargs) -> Callable:
+  """`norm(**kwargs)`, followed by a ReLU if `relu`: the `relu` argument `TorchBatchNorm` takes, for a norm
+  layer without one (GroupNorm), so that a model can ask every norm layer for ReLU(norm(x)) alike."""
+  module = norm(**kwargs)
+  return (lambda x: nn.relu(module(x))) if relu else module
+
+
 def standardize_weight(kernel: jax.Array, eps: float = WS_EPSILON) -> jax.Array:
   """The blog's weight standardisation: (w - mean) / (unbiased std + eps) per output channel (HWIO)."""
   axes = tuple(range(kernel.ndim - 1))
@@ -172,10 +199,10 @@ def conv_module(conv_impl: str, dtype: Any, conv_cls: ModuleDef = nn.Conv) -> Mo
 
 
 def batch_norm(train: bool, dtype: Any, momentum: float = BN_MOMENTUM,
-               axis_name: str | None = None) -> ModuleDef:
+               axis_name: str | None = None, impl: str = 'xla') -> ModuleDef:
   """`TorchBatchNorm` in training (batch statistics) or eval mode (running statistics)."""
   return functools.partial(TorchBatchNorm, use_running_average=not train, momentum=momentum, dtype=dtype,
-                           axis_name=axis_name)
+                           axis_name=axis_name, impl=impl)
 
 
 def torch_linear(num_classes: int, fan_in: int, dtype: Any, zero_bias: bool = False,

@@ -84,6 +84,7 @@ class PyramidNet(nn.Module):
   bn_momentum: float = layers.BN_MOMENTUM
   axis_name: str | None = None
   conv_impl: str = 'xla'
+  bn_impl: str = 'xla'
 
   def widths(self) -> list[int]:
     """Each block's branch width, in order: 16 + l * alpha / 3n, l = 1..3n, rounded."""
@@ -98,7 +99,7 @@ class PyramidNet(nn.Module):
   def __call__(self, x, train: bool = True):
     n = blocks_per_stage(self.depth, self.block)
     conv = layers.conv_module(self.conv_impl, self.dtype)
-    norm = layers.batch_norm(train, self.dtype, self.bn_momentum, self.axis_name)
+    norm = layers.batch_norm(train, self.dtype, self.bn_momentum, self.axis_name, self.bn_impl)
     x = x.astype(self.dtype)
     x = norm(name='bn1')(layers.conv3x3(conv, STEM_WIDTH, 1, 'conv1')(x))
     widths = self.widths()

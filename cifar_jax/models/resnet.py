@@ -44,7 +44,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = True):
     y = layers.conv3x3(self.conv, self.features, self.strides, 'conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.norm(name='bn1', relu=True)(y)
     y = layers.conv3x3(self.conv, self.features, 1, 'conv2')(y)
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
     y = self.norm(scale_init=last_scale, name='bn2')(y)
@@ -75,6 +75,8 @@ class ResNet(nn.Module):
   axis_name: str | None = None
   # 'xla' (lax.conv_general_dilated) or 'onednn' (onednn_conv, XLA:CPU only); same params, same math.
   conv_impl: str = 'xla'
+  # 'xla' (layers.batch_norm_train) or 'onednn' (onednn_conv.batch_norm_train, XLA:CPU only).
+  bn_impl: str = 'xla'
   shakedrop_p_last: float = 1.0
   shakedrop_level: str = 'image'
   frozen_bn: bool = False  # BatchNorm normalises with and keeps its running statistics, in training too
@@ -86,12 +88,14 @@ class ResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     if self.norm == 'batch':
       conv_cls = nn.Conv
-      norm = layers.batch_norm(train and not self.frozen_bn, self.dtype, self.bn_momentum, self.axis_name)
+      norm = layers.batch_norm(train and not self.frozen_bn, self.dtype, self.bn_momentum, self.axis_name,
+                              self.bn_impl)
     elif self.norm == 'group_ws':
       conv_cls = layers.StdConv
       # torch's nn.GroupNorm(C // 4, C): biased two-pass variance, eps 1e-5.
-      norm = functools.partial(nn.GroupNorm, num_groups=None, group_size=layers.GROUP_SIZE,
-                               epsilon=layers.NORM_EPSILON, use_fast_variance=False, dtype=self.dtype)
+      norm = functools.partial(layers.with_relu, functools.partial(
+          nn.GroupNorm, num_groups=None, group_size=layers.GROUP_SIZE, epsilon=layers.NORM_EPSILON,
+          use_fast_variance=False, dtype=self.dtype))
     else:
       raise ValueError(f"model.norm must be 'batch' or 'group_ws', got {self.norm!r}")
     conv = layers.conv_module(self.conv_impl, self.dtype, conv_cls)
@@ -100,7 +104,7 @@ class ResNet(nn.Module):
     num_blocks, block_index = sum(self.stage_sizes), 0
     x = x.astype(self.dtype)
     x = layers.conv3x3(conv, widths[0], 1, 'conv1')(x)
-    x = nn.relu(norm(name='bn1')(x))
+    x = norm(name='bn1', relu=True)(x)
     for stage, (stage_blocks, features) in enumerate(zip(self.stage_sizes, widths)):
       for block in range(stage_blocks):
         block_index += 1

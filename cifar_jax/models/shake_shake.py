@@ -84,12 +84,13 @@ class ShakeShakeNet(nn.Module):
   bn_momentum: float = layers.BN_MOMENTUM
   axis_name: str | None = None
   conv_impl: str = 'xla'
+  bn_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, train: bool = True):
     n = blocks_per_stage(self.depth)
     conv = layers.conv_module(self.conv_impl, self.dtype)
-    norm = layers.batch_norm(train, self.dtype, self.bn_momentum, self.axis_name)
+    norm = layers.batch_norm(train, self.dtype, self.bn_momentum, self.axis_name, self.bn_impl)
     mix = functools.partial(shake.ShakeShake, forward=self.shake_forward, backward=self.shake_backward,
                             level=self.shake_level, axis_name=self.axis_name)
     x = x.astype(self.dtype)

@@ -45,7 +45,7 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = layers.conv3x3(self.conv, self.features, self.strides, 'conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.norm(name='bn1', relu=True)(y)
     y = layers.conv3x3(self.conv, self.features, 1, 'conv2')(y)
     y = self.norm(name='bn2')(y)
     return nn.relu(_shortcut(self, x, self.features) + y)
@@ -62,9 +62,9 @@ class Bottleneck(nn.Module):
   @nn.compact
   def __call__(self, x):
     y = self.conv(self.features, (1, 1), padding=((0, 0), (0, 0)), name='conv1')(x)
-    y = nn.relu(self.norm(name='bn1')(y))
+    y = self.norm(name='bn1', relu=True)(y)
     y = layers.conv3x3(self.conv, self.features, self.strides, 'conv2')(y)
-    y = nn.relu(self.norm(name='bn2')(y))
+    y = self.norm(name='bn2', relu=True)(y)
     y = self.conv(self.features * EXPANSION, (1, 1), padding=((0, 0), (0, 0)), name='conv3')(y)
     y = self.norm(name='bn3')(y)
     return nn.relu(_shortcut(self, x, self.features * EXPANSION) + y)
@@ -88,6 +88,7 @@ class TorchvisionResNet(nn.Module):
   dtype: Any = jnp.float32
   axis_name: str | None = None
   conv_impl: str = 'xla'
+  bn_impl: str = 'xla'
   frozen_bn: bool = False
   image_size: int = 0  # 0: as the data comes (32 px)
   resize_size: int = 0  # > image_size: training resizes to this and crops image_size (BiT)
@@ -97,14 +98,15 @@ class TorchvisionResNet(nn.Module):
   def __call__(self, x, train: bool = True):
     stage_sizes, bottleneck = ARCHS[self.arch]
     conv = layers.conv_module(self.conv_impl, self.dtype)
-    norm = layers.batch_norm(train and not self.frozen_bn, self.dtype, axis_name=self.axis_name)
+    norm = layers.batch_norm(train and not self.frozen_bn, self.dtype, axis_name=self.axis_name,
+                             impl=self.bn_impl)
     block_cls = Bottleneck if bottleneck else BasicBlock
     x = layers.pretrained_input(x, train=train, image_size=self.image_size, resize_size=self.resize_size,
                                 normalization=self.normalization,
                                 crop_key=functools.partial(self.make_rng, 'shake'))
     x = x.astype(self.dtype)
     x = conv(STAGE_WIDTHS[0], (7, 7), (2, 2), padding=((3, 3), (3, 3)), name='conv1')(x)
-    x = nn.relu(norm(name='bn1')(x))
+    x = norm(name='bn1', relu=True)(x)
     x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
     for stage, (blocks, features) in enumerate(zip(stage_sizes, STAGE_WIDTHS)):
       for block in range(blocks):

@@ -9,6 +9,8 @@ Variants (`VARIANTS`: a name and the function that builds its step), each in its
                  one CPU device, depthwise ones included); with --micro_batches > 1 the trainer's
                  `steps.train_step_micro_batches`
   jax_bf16       the same with model.dtype=bfloat16 (mixed precision)
+  jax_xla_batch_norm, jax_onednn_batch_norm (and jax_bf16_...)   the same with model.batch_norm set to
+                 XLA's or oneDNN's training-mode BatchNorm instead of what 'auto' picks
   torch          the torch twin (`torch_models.finetune`: the package's / torchvision-named model behind the
                  same input transform, the same param groups), eager, NCHW
   torch_cl       the same in torch.channels_last
@@ -80,13 +82,16 @@ def _pointwise_as_dots() -> None:
   onednn_conv.conv_general_dilated = conv
 
 
-def jax_step(args, images, labels, dtype: str = 'float32', scheduler: str = '', pointwise_dots: bool = False):
+def jax_step(args, images, labels, dtype: str = 'float32', scheduler: str = '', pointwise_dots: bool = False,
+             batch_norm: str = ''):
   """The trainer's jitted train step (state donated) on one fixed batch, with cifar-jax's XLA:CPU flags."""
   from cifar_jax import cpu_backend  # pylint: disable=g-import-not-at-top
   if pointwise_dots:
     _pointwise_as_dots()
 
   config = _config(args, dtype)
+  if batch_norm:  # config.model.batch_norm: 'xla' or 'onednn' instead of what 'auto' picks
+    config.model.batch_norm = batch_norm
   if scheduler:  # XLA:CPU's scheduler: 'true' its concurrency-optimised default, 'false' the sequential one
     flag = f'{cpu_backend.SCHEDULER_FLAG}={scheduler}'
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()
@@ -117,7 +122,7 @@ def jax_step(args, images, labels, dtype: str = 'float32', scheduler: str = '', 
   micro = f', {args.micro_batches} micro-batches' if args.micro_batches > 1 else ''
   sched = {'true': ", XLA's concurrent scheduler", 'false': ", XLA's sequential scheduler"}.get(scheduler, '')
   dots = ', 1x1 as XLA dots' if pointwise_dots else ''
-  return one, f'jax {dtype} ({model.conv_impl} convolutions{dots}{micro}{sched})'
+  return one, f'jax {dtype} ({model.conv_impl} convolutions, {model.bn_impl} BatchNorm{dots}{micro}{sched})'
 
 
 def torch_step(args, images, labels, channels_last: bool = False, autocast: bool = False):
@@ -153,6 +158,10 @@ VARIANTS = {
     'jax_bf16': functools.partial(jax_step, dtype='bfloat16'),
     'jax_pointwise_dots': functools.partial(jax_step, pointwise_dots=True),
     'jax_bf16_pointwise_dots': functools.partial(jax_step, dtype='bfloat16', pointwise_dots=True),
+    'jax_xla_batch_norm': functools.partial(jax_step, batch_norm='xla'),
+    'jax_bf16_xla_batch_norm': functools.partial(jax_step, dtype='bfloat16', batch_norm='xla'),
+    'jax_onednn_batch_norm': functools.partial(jax_step, batch_norm='onednn'),
+    'jax_bf16_onednn_batch_norm': functools.partial(jax_step, dtype='bfloat16', batch_norm='onednn'),
     'jax_concurrent_scheduler': functools.partial(jax_step, scheduler='true'),
     'jax_bf16_concurrent_scheduler': functools.partial(jax_step, dtype='bfloat16', scheduler='true'),
     'torch': torch_step,

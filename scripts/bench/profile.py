@@ -86,8 +86,9 @@ def jax_gradient_step(args):
     params, batch_stats = builders.initialized(jax.random.key(0), model)
     variables = {'params': params, 'batch_stats': batch_stats}
   else:
+    conv = builders.conv_impl(config.model)
     model = models.create_model(args.model, width_multiplier=args.width, dtype=builders.DTYPES[args.dtype],
-                                conv_impl=builders.conv_impl(config.model))
+                                conv_impl=conv, bn_impl=builders.bn_impl(config.model, conv))
     variables = model.init(jax.random.key(0), x[:2])
   rngs = {'shake': jax.random.key(1)}  # EfficientNet's dropout and drop-connect (the ResNets draw none)
 

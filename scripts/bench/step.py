@@ -14,7 +14,8 @@ Variants, each in its own subprocess:
                        convolutions, one virtual device per core, the batch sharded over them) and one
                        step per call: the default before oneDNN; jax_one_step, the default with one step
                        per call; jax_one_device, the default on one device; jax_sequential_scheduler, the
-                       default under XLA:CPU's memory-minimising scheduler; jax_plain, XLA's own settings
+                       default under XLA:CPU's memory-minimising scheduler; jax_xla_batch_norm, the
+                       default with XLA's BatchNorm instead of oneDNN's; jax_plain, XLA's own settings
                        and convolutions on one device, one step per call (before issue 7). The
                        regularisers' variants are the default with one switched on: jax_cutout
                        (data.cutout, 16 px), jax_cutmix (data.cutmix, alpha 1), jax_label_smoothing
@@ -77,7 +78,8 @@ REGULARIZERS = {'cutout': {'data.cutout.enabled': True},
                 'cutmix': {'data.cutmix.enabled': True},
                 'label_smoothing': {'loss.label_smoothing': 0.1},
                 'ema': {'ema.enabled': True}}
-JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain', 'sequential_scheduler', *REGULARIZERS)
+JAX_SETTINGS = ('default', 'xla', 'one_step', 'one_device', 'plain', 'sequential_scheduler', 'xla_batch_norm',
+                *REGULARIZERS)
 STEPS_PER_EPOCH = 16  # the synthetic training set holds this many batches
 DTYPES = ('float32', 'bfloat16')
 
@@ -210,6 +212,9 @@ def _jax_worker(args, setting: str) -> None:
     cpu_backend.configure(config)
   elif setting == 'sequential_scheduler':  # the default under XLA:CPU's memory-minimising scheduler
     os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {cpu_backend.SEQUENTIAL_SCHEDULER}".strip()
+    cpu_backend.configure(config)
+  elif setting == 'xla_batch_norm':  # the default with XLA's BatchNorm (before oneDNN's)
+    config.model.batch_norm = 'xla'
     cpu_backend.configure(config)
   elif setting == 'plain':  # XLA's own settings and convolutions, one step per call (before issue 7)
     config.model.conv, config.steps_per_dispatch = 'xla', 1
