@@ -71,11 +71,13 @@ def bn_impl(model_config: ml_collections.ConfigDict, conv: str) -> str:
   """The training-mode BatchNorm `model_config.batch_norm` asks for, 'xla' or 'onednn', beside `conv`
   (`conv_impl`'s choice).
 
-  'auto' takes oneDNN's batch normalisation (`onednn_conv.batch_norm_train`: 2-10x faster than XLA's ops on
-  the CPU, BENCHMARKS.md, "BatchNorm through oneDNN") wherever the convolutions are oneDNN's (one CPU
-  device, the library built), XLA's elsewhere; 'xla' keeps XLA's (the bits of runs before 2026-12-07);
-  'onednn' insists, on one device. Layers whose statistics are shared over devices or whose dtype oneDNN
-  does not take here stay XLA's either way (`layers.TorchBatchNorm`).
+  'auto' takes oneDNN's batch normalisation (`onednn_conv.batch_norm_train`, the ReLU after it fused)
+  wherever the convolutions are oneDNN's (one CPU device, the library built), except for the pretrained
+  families in float32, and XLA's elsewhere. Measured (BENCHMARKS.md, "BatchNorm through oneDNN"): ResNet18
+  at width 0.25 1.30x as fast in bfloat16 and 1.21x in float32; EfficientNet-Lite0 1.18x in bfloat16, but
+  no faster in float32, with 0.4 GB more memory, so float32 fine-tuning keeps XLA's. 'xla' keeps XLA's (the
+  bits of runs before 2026-12-07); 'onednn' insists, on one device. Layers whose statistics are shared
+  over devices or whose dtype oneDNN does not take here stay XLA's either way (`layers.TorchBatchNorm`).
   """
   choice = model_config.get('batch_norm', 'auto')
   if choice not in ('auto',) + layers.BATCH_NORM_IMPLS:
@@ -87,6 +89,8 @@ def bn_impl(model_config: ml_collections.ConfigDict, conv: str) -> str:
       raise ConfigError("model.batch_norm='onednn' needs oneDNN's convolutions' conditions (one CPU "
                         "device, the library built); use model.batch_norm='auto' or 'xla'")
     return 'onednn'
+  if model_config.name in models.PRETRAINED_FAMILIES and model_config.get('dtype', 'float32') == 'float32':
+    return 'xla'
   return 'onednn' if conv == 'onednn' else 'xla'
 
 

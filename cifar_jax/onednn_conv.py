@@ -14,6 +14,10 @@ Float32 always; bfloat16 (all three operands, float32 accumulation inside oneDNN
 as XLA's bfloat16 convolution does) where the CPU has bfloat16 instructions (`bfloat16_flag`: AVX512-BF16
 or AMX-BF16), since elsewhere oneDNN would emulate them and XLA's is the better choice.
 
+The same library holds oneDNN's training-mode batch normalisation (`batch_norm_train`: forward and
+backward, float32 or bfloat16 activations with float32 statistics, an optional fused ReLU), which
+`layers.TorchBatchNorm(impl='onednn')` uses where `builders.bn_impl` picks it.
+
 `available()` says whether it can be used here; `conv_general_dilated` hands every convolution it does not
 support (`supports`) to lax; callers pick it only when `available()` is true
 (`models.ResNet(conv_impl='onednn')`, chosen by `builders.conv_impl`).

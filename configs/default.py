@@ -34,7 +34,8 @@ def get_config() -> ml_collections.ConfigDict:
   # auto | xla | onednn: convolutions through oneDNN on a one-device CPU run (auto), or XLA's own
   config.model.conv = 'auto'
   # auto | xla | onednn: training-mode BatchNorm through oneDNN's batch normalisation primitives wherever
-  # the convolutions are oneDNN's (auto), or XLA's own ops (xla: the bits of runs before 2026-12-07).
+  # the convolutions are oneDNN's (auto; not the pretrained families in float32), or XLA's own ops (xla:
+  # the bits of runs before 2026-12-07). docs/performance.md.
   config.model.batch_norm = 'auto'
   # shake_shake (Shake-Shake-depth 2x{base_width}d) and pyramidnet (PyramidNet-depth, alpha): README,
   # "Shake-Shake and ShakeDrop". depth: shake_shake 6n + 2; pyramidnet 6n + 2 (basic) or 9n + 2 (bottleneck)

@@ -181,6 +181,11 @@ def test_eval_mode_and_the_choice_of_implementation(tiny_config):
   assert model_config.batch_norm == 'auto'
   assert builders.bn_impl(model_config, 'onednn') == 'onednn'
   assert builders.bn_impl(model_config, 'xla') == 'xla'  # a GPU, several devices, no oneDNN
+  pretrained = model_config.copy_and_resolve_references()
+  pretrained.name = 'efficientnet_lite0'
+  assert builders.bn_impl(pretrained, 'onednn') == 'xla'  # float32 fine-tuning: no faster, more memory
+  pretrained.dtype = 'bfloat16'
+  assert builders.bn_impl(pretrained, 'onednn') == 'onednn'
   model_config.batch_norm = 'xla'
   assert builders.bn_impl(model_config, 'onednn') == 'xla'
   model_config.batch_norm = 'onednn'

@@ -1,4 +1,5 @@
-// 2-D convolutions for XLA:CPU through oneDNN, as XLA FFI handlers (see cifar_jax/onednn_conv.py).
+// 2-D convolutions and training-mode batch normalisation for XLA:CPU through oneDNN, as XLA FFI handlers
+// (see cifar_jax/onednn_conv.py). The batch normalisation handlers are at the end of the file.
 //
 // Layouts are the trainer's: activations NHWC, kernels HWIO, all three operands float32 or all three
 // bfloat16 (oneDNN accumulates bfloat16 in float32 and rounds the result once). Three handlers cover a

@@ -16,6 +16,10 @@ implementation. Each framework runs in a worker process with ONEDNN_VERBOSE=1: t
 steps are the xla mode's: JAX's jitted loss gradient with the trainer's CPU settings; torch's train step
 (forward and loss under autocast for bfloat16, backward, SGD), 2 threads. Calls outside oneDNN (XLA's
 fusions, torch's elementwise kernels and optimizer) are not in it.
+
+--steps_per_call=N (both modes): JAX runs N gradient steps in one call, as the trainer does (up to 8); with
+one step a call, XLA:CPU maps a call's temporary buffers afresh and the kernel zero-fills each page on its
+first touch, which lands in the forward ops (oneDNN's forward convolutions and BatchNorm among them).
 """
 
 import collections
@@ -57,6 +61,10 @@ def add_flags(parser) -> None:
   parser.add_argument('--torch', action='store_true', help='xla: also profile the torch reference')
   parser.add_argument('--torch_threads', type=int, default=1, help='xla: torch threads')
   parser.add_argument('--channels_last', action='store_true', help='onednn: torch in channels_last')
+  parser.add_argument('--steps_per_call', type=int, default=1,
+                      help='JAX: gradient steps in one jitted call (a fori_loop, each step applying its '
+                           'gradient, as the trainer runs up to 8 a call); every figure is per step. With 1, '
+                           "each call's first touch of XLA's freshly mapped buffers is in its forward ops")
 
 
 def jax_gradient_step(args):
@@ -104,6 +112,18 @@ def jax_gradient_step(args):
     variables = jax.tree.map(lambda v: jnp.stack([v] * seeds), variables)
     x = jnp.asarray(rng.random((seeds,) + x.shape, np.float32))
     grad = jax.vmap(grad)
+  steps_per_call = getattr(args, 'steps_per_call', 1)
+  if steps_per_call > 1:
+    if seeds > 1:
+      raise harness.UsageError('--steps_per_call > 1 takes one seed')
+    one_step = grad
+
+    def grad(params, batch_stats, x):  # the steps of one trainer call: each applies its gradient
+      def body(_, carry):
+        params, batch_stats = carry
+        grads, new = one_step(params, batch_stats, x)
+        return jax.tree.map(lambda p, g: p - 1e-3 * g, params, grads), new.get('batch_stats', batch_stats)
+      return jax.lax.fori_loop(0, steps_per_call, body, (params, batch_stats))
   grad = jax.jit(grad)
   return (lambda: jax.block_until_ready(grad(variables['params'], variables['batch_stats'], x))), model
 
@@ -163,10 +183,11 @@ def _jax_profile(args) -> None:
     if e.get('ph') != 'X' or name.startswith(('$', 'end:')) or 'Thunk' in name or 'PjRt' in name:
       continue
     kind = re.sub(r'\.\d+$', '', name)
-    total[kind] += e['dur'] / 1e3 / args.steps  # us -> ms, per step
-    count[kind] += 1 / args.steps
+    total[kind] += e['dur'] / 1e3 / (args.steps * args.steps_per_call)  # us -> ms, per step
+    count[kind] += 1 / (args.steps * args.steps_per_call)
   print(f'JAX {args.model} width {args.width}, batch {args.batch}, {args.seeds} seed(s), {args.dtype}, '
-        f'{model.conv_impl} convolutions: XLA ops, ms per gradient step\n')
+        f'{model.conv_impl} convolutions, {model.bn_impl} BatchNorm, {args.steps_per_call} step(s) a call: '
+        'XLA ops, ms per gradient step\n')
   rows = [[f'{ms:.1f}', f'{count[kind]:.0f}', kind] for kind, ms in total.most_common(args.top)]
   rows.append([f'{sum(total.values()):.1f}', '', 'all ops'])
   print(harness.markdown_table(['ms a step', 'calls', 'XLA op'], rows))
@@ -230,13 +251,16 @@ def summarize(lines, steps: int) -> tuple[dict, int]:
 def _onednn_profile(args) -> None:
   flags = ['--mode=onednn', f'--model={args.model}', f'--image_size={args.image_size}',
            f'--width={args.width}', f'--batch={args.batch}', f'--steps={args.steps}', f'--dtype={args.dtype}',
-           f'--conv={args.conv}'] + (
+           f'--conv={args.conv}', f'--steps_per_call={args.steps_per_call}'] + (
                ['--channels_last'] if args.channels_last else [])
   for framework in ('jax', 'torch'):
     out = subprocess.run(harness.worker_command('profile', framework, flags), capture_output=True, text=True,
                          env={**os.environ, 'ONEDNN_VERBOSE': '1'}, cwd=harness.ROOT, check=True).stdout
-    total, calls = summarize(out.splitlines(), args.steps)
+    steps = args.steps * (args.steps_per_call if framework == 'jax' else 1)
+    total, calls = summarize(out.splitlines(), steps)
     label = 'torch channels_last' if framework == 'torch' and args.channels_last else framework
+    if framework == 'jax':
+      label += f' ({args.steps_per_call} step(s) a call)'
     print(f'\n{label}, {args.model} width {args.width}, batch {args.batch}, {args.dtype}: oneDNN ms per '
           f'gradient step ({calls} calls)\n')
     rows = [[f'{ms:.1f}', kind, direction, impl]
