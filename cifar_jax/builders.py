@@ -74,7 +74,7 @@ def bn_impl(model_config: ml_collections.ConfigDict, conv: str) -> str:
   'auto' takes oneDNN's batch normalisation (`onednn_conv.batch_norm_train`, the ReLU after it fused)
   wherever the convolutions are oneDNN's (one CPU device, the library built), except for the pretrained
   families in float32, and XLA's elsewhere. Measured (BENCHMARKS.md, "BatchNorm through oneDNN"): ResNet18
-  at width 0.25 1.30x as fast in bfloat16 and 1.21x in float32; EfficientNet-Lite0 1.18x in bfloat16, but
+  at width 0.25 1.30x as fast in bfloat16 and 1.21x in float32; EfficientNet-Lite0 1.12x in bfloat16, but
   no faster in float32, with 0.4 GB more memory, so float32 fine-tuning keeps XLA's. 'xla' keeps XLA's (the
   bits of runs before 2026-12-07); 'onednn' insists, on one device. Layers whose statistics are shared
   over devices or whose dtype oneDNN does not take here stay XLA's either way (`layers.TorchBatchNorm`).

@@ -16,7 +16,6 @@ import pytest
 torch = pytest.importorskip('torch')
 
 from cifar_jax import builders  # pylint: disable=g-import-not-at-top,wrong-import-position
-from cifar_jax import onednn_conv  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax import torch_reference  # pylint: disable=g-import-not-at-top,wrong-import-position
 from cifar_jax.torch_models import gates as torch_gates  # pylint: disable=g-import-not-at-top
 from configs import default  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -97,19 +96,14 @@ def feed_gates(model, sown) -> int:
   return count
 
 
-# On a CPU with AMX (`xeon-amx-2c`, 2026-12-07) torch's gradients of the ShakeDrop ResNet18 differ from
-# JAX's by up to 0.9 % (BatchNorm scales and biases, some kernels) while the logits and the loss agree to
-# 1e-5, and JAX's XLA and oneDNN convolutions agree with each other to 4e-7 there: the difference is on
-# torch's side of this CPU (the same test passes on an AMD EPYC without AMX, and failed the same way on the
-# code before 2026-12-07). Not yet explained: an expected failure there, not a pass.
-AMX_TORCH_GRADIENTS = pytest.mark.xfail(
-    onednn_conv.bfloat16_flag() == 'amx_bf16', strict=False,
-    reason="torch's ShakeDrop ResNet18 gradients differ from JAX's by up to 0.9 % on AMX CPUs (unexplained)")
+# On a CPU with AMX (`xeon-amx-2c`, 2026-12-07) torch's gradients of the ShakeDrop ResNet18 differed from
+# JAX's by up to 0.9 % (BatchNorm scales and biases, some kernels) with XLA's BatchNorm, while the logits and
+# the loss agreed to 1e-5; with oneDNN's BatchNorm (`model.batch_norm=auto`, the default since then) it
+# passes there too, as it always did on an AMD EPYC without AMX. It was an expected failure on AMX until then.
 
 
 def _marks(name):
-  marks = [pytest.mark.slow] if name in SLOW else []
-  return marks + ([AMX_TORCH_GRADIENTS] if name == 'resnet18_shakedrop' else [])
+  return [pytest.mark.slow] if name in SLOW else []
 
 
 @pytest.mark.parametrize('name', [pytest.param(n, marks=_marks(n)) for n in CONFIGS])
