@@ -63,33 +63,32 @@ def _assert_close(got, want, rtol, atol, name):
   np.testing.assert_allclose(got, want, rtol=rtol, atol=atol * scale, err_msg=name)
 
 
-@requires_onednn
-@pytest.mark.parametrize('relu', [False, True])
-@pytest.mark.parametrize('shape,epsilon', SHAPES)
-def test_float32_equals_xla(shape, epsilon, relu):
-  args = _inputs(shape, jnp.float32)
+def _assert_equals_xla(dtype, shape, epsilon, relu, rounded_tolerance):
+  """oneDNN's (y, mean, var, dx, dscale, dbias) against XLA's: each with XLA's shape and dtype, within
+  float32 rounding; y and dx (in `dtype`) within `rounded_tolerance`."""
+  args = _inputs(shape, dtype)
   want = jax.jit(lambda *a: _forward_and_grads(_xla, *a, epsilon, relu))(*args)
   got = jax.jit(lambda *a: _forward_and_grads(_onednn, *a, epsilon, relu))(*args)
   for name, g, w in zip(('y', 'mean', 'var', 'dx', 'dscale', 'dbias'), got, want):
     assert g.shape == w.shape and g.dtype == w.dtype, name
-    _assert_close(g, w, 1e-4, 1e-5, name)
+    tolerance = rounded_tolerance if name in ('y', 'dx') else (1e-4, 1e-5)
+    _assert_close(g, w, *tolerance, name)
+
+
+@requires_onednn
+@pytest.mark.parametrize('relu', [False, True])
+@pytest.mark.parametrize('shape,epsilon', SHAPES)
+def test_float32_equals_xla(shape, epsilon, relu):
+  _assert_equals_xla(jnp.float32, shape, epsilon, relu, (1e-4, 1e-5))
 
 
 @requires_bfloat16
 @pytest.mark.parametrize('relu', [False, True])
 @pytest.mark.parametrize('shape,epsilon', SHAPES[:4] + SHAPES[5:6])
 def test_bfloat16_equals_xla_within_its_rounding(shape, epsilon, relu):
-  args = _inputs(shape, jnp.bfloat16)
-  want = jax.jit(lambda *a: _forward_and_grads(_xla, *a, epsilon, relu))(*args)
-  got = jax.jit(lambda *a: _forward_and_grads(_onednn, *a, epsilon, relu))(*args)
-  for name, g, w in zip(('y', 'mean', 'var', 'dx', 'dscale', 'dbias'), got, want):
-    assert g.shape == w.shape and g.dtype == w.dtype, name
-    # Both accumulate in float32 from the same bfloat16 input; y and dx are rounded once to bfloat16
-    # (a relative step of 2^-8), so they may differ by one unit there.
-    if name in ('y', 'dx'):
-      _assert_close(g, w, 1e-2, 1e-2, name)
-    else:
-      _assert_close(g, w, 1e-4, 1e-5, name)
+  # Both accumulate in float32 from the same bfloat16 input; y and dx are rounded once to bfloat16 (a
+  # relative step of 2^-8), so they may differ by one unit there.
+  _assert_equals_xla(jnp.bfloat16, shape, epsilon, relu, (1e-2, 1e-2))
 
 
 @requires_onednn
