@@ -126,9 +126,11 @@ def create_model(model_config: ml_collections.ConfigDict, num_devices: int = 1, 
                  **kwargs):
   """The model that `config.model` describes, for a run over `num_devices` (see `conv_impl`)."""
   conv = conv_impl(model_config, num_devices, mode)
+  bn = bn_impl(model_config, conv)
+  if conv == 'onednn':  # one OpenMP team where few XLA ops separate oneDNN's calls: its BatchNorm too
+    onednn_conv.set_one_thread(bn == 'onednn')
   return models.create_model(model_config.name, **model_attributes(model_config),
-                             dtype=DTYPES[model_config.dtype], conv_impl=conv,
-                             bn_impl=bn_impl(model_config, conv), **kwargs)
+                             dtype=DTYPES[model_config.dtype], conv_impl=conv, bn_impl=bn, **kwargs)
 
 
 def parameter_count(params) -> int:

@@ -18,11 +18,17 @@ The same library holds oneDNN's training-mode batch normalisation (`batch_norm_t
 backward, float32 or bfloat16 activations with float32 statistics, an optional fused ReLU), which
 `layers.TorchBatchNorm(impl='onednn')` uses where `builders.bn_impl` picks it.
 
+Every oneDNN call runs on one thread of the library's (named `onednn`), whichever of XLA:CPU's threads
+reaches it: one OpenMP team for the process, whose workers stay awake between the calls of a step
+(`OPENMP_SPIN_COUNT`), instead of a team per calling thread, each woken afresh (csrc/onednn_conv.cc,
+`OneThread`; BENCHMARKS.md, "One OpenMP team for oneDNN's calls").
+
 `available()` says whether it can be used here; `conv_general_dilated` hands every convolution it does not
 support (`supports`) to lax; callers pick it only when `available()` is true
 (`models.ResNet(conv_impl='onednn')`, chosen by `builders.conv_impl`).
 """
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -52,9 +58,14 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Cooper Lake, Zen 4 and later; AMX-BF16 on Sapphire Rapids and later).
 BFLOAT16_FLAGS = ('amx_bf16', 'avx512_bf16')
 CPUINFO = '/proc/cpuinfo'
+# How long libgomp's idle workers spin before they sleep (iterations, about 10 ms here), when neither
+# GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set: long enough to span the XLA ops between two oneDNN calls of
+# a step, so that a call does not begin by waking its team. libgomp reads it once, when it is loaded with
+# the library (`load`), and the process's environment is left as it was.
+OPENMP_SPIN_COUNT = '1000000'
 
 _lock = threading.Lock()
-_state = {'loaded': None, 'error': None, 'library': None}
+_state = {'loaded': None, 'error': None, 'library': None, 'one_thread': True}
 
 
 def _prefix() -> str:
@@ -139,7 +150,9 @@ def load() -> None:
       if not os.path.exists(path):
         logging.info('Building the oneDNN convolution library: %s', path)
         _build(compiler, path)
-      library = ctypes.cdll.LoadLibrary(path)
+      with _openmp_spin():
+        library = ctypes.cdll.LoadLibrary(path)
+      library.cifar_jax_onednn_set_one_thread(int(_state['one_thread']))
       for target, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(_target_name(target, path),
                                     jax.ffi.pycapsule(getattr(library, symbol)), platform='cpu')
@@ -148,6 +161,33 @@ def load() -> None:
       raise RuntimeError(str(e)) from e
     _state['loaded'] = path
     _state['library'] = library
+
+
+def set_one_thread(on: bool) -> None:
+  """Whether every oneDNN call runs on the library's one thread (the default) or on the XLA:CPU thread
+  that makes it, one at a time; for the calls from now on. `builders.create_model` chooses: one thread
+  where the model's BatchNorm is oneDNN's too, so that few XLA ops separate the calls; the calling
+  threads where XLA's BatchNorm runs between them (EfficientNet-Lite0 in float32), for which the
+  hand-over and the spinning team cost more than they save (BENCHMARKS.md, "One OpenMP team for oneDNN's
+  calls")."""
+  with _lock:
+    _state['one_thread'] = bool(on)
+    if _state['library'] is not None:
+      _state['library'].cifar_jax_onednn_set_one_thread(int(bool(on)))
+
+
+@contextlib.contextmanager
+def _openmp_spin():
+  """GOMP_SPINCOUNT=OPENMP_SPIN_COUNT while the library (and libgomp with it) loads, unless the user
+  set GOMP_SPINCOUNT or OMP_WAIT_POLICY."""
+  if 'GOMP_SPINCOUNT' in os.environ or 'OMP_WAIT_POLICY' in os.environ:
+    yield
+    return
+  os.environ['GOMP_SPINCOUNT'] = OPENMP_SPIN_COUNT
+  try:
+    yield
+  finally:
+    del os.environ['GOMP_SPINCOUNT']
 
 
 def _target_name(target: str, library_path: str) -> str:

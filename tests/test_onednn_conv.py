@@ -1,6 +1,9 @@
 """cifar_jax/onednn_conv.py: oneDNN's convolutions equal lax's, forward and backward, in the model too."""
 
+import os
 import platform
+import subprocess
+import sys
 
 import jax
 from jax import lax
@@ -12,6 +15,7 @@ from cifar_jax import builders
 from cifar_jax import config_lib
 from cifar_jax import models
 from cifar_jax import onednn_conv
+from configs import default
 
 NHWC = ('NHWC', 'HWIO', 'NHWC')
 # (batch, size, in, out, kernel, stride, padding): the ResNets' 3x3 and strided 1x1 convolutions, the
@@ -19,6 +23,9 @@ NHWC = ('NHWC', 'HWIO', 'NHWC')
 CASES = [(4, 32, 3, 8, 3, 1, ((1, 1), (1, 1))), (4, 16, 8, 8, 3, 1, ((1, 1), (1, 1))),
          (4, 16, 8, 16, 3, 2, ((1, 1), (1, 1))), (4, 16, 8, 16, 1, 2, ((0, 0), (0, 0))),
          (3, 9, 5, 7, 3, 2, ((0, 1), (2, 1)))]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _conv_loss(conv, x, w, stride, padding):
@@ -374,3 +381,85 @@ def test_bfloat16_resnet_with_onednn_is_as_close_to_float32_as_with_xla():
   np.testing.assert_allclose(loss_xla, loss_32, rtol=4e-3)
   error = lambda g: float(jnp.linalg.norm(g - grads_32) / jnp.linalg.norm(grads_32))  # pylint: disable=g-long-lambda
   assert error(grads_onednn) < 1.5 * error(grads_xla), (error(grads_onednn), error(grads_xla))
+
+
+# Every oneDNN call runs on the library's one thread ('onednn'), whichever thread asks: one OpenMP team in
+# the process (that thread and its workers, which take its name), and callers at once each get their own
+# result. Compiled beforehand, so that only the calls start threads.
+ONE_THREAD_PROBE = """
+import os, sys, threading
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, numpy as np
+from jax import lax
+from cifar_jax import onednn_conv
+onednn_conv.load()
+onednn_conv.set_one_thread({one_thread})
+NHWC = ('NHWC', 'HWIO', 'NHWC')
+def loss(conv, x, w):
+  return jnp.sum(jnp.sin(conv(x, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=NHWC)))
+rng = np.random.default_rng(0)
+inputs = [(jnp.asarray(rng.normal(size=(8, 16, 16, c)), jnp.float32),
+           jnp.asarray(rng.normal(size=(3, 3, c, 16)) / np.sqrt(9 * c), jnp.float32)) for c in (8, 16, 24)]
+def grad(conv, x, w):
+  return jax.jit(jax.grad(lambda x, w: loss(conv, x, w), argnums=(0, 1))).lower(x, w).compile()
+expected = [grad(lax.conv_general_dilated, x, w)(x, w) for x, w in inputs]
+compiled = [grad(onednn_conv.conv_general_dilated, x, w) for x, w in inputs]
+jax.block_until_ready(expected)
+def names():
+  return {{t: open(f'/proc/self/task/{{t}}/comm').read().strip() for t in os.listdir('/proc/self/task')}}
+before = names()
+results = [None] * len(inputs)
+def work(i):
+  for _ in range(20):
+    results[i] = jax.block_until_ready(compiled[i](*inputs[i]))
+callers = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+for t in callers: t.start()
+for t in callers: t.join()
+for got, want in zip(results, expected):
+  for a, b in zip(got, want):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+print('NEW_THREADS', sorted(name for t, name in names().items() if t not in before))
+"""
+
+
+@requires_onednn
+@pytest.mark.parametrize('one_thread', [True, False])
+def test_calls_from_several_threads_run_on_one_openmp_team(one_thread):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+  env.pop('OMP_NUM_THREADS', None)
+  out = subprocess.run([sys.executable, '-c', ONE_THREAD_PROBE.format(root=ROOT, one_thread=one_thread)],
+                       env=env, capture_output=True, text=True, timeout=300, check=True).stdout
+  new_threads = eval(out.split('NEW_THREADS')[1])  # pylint: disable=eval-used
+  if one_thread:  # the default
+    # The library's thread and the workers of its team (OpenMP's default: one thread per core), however
+    # many XLA and Python threads called; no other thread started a team of its own.
+    assert new_threads == ['onednn'] * len(os.sched_getaffinity(0)), out
+  else:  # each call on the thread that makes it, as where XLA's BatchNorm runs between them
+    assert 'onednn' not in new_threads, out
+
+
+def test_the_openmp_spin_count_is_set_only_while_the_library_loads(monkeypatch):
+  monkeypatch.delenv('GOMP_SPINCOUNT', raising=False)
+  monkeypatch.delenv('OMP_WAIT_POLICY', raising=False)
+  with onednn_conv._openmp_spin():  # pylint: disable=protected-access
+    assert os.environ['GOMP_SPINCOUNT'] == onednn_conv.OPENMP_SPIN_COUNT
+  assert 'GOMP_SPINCOUNT' not in os.environ  # the process's environment (and its children's) as it was
+  for name, value in (('GOMP_SPINCOUNT', '5'), ('OMP_WAIT_POLICY', 'PASSIVE')):  # the user's choice stays
+    monkeypatch.setenv(name, value)
+    with onednn_conv._openmp_spin():  # pylint: disable=protected-access
+      assert os.environ.get('GOMP_SPINCOUNT') == ('5' if name == 'GOMP_SPINCOUNT' else None)
+    monkeypatch.delenv(name)
+
+
+@requires_onednn
+def test_the_model_picks_one_thread_where_its_batch_norm_is_onednns(monkeypatch):
+  picked = []
+  monkeypatch.setattr(onednn_conv, 'set_one_thread', picked.append)
+  model_config = default.get_config().model
+  model_config.width_multiplier = 0.125
+  builders.create_model(model_config)  # ResNet18: oneDNN's BatchNorm
+  model_config.batch_norm = 'xla'
+  builders.create_model(model_config)
+  model_config.conv = 'xla'
+  builders.create_model(model_config)  # no oneDNN call: nothing to choose
+  assert picked == [True, False]

@@ -15,15 +15,21 @@
 // its depthwise kernels (jit_uni_dw_convolution_*, jit_avx512_common_dw_convolution_*).
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <unordered_map>
 #include <vector>
 
 #include <omp.h>
+#include <pthread.h>
+#include <unistd.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -318,9 +324,79 @@ void Widened(const char* kind, const Geometry& g, void* act, void* out_side, voi
   if (k == "bwd_weights") Convert(kernel32, dt::f32, kernel, dt::bf16, g.WeightsSize(), s);
 }
 
-// XLA:CPU may run independent thunks at once (a layer's backward-data and backward-weights calls);
-// each call already spreads over every core, so they take turns instead of oversubscribing them.
-std::mutex execute_mutex;
+// Every oneDNN call runs on one thread of this library's, whichever XLA:CPU thread asks for it.
+//
+// OpenMP keeps a team of threads per thread that starts a parallel region, and XLA:CPU runs a step's
+// thunks on whichever of its threads is free: called from there, oneDNN's calls were spread over several
+// teams, whose idle workers sleep at once when there are more of them than cores (libgomp's throttled
+// spin), so each call began by waking its team (the first region of a call, often the weight reorder,
+// took 10 times as long as torch's) and idle teams' workers competed for the cores. One thread means one
+// team, whose workers spin between the calls of a step (GOMP_SPINCOUNT, set when the library is loaded:
+// onednn_conv.py). XLA:CPU may also run independent thunks at once (a layer's backward-data and
+// backward-weights calls); each call already spreads over every core, so they take turns.
+class OneThread {
+ public:
+  // Runs `job` on this thread and returns when it is done; callers take turns.
+  void Run(const std::function<void()>& job) {
+    std::lock_guard<std::mutex> turn(turn_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    job_ = &job;
+    ++posted_;
+    wake_.notify_one();
+    finished_.wait(lock, [&] { return done_ == posted_; });
+  }
+
+ private:
+  void Loop() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [&] { return posted_ != done_; });
+      lock.unlock();
+      (*job_)();
+      lock.lock();
+      ++done_;
+      finished_.notify_one();
+    }
+  }
+
+  std::mutex turn_, mutex_;
+  std::condition_variable wake_, finished_;
+  const std::function<void()>* job_ = nullptr;
+  uint64_t posted_ = 0, done_ = 0;
+  // Last: it starts once the members above exist. Named, as its team's workers will be (they take the
+  // name of the thread that starts them): `top -H` shows oneDNN's share of the cores.
+  std::thread thread_{[this] {
+    pthread_setname_np(pthread_self(), "onednn");
+    Loop();
+  }};
+};
+
+// Whether calls go to the library's thread (`OneThread`) or run on the thread that makes them, one at a
+// time (`cifar_jax_onednn_set_one_thread`: onednn_conv.set_one_thread).
+std::atomic<bool> one_thread{true};
+std::mutex caller_mutex;
+
+// Runs `job` on the library's oneDNN thread (a new one in a forked child, which has none of its parent's),
+// or on this thread.
+void Execute(const std::function<void()>& job) {
+  if (!one_thread.load()) {
+    std::lock_guard<std::mutex> lock(caller_mutex);
+    return job();
+  }
+  static std::mutex mutex;
+  static OneThread* thread = nullptr;  // never destroyed: it lives as long as the process
+  static pid_t owner = 0;
+  OneThread* current;
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    if (thread == nullptr || owner != getpid()) {
+      thread = new OneThread();
+      owner = getpid();
+    }
+    current = thread;
+  }
+  current->Run(job);
+}
 
 // Runs `kind` for every element of `batch`; `act`, `out_side` and `kernel` are the operands' bases and
 // `*_lead` their leading dimensions. One element: oneDNN spreads the convolution over every thread.
@@ -331,7 +407,6 @@ ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, void* ac
                ffi::Span<const int64_t> act_lead, void* out_side,
                ffi::Span<const int64_t> out_lead, void* kernel,
                ffi::Span<const int64_t> kernel_lead) {
-  std::lock_guard<std::mutex> lock(execute_mutex);
   const int64_t bytes = g.type == dt::bf16 ? 2 : 4;
   auto at = [&](void* base, int64_t elements) { return static_cast<char*>(base) + elements * bytes; };
   auto element = [&](int64_t b) {
@@ -339,28 +414,30 @@ ffi::Error Run(const char* kind, const Geometry& g, const Batch& batch, void* ac
            at(out_side, batch.Offset(b, out_lead, g.DstSize())),
            at(kernel, batch.Offset(b, kernel_lead, g.WeightsSize())));
   };
-  int threads = static_cast<int>(std::min<int64_t>(batch.count, omp_get_max_threads()));
   std::string error;
-  if (threads <= 1) {
-    try {
-      for (int64_t b = 0; b < batch.count; ++b) element(b);
-    } catch (const std::exception& e) {  // dnnl::error, bad_alloc: the call's error
-      error = e.what();
-    }
-  } else {
-    std::mutex error_mutex;
-#pragma omp parallel num_threads(threads)
-    {
-      omp_set_num_threads(1);  // this thread's oneDNN calls run on it alone
-      const int team = omp_get_num_threads();  // the runtime may give fewer threads than asked
+  Execute([&] {
+    int threads = static_cast<int>(std::min<int64_t>(batch.count, omp_get_max_threads()));
+    if (threads <= 1) {
       try {
-        for (int64_t b = omp_get_thread_num(); b < batch.count; b += team) element(b);
-      } catch (const std::exception& e) {  // dnnl::error, bad_alloc: none may leave an OpenMP region
-        std::lock_guard<std::mutex> error_lock(error_mutex);
+        for (int64_t b = 0; b < batch.count; ++b) element(b);
+      } catch (const std::exception& e) {  // dnnl::error, bad_alloc: the call's error
         error = e.what();
       }
+    } else {
+      std::mutex error_mutex;
+#pragma omp parallel num_threads(threads)
+      {
+        omp_set_num_threads(1);  // this thread's oneDNN calls run on it alone
+        const int team = omp_get_num_threads();  // the runtime may give fewer threads than asked
+        try {
+          for (int64_t b = omp_get_thread_num(); b < batch.count; b += team) element(b);
+        } catch (const std::exception& e) {  // dnnl::error, bad_alloc: none may leave an OpenMP region
+          std::lock_guard<std::mutex> error_lock(error_mutex);
+          error = e.what();
+        }
+      }
     }
-  }
+  });
   if (!error.empty()) {
     return ffi::Error::Internal(std::string("onednn_conv ") + kind + ": " + error);
   }
@@ -536,12 +613,15 @@ void* WorkspaceOf(ffi::AnyBuffer workspace, const memory::desc& desc, int64_t b)
 
 template <typename F>
 ffi::Error NormRun(const char* kind, F element, int64_t count) {
-  std::lock_guard<std::mutex> lock(execute_mutex);
-  try {
-    for (int64_t b = 0; b < count; ++b) element(b);
-  } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn_batch_norm ") + kind + ": " + e.what());
-  }
+  std::string error;
+  Execute([&] {
+    try {
+      for (int64_t b = 0; b < count; ++b) element(b);
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+  });
+  if (!error.empty()) return ffi::Error::Internal(std::string("onednn_batch_norm ") + kind + ": " + error);
   return ffi::Error::Success();
 }
 
@@ -680,5 +760,8 @@ extern "C" int64_t onednn_batch_norm_workspace_bytes(int64_t n, int64_t rows, in
     return -1;
   }
 }
+
+// 1: every call runs on the library's thread (one OpenMP team); 0: on the thread that makes it.
+extern "C" void cifar_jax_onednn_set_one_thread(int on) { one_thread.store(on != 0); }
 
 extern "C" int onednn_conv_abi_version() { return 5; }
