@@ -21,7 +21,8 @@ backward, float32 or bfloat16 activations with float32 statistics, an optional f
 Every oneDNN call runs on one thread of the library's (named `onednn`), whichever of XLA:CPU's threads
 reaches it: one OpenMP team for the process, whose workers stay awake between the calls of a step
 (`OPENMP_SPIN_COUNT`), instead of a team per calling thread, each woken afresh (csrc/onednn_conv.cc,
-`OneThread`; BENCHMARKS.md, "One OpenMP team for oneDNN's calls").
+`OneThread`; BENCHMARKS.md, "One OpenMP team for oneDNN's calls"). `set_one_thread(False)` runs them on
+the calling threads instead, as `builders.create_model` asks where XLA's BatchNorm runs between them.
 
 `available()` says whether it can be used here; `conv_general_dilated` hands every convolution it does not
 support (`supports`) to lax; callers pick it only when `available()` is true
