@@ -59,10 +59,11 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 # Cooper Lake, Zen 4 and later; AMX-BF16 on Sapphire Rapids and later).
 BFLOAT16_FLAGS = ('amx_bf16', 'avx512_bf16')
 CPUINFO = '/proc/cpuinfo'
-# How long libgomp's idle workers spin before they sleep (iterations, about 10 ms here), when neither
-# GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set: long enough to span the XLA ops between two oneDNN calls of
-# a step, so that a call does not begin by waking its team. libgomp reads it once, when it is loaded with
-# the library (`load`), and the process's environment is left as it was.
+# How long libgomp's idle workers spin before they sleep (iterations: 10 ms by libgomp's own rough
+# estimate of 100,000 a millisecond), when neither GOMP_SPINCOUNT nor OMP_WAIT_POLICY is set: long enough
+# to span the XLA ops between two oneDNN calls of a step, so that a call does not begin by waking its
+# team. libgomp reads it once, when it is loaded with the library (`load`), and the process's
+# environment is left as it was.
 OPENMP_SPIN_COUNT = '1000000'
 
 _lock = threading.Lock()

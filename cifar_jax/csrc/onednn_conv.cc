@@ -329,8 +329,8 @@ void Widened(const char* kind, const Geometry& g, void* act, void* out_side, voi
 // OpenMP keeps a team of threads per thread that starts a parallel region, and XLA:CPU runs a step's
 // thunks on whichever of its threads is free: called from there, oneDNN's calls were spread over several
 // teams, whose idle workers sleep at once when there are more of them than cores (libgomp's throttled
-// spin), so each call began by waking its team (the first region of a call, often the weight reorder,
-// took 10 times as long as torch's) and idle teams' workers competed for the cores. One thread means one
+// spin), so each call began by waking its team (a step's weight reorders, often a call's first region,
+// took 5 times as long as torch's) and idle teams' workers competed for the cores. One thread means one
 // team, whose workers spin between the calls of a step (GOMP_SPINCOUNT, set when the library is loaded:
 // onednn_conv.py). XLA:CPU may also run independent thunks at once (a layer's backward-data and
 // backward-weights calls); each call already spreads over every core, so they take turns.
